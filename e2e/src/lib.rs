@@ -1,0 +1,6 @@
+//! The test substrate of l2speaker:
+//!
+//! - [`apiserver`]: a Kubernetes API server subset, good enough for kubectl and kube-rs;
+//! - [`lab`]: hosts, nodes, pods and a client in network namespaces on the real kernel.
+
+pub mod apiserver;
