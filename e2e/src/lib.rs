@@ -4,3 +4,4 @@
 //! - [`lab`]: hosts, nodes, pods and a client in network namespaces on the real kernel.
 
 pub mod apiserver;
+pub mod kubectl;

@@ -75,3 +75,16 @@ pub fn kubeconfig(url: &str) -> String {
          current-context: l2s\nusers:\n- name: l2s\n  user: {{}}\n"
     )
 }
+
+/// A server on a free loopback port, for tests.
+pub fn serve_local(config: Config) -> std::io::Result<Running> {
+    serve(config, vec![std::net::TcpListener::bind("127.0.0.1:0")?])
+}
+
+/// A kube-rs client for `url` (plain HTTP, no credentials).
+pub fn client(url: &str) -> Result<kube::Client, kube::Error> {
+    let uri = url
+        .parse()
+        .map_err(|e| kube::Error::Service(format!("bad URL {url}: {e}").into()))?;
+    kube::Client::try_from(kube::Config::new(uri))
+}
