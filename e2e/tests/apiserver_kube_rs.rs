@@ -316,14 +316,10 @@ async fn patch_status_changes_only_status() {
     );
 }
 
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<Event<ConfigMap>>>>;
+
 /// Watches ConfigMaps in `ns` and records every event, by kind.
-fn record(
-    client: kube::Client,
-    ns: &str,
-) -> (
-    std::sync::Arc<std::sync::Mutex<Vec<Event<ConfigMap>>>>,
-    tokio::task::JoinHandle<()>,
-) {
+fn record(client: kube::Client, ns: &str) -> (Seen, tokio::task::JoinHandle<()>) {
     let api: Api<ConfigMap> = Api::namespaced(client, ns);
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let s2 = seen.clone();

@@ -193,15 +193,16 @@ fn echo_pids(lab: &Lab) -> Vec<u32> {
         };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains("l2s-lab") && cmdline.contains(" echo ") {
-            if let Ok(link) = std::fs::read_link(format!("/proc/{pid}/ns/net")) {
-                let pod_ns = &lab.pods().next().unwrap().ns;
-                let want = std::fs::metadata(netns::path(pod_ns))
-                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-                    .unwrap_or(0);
-                if link.to_string_lossy().contains(&want.to_string()) {
-                    pids.push(pid);
-                }
+        if cmdline.contains("l2s-lab")
+            && cmdline.contains(" echo ")
+            && let Ok(link) = std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        {
+            let pod_ns = &lab.pods().next().unwrap().ns;
+            let want = std::fs::metadata(netns::path(pod_ns))
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                .unwrap_or(0);
+            if link.to_string_lossy().contains(&want.to_string()) {
+                pids.push(pid);
             }
         }
     }

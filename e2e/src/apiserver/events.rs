@@ -34,10 +34,10 @@ pub fn to_core(mut ev: Value) -> Value {
     if let Some(t) = &event_time {
         m.entry("firstTimestamp").or_insert(json!(t));
     }
-    if let Some(t) = last_seen.or(event_time) {
-        if m.get("lastTimestamp").is_none_or(Value::is_null) {
-            m.insert("lastTimestamp".into(), json!(t));
-        }
+    if let Some(t) = last_seen.or(event_time)
+        && m.get("lastTimestamp").is_none_or(Value::is_null)
+    {
+        m.insert("lastTimestamp".into(), json!(t));
     }
     if m.get("count").is_none_or(Value::is_null) {
         let count = m
@@ -47,15 +47,15 @@ pub fn to_core(mut ev: Value) -> Value {
             .unwrap_or(json!(1));
         m.insert("count".into(), count);
     }
-    if m.get("source").is_none_or(Value::is_null) {
-        if let Some(c) = m.get("reportingComponent").cloned() {
-            let mut src = Map::new();
-            src.insert("component".into(), c);
-            if let Some(h) = m.get("reportingInstance").cloned() {
-                src.insert("host".into(), h);
-            }
-            m.insert("source".into(), Value::Object(src));
+    if m.get("source").is_none_or(Value::is_null)
+        && let Some(c) = m.get("reportingComponent").cloned()
+    {
+        let mut src = Map::new();
+        src.insert("component".into(), c);
+        if let Some(h) = m.get("reportingInstance").cloned() {
+            src.insert("host".into(), h);
         }
+        m.insert("source".into(), Value::Object(src));
     }
     m.insert("apiVersion".into(), json!("v1"));
     m.insert("kind".into(), json!("Event"));

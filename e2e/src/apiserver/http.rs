@@ -437,10 +437,10 @@ fn watch(s: &Arc<Server>, rt: ResourceType, ns: Option<String>, q: &Query) -> Re
             }
         };
         for c in &start.initial {
-            if let Some((kind, obj)) = translate(c, &rt, ns.as_deref(), &sel) {
-                if tx.send(Ok(event_line(kind, &obj))).await.is_err() {
-                    return;
-                }
+            if let Some((kind, obj)) = translate(c, &rt, ns.as_deref(), &sel)
+                && tx.send(Ok(event_line(kind, &obj))).await.is_err()
+            {
+                return;
             }
         }
         if initial_end {
@@ -470,11 +470,10 @@ fn watch(s: &Arc<Server>, rt: ResourceType, ns: Option<String>, q: &Query) -> Re
                 _ = tx.closed() => return,
                 r = start.live.recv() => match r {
                     Ok(c) => {
-                        if let Some((kind, obj)) = translate(&c, &rt, ns.as_deref(), &sel) {
-                            if tx.send(Ok(event_line(kind, &obj))).await.is_err() {
+                        if let Some((kind, obj)) = translate(&c, &rt, ns.as_deref(), &sel)
+                            && tx.send(Ok(event_line(kind, &obj))).await.is_err() {
                                 return;
                             }
-                        }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         let e = ApiError::expired(start.rv, start.rv);

@@ -227,21 +227,22 @@ impl Store {
                 "the request body must be a JSON object",
             ));
         }
-        if let Some(av) = obj.get("apiVersion").and_then(Value::as_str) {
-            if av != rt.api_version() && !(rt.custom && av.starts_with(&format!("{}/", rt.group))) {
-                return Err(ApiError::bad_request(format!(
-                    "the API version in the data ({av}) does not match the expected API version ({})",
-                    rt.api_version()
-                )));
-            }
+        if let Some(av) = obj.get("apiVersion").and_then(Value::as_str)
+            && av != rt.api_version()
+            && !(rt.custom && av.starts_with(&format!("{}/", rt.group)))
+        {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({av}) does not match the expected API version ({})",
+                rt.api_version()
+            )));
         }
-        if let Some(k) = obj.get("kind").and_then(Value::as_str) {
-            if k != rt.kind {
-                return Err(ApiError::bad_request(format!(
-                    "the kind in the data ({k}) does not match the expected kind ({})",
-                    rt.kind
-                )));
-            }
+        if let Some(k) = obj.get("kind").and_then(Value::as_str)
+            && k != rt.kind
+        {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({k}) does not match the expected kind ({})",
+                rt.kind
+            )));
         }
         if obj.get("metadata").is_some_and(|m| !m.is_object()) {
             return Err(ApiError::bad_request("metadata must be an object"));
@@ -266,17 +267,16 @@ impl Store {
     }
 
     fn validate(rt: &ResourceType, name: &str, obj: &Value) -> Result<(), ApiError> {
-        if rt.store == "coordination.k8s.io/leases" {
-            if let Some(d) = obj.pointer("/spec/leaseDurationSeconds") {
-                if !d.as_i64().is_some_and(|d| d > 0) {
-                    return Err(ApiError::invalid(
-                        rt,
-                        name,
-                        "spec.leaseDurationSeconds",
-                        &format!("Invalid value: {d}: must be greater than 0"),
-                    ));
-                }
-            }
+        if rt.store == "coordination.k8s.io/leases"
+            && let Some(d) = obj.pointer("/spec/leaseDurationSeconds")
+            && d.as_i64().is_none_or(|d| d <= 0)
+        {
+            return Err(ApiError::invalid(
+                rt,
+                name,
+                "spec.leaseDurationSeconds",
+                &format!("Invalid value: {d}: must be greater than 0"),
+            ));
         }
         if rt.store == "apiextensions.k8s.io/customresourcedefinitions" {
             resources::from_crd(obj).map_err(|e| ApiError::invalid(rt, name, "spec", &e))?;
@@ -425,10 +425,10 @@ impl Store {
             object: obj,
             old,
         });
-        if g.history.len() >= HISTORY {
-            if let Some(dropped) = g.history.pop_front() {
-                g.compacted = dropped.rv;
-            }
+        if g.history.len() >= HISTORY
+            && let Some(dropped) = g.history.pop_front()
+        {
+            g.compacted = dropped.rv;
         }
         g.history.push_back(change.clone());
         // No receivers is fine: nobody is watching.
@@ -490,10 +490,11 @@ impl Store {
         {
             return Err(ApiError::already_exists(rt, &name));
         }
-        if rt.status_subresource && rt.store != "/nodes" {
-            if let Some(m) = obj.as_object_mut() {
-                m.remove("status");
-            }
+        if rt.status_subresource
+            && rt.store != "/nodes"
+            && let Some(m) = obj.as_object_mut()
+        {
+            m.remove("status");
         }
         Self::default_fields(rt, obj);
         g.rv += 1;
@@ -581,10 +582,10 @@ impl Store {
             .and_then(|m| m.get(&key))
             .cloned()
             .ok_or_else(|| ApiError::not_found(rt, name))?;
-        if let Some(p) = precondition {
-            if meta_str(&old, "resourceVersion") != Some(p) {
-                return Err(ApiError::conflict(rt, name));
-            }
+        if let Some(p) = precondition
+            && meta_str(&old, "resourceVersion") != Some(p)
+        {
+            return Err(ApiError::conflict(rt, name));
         }
         if status {
             // Only .status changes through the subresource.
@@ -753,10 +754,10 @@ impl Store {
             .cloned()
             .ok_or_else(|| ApiError::not_found(rt, name))?;
         for (field, meta) in [("resourceVersion", "resourceVersion"), ("uid", "uid")] {
-            if let Some(want) = preconditions.get(field).and_then(Value::as_str) {
-                if meta_str(&old, meta) != Some(want) {
-                    return Err(ApiError::conflict(rt, name));
-                }
+            if let Some(want) = preconditions.get(field).and_then(Value::as_str)
+                && meta_str(&old, meta) != Some(want)
+            {
+                return Err(ApiError::conflict(rt, name));
             }
         }
         let has_finalizers = old["metadata"]["finalizers"]

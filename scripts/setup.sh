@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what building and testing l2speaker needs on a Debian machine with a Rust
+# toolchain: iproute2 and nftables (the lab and the dataplane), and checks for kubectl.
+# Run as root. Safe to run again.
+set -euo pipefail
+
+need=()
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+command -v kubectl >/dev/null 2>&1 || need+=(kubectl)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null || true
+fi
+for tool in ip nft kubectl cargo; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "setup: $tool is missing and could not be installed; install it and run again" >&2
+    exit 1
+  fi
+done
+echo "setup: ip, nft, kubectl and cargo are present"
