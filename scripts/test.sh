@@ -9,4 +9,4 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 cargo build --workspace --locked --all-targets
-cargo test --workspace --locked "$@"
+cargo nextest run --workspace --locked --no-tests=fail "$@"

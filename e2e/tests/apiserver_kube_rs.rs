@@ -324,7 +324,9 @@ fn record(client: kube::Client, ns: &str) -> (Seen, tokio::task::JoinHandle<()>)
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let s2 = seen.clone();
     let task = tokio::spawn(async move {
-        let mut w = watcher::watcher(api, watcher::Config::default()).boxed();
+        let mut w = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
         while let Some(ev) = w.next().await {
             match ev {
                 Ok(ev) => s2.lock().unwrap().push(ev),
@@ -405,14 +407,17 @@ async fn watcher_relists_after_410_and_ends_up_with_the_exact_state() {
     }
     let (reader, writer) = reflector::store::<ConfigMap>();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let s2 = seen.clone();
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (s2, e2) = (seen.clone(), errors.clone());
     let task = tokio::spawn(
         watcher::watcher(cms.clone(), watcher::Config::default())
+            .default_backoff()
             .reflect(writer)
             .for_each(move |e| {
                 // kube-rs reports the in-stream 410 as an error, then relists.
-                if let Ok(e) = e {
-                    s2.lock().unwrap().push(e);
+                match e {
+                    Ok(e) => s2.lock().unwrap().push(e),
+                    Err(e) => e2.lock().unwrap().push(e.to_string()),
                 }
                 futures::future::ready(())
             }),
@@ -469,6 +474,14 @@ async fn watcher_relists_after_410_and_ends_up_with_the_exact_state() {
         "no object version delivered twice: {all:?}"
     );
     assert!(s.server.store.requests()["list configmaps"] >= 2);
+    let errors = errors.lock().unwrap();
+    assert!(
+        !errors.is_empty()
+            && errors
+                .iter()
+                .all(|e| e.contains("too old resource version")),
+        "the only errors are the 410: {errors:?}"
+    );
     task.abort();
 }
 
