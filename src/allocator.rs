@@ -1,0 +1,252 @@
+//! Which Service gets which pool IP: a pure function of the Services, the pools and the
+//! nodes' own addresses. The elected allocator writes its result to
+//! `status.loadBalancer.ingress` and turns its refusals into Warning Events.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::pool::Pools;
+use crate::service::ServiceInfo;
+
+/// Why a Service did not get (all) the IPs it wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub service: String,
+    /// An Event reason: `IPNotInPool`, `IPInUse`, `IPIsNodeAddress`, `InvalidIP`,
+    /// `PoolExhausted`, `UnknownPool`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Allocation {
+    /// The ingress IPs each Service should have (an empty list clears the status).
+    pub desired: BTreeMap<String, Vec<IpAddr>>,
+    pub refusals: Vec<Refusal>,
+}
+
+/// Computes the assignment. `ours` filters the Services this allocator handles.
+pub fn allocate(
+    services: &[ServiceInfo],
+    ours: impl Fn(&ServiceInfo) -> bool,
+    pools: &Pools,
+    node_ips: &BTreeSet<IpAddr>,
+) -> Allocation {
+    let mut out = Allocation::default();
+    let mut svcs: Vec<&ServiceInfo> = services.iter().collect();
+    svcs.sort_by(|a, b| (&a.created, &a.key).cmp(&(&b.created, &b.key)));
+    let refuse = |out: &mut Allocation, s: &ServiceInfo, reason: &'static str, message: String| {
+        out.refusals.push(Refusal { service: s.key.clone(), reason, message });
+    };
+
+    // Services no longer ours (type changed) give back the pool IPs in their status.
+    for s in &svcs {
+        if !s.load_balancer && s.assigned.iter().any(|ip| pools.pool_of(*ip).is_some()) {
+            out.desired.insert(s.key.clone(), Vec::new());
+        }
+    }
+    let handled: Vec<&ServiceInfo> = svcs.into_iter().filter(|s| ours(s)).collect();
+
+    // Who claims which IP: a Service that already has it beats a newcomer; then the older.
+    let usable = |ip: &IpAddr| pools.pool_of(*ip).is_some() && !node_ips.contains(ip);
+    let mut claims: Vec<(bool, usize, IpAddr)> = Vec::new();
+    for (i, s) in handled.iter().enumerate() {
+        let wanted: Vec<IpAddr> = if s.requested.is_empty() && s.bad_requests.is_empty() {
+            s.assigned.iter().copied().filter(|ip| usable(ip) && s.pool.as_ref().is_none_or(|p| pools.pool_of(*ip).is_some_and(|x| &x.name == p))).collect()
+        } else {
+            s.requested.clone()
+        };
+        for ip in wanted {
+            claims.push((!s.assigned.contains(&ip), i, ip));
+        }
+    }
+    claims.sort();
+    let mut owner: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    let mut failed: BTreeSet<usize> = BTreeSet::new();
+    for (_, i, ip) in &claims {
+        let s = handled[*i];
+        let requested = !s.requested.is_empty();
+        if requested && pools.pool_of(*ip).is_none() {
+            refuse(&mut out, s, "IPNotInPool", format!("{ip} is in no IPPool; it will not be assigned"));
+            failed.insert(*i);
+        } else if requested && node_ips.contains(ip) {
+            refuse(&mut out, s, "IPIsNodeAddress", format!("{ip} is a node's own address; it will not be assigned"));
+            failed.insert(*i);
+        } else if let Some(&other) = owner.get(ip) {
+            if other != *i {
+                refuse(&mut out, s, "IPInUse", format!("{ip} is already assigned to {}", handled[other].key));
+                failed.insert(*i);
+            }
+        } else {
+            owner.insert(*ip, *i);
+        }
+    }
+    for (i, s) in handled.iter().enumerate() {
+        for bad in &s.bad_requests {
+            refuse(&mut out, s, "InvalidIP", format!("{bad:?} is not an IP address"));
+            failed.insert(i);
+        }
+        let families = s.requested.iter().map(|ip| ip.is_ipv4()).collect::<Vec<_>>();
+        if families.len() != families.iter().collect::<BTreeSet<_>>().len() {
+            refuse(&mut out, s, "InvalidIP", "at most one wanted IP per family".to_string());
+            failed.insert(i);
+        }
+    }
+    // A Service whose wanted IPs cannot all be had gets none of them: never half.
+    owner.retain(|_, i| !failed.contains(i));
+    let mut has: BTreeMap<usize, Vec<IpAddr>> = BTreeMap::new();
+    for (ip, i) in &owner {
+        has.entry(*i).or_default().push(*ip);
+    }
+
+    // Fresh addresses for the families still missing.
+    for (i, s) in handled.iter().enumerate() {
+        let mut ips = has.remove(&i).unwrap_or_default();
+        if s.requested.is_empty() && s.bad_requests.is_empty() {
+            if let Some(p) = &s.pool {
+                if pools.get(p).is_none() {
+                    refuse(&mut out, s, "UnknownPool", format!("IPPool {p:?} does not exist or is invalid"));
+                }
+            }
+            for (want, v4) in [(s.want_v4, true), (s.want_v6, false)] {
+                if !want || ips.iter().any(|ip| ip.is_ipv4() == v4) {
+                    continue;
+                }
+                let candidates = pools.pools.iter().filter(|p| match &s.pool {
+                    Some(name) => &p.name == name,
+                    None => p.auto_assign,
+                });
+                let free = candidates
+                    .flat_map(|p| p.ranges.iter())
+                    .filter(|r| r.first.is_ipv4() == v4)
+                    .flat_map(|r| r.iter())
+                    .find(|ip| !owner.contains_key(ip) && !node_ips.contains(ip));
+                match free {
+                    Some(ip) => {
+                        owner.insert(ip, i);
+                        ips.push(ip);
+                    }
+                    None if s.pool.as_ref().is_none_or(|p| pools.get(p).is_some()) => {
+                        let fam = if v4 { "IPv4" } else { "IPv6" };
+                        refuse(&mut out, s, "PoolExhausted", format!("no free {fam} address in the pools"));
+                    }
+                    None => {}
+                }
+            }
+        }
+        ips.sort_by_key(|ip| (!ip.is_ipv4(), *ip));
+        out.desired.insert(s.key.clone(), ips);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{IPPoolSpec, PoolInput};
+
+    fn pools(specs: &[(&str, &[&str], bool)]) -> Pools {
+        let specs: Vec<(String, IPPoolSpec)> = specs
+            .iter()
+            .map(|(n, a, auto)| {
+                (n.to_string(), IPPoolSpec { addresses: a.iter().map(|s| s.to_string()).collect(), auto_assign: Some(*auto), ..Default::default() })
+            })
+            .collect();
+        Pools::build(specs.iter().enumerate().map(|(i, (n, s))| PoolInput { name: n, age_key: i.to_string(), spec: s }).collect())
+    }
+
+    fn svc(name: &str, created: &str) -> ServiceInfo {
+        ServiceInfo {
+            key: format!("default/{name}"),
+            namespace: "default".into(),
+            name: name.into(),
+            uid: String::new(),
+            created: created.into(),
+            load_balancer: true,
+            class: None,
+            requested: vec![],
+            bad_requests: vec![],
+            pool: None,
+            want_v4: true,
+            want_v6: false,
+            assigned: vec![],
+            local_traffic: false,
+            ports: vec![],
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn run(svcs: &[ServiceInfo], p: &Pools, node_ips: &[&str]) -> Allocation {
+        allocate(svcs, |_| true, p, &node_ips.iter().map(|s| ip(s)).collect())
+    }
+
+    #[test]
+    fn assigns_the_first_free_address_in_age_order_and_keeps_existing_ones() {
+        let p = pools(&[("lan", &["192.0.2.200/30"], true)]);
+        let mut old = svc("old", "1");
+        old.assigned = vec![ip("192.0.2.202")];
+        let a = run(&[svc("b", "3"), old, svc("a", "2")], &p, &["192.0.2.200"]);
+        assert_eq!(a.desired["default/old"], vec![ip("192.0.2.202")]);
+        assert_eq!(a.desired["default/a"], vec![ip("192.0.2.201")], "the node's address is skipped");
+        assert_eq!(a.desired["default/b"], vec![ip("192.0.2.203")]);
+        assert!(a.refusals.is_empty());
+    }
+
+    #[test]
+    fn wanted_ips_outside_pools_taken_or_of_a_node_are_refused_and_never_assigned() {
+        let p = pools(&[("lan", &["192.0.2.200/30"], true)]);
+        let mut holder = svc("holder", "1");
+        holder.assigned = vec![ip("192.0.2.200")];
+        let mut outside = svc("outside", "2");
+        outside.requested = vec![ip("203.0.113.5")];
+        let mut taken = svc("taken", "0");
+        taken.requested = vec![ip("192.0.2.200")];
+        let mut node = svc("node", "3");
+        node.requested = vec![ip("192.0.2.201")];
+        let a = run(&[holder, outside, taken, node], &p, &["192.0.2.201"]);
+        assert_eq!(a.desired["default/holder"], vec![ip("192.0.2.200")], "the holder keeps it, though the requester is older");
+        for s in ["outside", "taken", "node"] {
+            assert_eq!(a.desired[&format!("default/{s}")], Vec::<IpAddr>::new(), "{s} gets nothing");
+        }
+        let reasons: Vec<_> = a.refusals.iter().map(|r| (r.service.as_str(), r.reason)).collect();
+        assert!(reasons.contains(&("default/outside", "IPNotInPool")));
+        assert!(reasons.contains(&("default/taken", "IPInUse")));
+        assert!(reasons.contains(&("default/node", "IPIsNodeAddress")));
+    }
+
+    #[test]
+    fn dual_stack_gets_one_address_per_family_or_none_when_a_wanted_one_fails() {
+        let p = pools(&[("v4", &["192.0.2.200/31"], true), ("v6", &["2001:db8::200/127"], true)]);
+        let mut ds = svc("ds", "1");
+        ds.want_v6 = true;
+        let mut want = svc("want", "2");
+        want.requested = vec![ip("192.0.2.201"), ip("2001:db8::999")];
+        let a = run(&[ds, want], &p, &[]);
+        assert_eq!(a.desired["default/ds"], vec![ip("192.0.2.200"), ip("2001:db8::200")]);
+        assert_eq!(a.desired["default/want"], Vec::<IpAddr>::new(), "one wanted IP is outside the pools: none is assigned");
+    }
+
+    #[test]
+    fn manual_pools_are_used_only_on_request_and_exhaustion_is_reported() {
+        let p = pools(&[("manual", &["192.0.2.210/32"], false)]);
+        let mut named = svc("named", "1");
+        named.pool = Some("manual".into());
+        let a = run(&[svc("auto", "0"), named], &p, &[]);
+        assert_eq!(a.desired["default/auto"], Vec::<IpAddr>::new());
+        assert_eq!(a.refusals[0].reason, "PoolExhausted");
+        assert_eq!(a.desired["default/named"], vec![ip("192.0.2.210")]);
+    }
+
+    #[test]
+    fn a_service_that_stops_being_a_load_balancer_gives_its_ip_back() {
+        let p = pools(&[("lan", &["192.0.2.200/30"], true)]);
+        let mut s = svc("was", "1");
+        s.load_balancer = false;
+        s.assigned = vec![ip("192.0.2.200")];
+        let a = allocate(&[s], |s| s.load_balancer, &p, &BTreeSet::new());
+        assert_eq!(a.desired["default/was"], Vec::<IpAddr>::new());
+    }
+}

@@ -1,0 +1,301 @@
+//! Compare-and-swap Leases: one per floating IP (and one for the allocator).
+//!
+//! Every write is a PUT (or a POST for a Lease that does not exist yet) carrying the
+//! resourceVersion that was read, so of two speakers that both saw a Lease expire exactly
+//! one wins; the other gets 409. kube-leader-election acquires with a merge patch and no
+//! precondition, which lets both win: that is why this module exists.
+//!
+//! Expiry is judged by local observation: a Lease is expired when `leaseDurationSeconds`
+//! have passed on *our* monotonic clock since we last saw it change, never by comparing its
+//! `renewTime` with our wall clock, so clock skew between nodes cannot cause two owners.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, ObjectMeta, PostParams};
+use thiserror::Error;
+use tokio::time::Instant;
+
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "l2speaker";
+/// The IP, spelled as a label value (`192-0-2-200`, `2001-db8--200`).
+pub const LABEL_IP: &str = "l2speaker.io/ip";
+pub const ANNOTATION_IP: &str = "l2speaker.io/ip";
+pub const ANNOTATION_SERVICE: &str = "l2speaker.io/service";
+pub const ANNOTATION_INTERFACE: &str = "l2speaker.io/interface";
+pub const ANNOTATION_MAC: &str = "l2speaker.io/mac";
+
+/// `vip-192-0-2-200`, `vip-2001-db8--200`.
+pub fn lease_name(ip: IpAddr) -> String {
+    format!("vip-{}", label_value(ip))
+}
+
+pub fn label_value(ip: IpAddr) -> String {
+    ip.to_string().replace(['.', ':'], "-")
+}
+
+/// What a speaker knows about a Lease from its watch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seen {
+    pub holder: Option<String>,
+    pub resource_version: String,
+    pub duration: Duration,
+    /// When we saw it change last (our clock).
+    pub since: Instant,
+}
+
+impl Seen {
+    /// Fills `since`: kept if the Lease has not changed since `prev`, else `now`.
+    pub fn observe(lease: &Lease, prev: Option<&Seen>, now: Instant) -> Seen {
+        let rv = lease.metadata.resource_version.clone().unwrap_or_default();
+        let spec = lease.spec.clone().unwrap_or_default();
+        let since = match prev {
+            Some(p) if p.resource_version == rv => p.since,
+            _ => now,
+        };
+        Seen {
+            holder: spec.holder_identity.filter(|h| !h.is_empty()),
+            resource_version: rv,
+            duration: Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64),
+            since,
+        }
+    }
+
+    pub fn expires_at(&self) -> Instant {
+        self.since + self.duration
+    }
+}
+
+/// What a speaker that does not own a VIP should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Candidate {
+    /// Try to take the Lease now.
+    Acquire,
+    /// The Lease names us (we restarted): take it back with a CAS write now.
+    Adopt,
+    /// Nothing before this moment (unless the Lease changes).
+    WaitUntil(Instant),
+}
+
+/// The candidate's decision. `absent_since` is when the VIP was first seen without a Lease;
+/// `delay` staggers candidates by rank so the preferred one goes first.
+pub fn candidate(seen: Option<&Seen>, me: &str, now: Instant, absent_since: Instant, delay: Duration) -> Candidate {
+    let at = match seen {
+        None => absent_since + delay,
+        Some(s) if s.holder.as_deref() == Some(me) => return Candidate::Adopt,
+        Some(s) if s.holder.is_none() => s.since + delay,
+        Some(s) => s.expires_at() + delay,
+    };
+    if now >= at { Candidate::Acquire } else { Candidate::WaitUntil(at) }
+}
+
+/// How a write went.
+#[derive(Debug, Error)]
+pub enum LeaseError {
+    /// Someone else moved first (409), or the Lease is gone: we do not hold it.
+    #[error("lease {0} is held by someone else")]
+    Lost(String),
+    /// The API could not be reached or refused for another reason: try again.
+    #[error("writing lease {name}: {source}")]
+    Api { name: String, source: kube::Error },
+}
+
+impl LeaseError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            LeaseError::Lost(_) => "lost",
+            LeaseError::Api { .. } => "api",
+        }
+    }
+}
+
+fn now_micro() -> MicroTime {
+    MicroTime(k8s_openapi::jiff::Timestamp::now())
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409 || s.code == 404)
+}
+
+/// The holder's description of what it announces, shown by `kubectl describe lease`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Description {
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Description {
+    pub fn for_vip(ip: IpAddr, service: &str, interface: &str, mac: &str) -> Self {
+        Description {
+            labels: [(LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()), (LABEL_IP.to_string(), label_value(ip))].into(),
+            annotations: [
+                (ANNOTATION_IP.to_string(), ip.to_string()),
+                (ANNOTATION_SERVICE.to_string(), service.to_string()),
+                (ANNOTATION_INTERFACE.to_string(), interface.to_string()),
+                (ANNOTATION_MAC.to_string(), mac.to_string()),
+            ]
+            .into(),
+        }
+    }
+}
+
+/// Lease writes for one identity (the node name).
+#[derive(Clone)]
+pub struct Leases {
+    api: Api<Lease>,
+    identity: String,
+    duration_seconds: i32,
+}
+
+impl Leases {
+    pub fn new(api: Api<Lease>, identity: &str, duration: Duration) -> Self {
+        Leases { api, identity: identity.to_string(), duration_seconds: duration.as_secs().max(1) as i32 }
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Takes the Lease: POST if `current` is None, else a PUT with `current`'s
+    /// resourceVersion. 409 → [`LeaseError::Lost`].
+    pub async fn acquire(&self, name: &str, current: Option<&Lease>, desc: &Description) -> Result<Lease, LeaseError> {
+        let now = now_micro();
+        let result = match current {
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(name.to_string()),
+                        labels: Some(desc.labels.clone()),
+                        annotations: Some(desc.annotations.clone()),
+                        ..Default::default()
+                    },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(self.identity.clone()),
+                        lease_duration_seconds: Some(self.duration_seconds),
+                        acquire_time: Some(now.clone()),
+                        renew_time: Some(now),
+                        lease_transitions: Some(0),
+                        ..Default::default()
+                    }),
+                };
+                self.api.create(&PostParams::default(), &lease).await
+            }
+            Some(cur) => {
+                let mut lease = cur.clone();
+                let mut spec = lease.spec.take().unwrap_or_default();
+                let was_mine = spec.holder_identity.as_deref() == Some(&self.identity);
+                if !was_mine {
+                    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                    spec.acquire_time = Some(now.clone());
+                }
+                spec.holder_identity = Some(self.identity.clone());
+                spec.lease_duration_seconds = Some(self.duration_seconds);
+                spec.renew_time = Some(now);
+                lease.spec = Some(spec);
+                lease.metadata.labels.get_or_insert_default().extend(desc.labels.clone());
+                lease.metadata.annotations.get_or_insert_default().extend(desc.annotations.clone());
+                self.api.replace(name, &PostParams::default(), &lease).await
+            }
+        };
+        result.map_err(|e| self.classify(name, e))
+    }
+
+    /// Renews a Lease we hold (`held` is what our last write returned). If someone else
+    /// only touched its metadata, renews on top of that; if the holder changed, we lost.
+    pub async fn renew(&self, name: &str, held: &Lease) -> Result<Lease, LeaseError> {
+        let mut lease = held.clone();
+        for attempt in 0..2 {
+            if let Some(spec) = lease.spec.as_mut() {
+                spec.renew_time = Some(now_micro());
+            }
+            match self.api.replace(name, &PostParams::default(), &lease).await {
+                Ok(l) => return Ok(l),
+                Err(e) if is_conflict(&e) && attempt == 0 => {
+                    let fresh = self.api.get_opt(name).await.map_err(|source| LeaseError::Api { name: name.into(), source })?;
+                    match fresh {
+                        Some(f) if f.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(&self.identity) => lease = f,
+                        _ => return Err(LeaseError::Lost(name.into())),
+                    }
+                }
+                Err(e) => return Err(self.classify(name, e)),
+            }
+        }
+        Err(LeaseError::Lost(name.into()))
+    }
+
+    /// Gives the Lease up (holder cleared, CAS): a watching standby takes it at once.
+    pub async fn release(&self, name: &str, held: &Lease) -> Result<(), LeaseError> {
+        let mut lease = held.clone();
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.holder_identity = None;
+            spec.renew_time = Some(now_micro());
+        }
+        self.api.replace(name, &PostParams::default(), &lease).await.map(drop).map_err(|e| self.classify(name, e))
+    }
+
+    /// Deletes a Lease nobody needs any more (its VIP left every Service). CAS on the
+    /// resourceVersion, so a Lease someone just took is left alone.
+    pub async fn delete(&self, name: &str, seen_rv: &str) -> Result<(), LeaseError> {
+        let dp = kube::api::DeleteParams { preconditions: Some(kube::api::Preconditions { resource_version: Some(seen_rv.into()), uid: None }), ..Default::default() };
+        match self.api.delete(name, &dp).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.classify(name, e)),
+        }
+    }
+
+    fn classify(&self, name: &str, e: kube::Error) -> LeaseError {
+        if is_conflict(&e) { LeaseError::Lost(name.into()) } else { LeaseError::Api { name: name.into(), source: e } }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(holder: Option<&str>, since: Instant) -> Seen {
+        Seen { holder: holder.map(str::to_string), resource_version: "7".into(), duration: Duration::from_secs(3), since }
+    }
+
+    #[test]
+    fn names_and_label_values_are_valid_for_both_families() {
+        assert_eq!(lease_name("192.0.2.200".parse().unwrap()), "vip-192-0-2-200");
+        assert_eq!(lease_name("2001:db8::200".parse().unwrap()), "vip-2001-db8--200");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_is_counted_from_when_we_saw_the_lease_change() {
+        let t0 = Instant::now();
+        let s = seen(Some("node-1"), t0);
+        let d = Duration::ZERO;
+        assert_eq!(candidate(Some(&s), "node-2", t0, t0, d), Candidate::WaitUntil(t0 + Duration::from_secs(3)));
+        assert_eq!(candidate(Some(&s), "node-2", t0 + Duration::from_secs(3), t0, d), Candidate::Acquire);
+        assert_eq!(candidate(Some(&s), "node-1", t0, t0, d), Candidate::Adopt);
+        // a staggered candidate waits its turn after expiry
+        let late = Duration::from_millis(400);
+        assert_eq!(candidate(Some(&s), "node-3", t0 + Duration::from_secs(3), t0, late), Candidate::WaitUntil(t0 + Duration::from_millis(3400)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_or_missing_lease_is_taken_at_once_by_the_first_candidate() {
+        let t0 = Instant::now();
+        assert_eq!(candidate(Some(&seen(None, t0)), "node-2", t0, t0, Duration::ZERO), Candidate::Acquire);
+        assert_eq!(candidate(None, "node-2", t0, t0, Duration::ZERO), Candidate::Acquire);
+        assert_eq!(candidate(None, "node-2", t0, t0, Duration::from_millis(200)), Candidate::WaitUntil(t0 + Duration::from_millis(200)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unchanged_lease_keeps_its_first_sighting_and_a_renewal_resets_it() {
+        let t0 = Instant::now();
+        let mut lease = Lease::default();
+        lease.metadata.resource_version = Some("5".into());
+        lease.spec = Some(LeaseSpec { holder_identity: Some("node-1".into()), lease_duration_seconds: Some(3), ..Default::default() });
+        let first = Seen::observe(&lease, None, t0);
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(Seen::observe(&lease, Some(&first), later).since, t0, "same resourceVersion: same sighting");
+        lease.metadata.resource_version = Some("6".into());
+        assert_eq!(Seen::observe(&lease, Some(&first), later).since, later, "a renewal moves the expiry");
+    }
+}

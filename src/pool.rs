@@ -1,0 +1,255 @@
+//! IP pools: the `IPPool` custom resource, and the validated set of addresses the speakers
+//! may hand out and announce. An address outside every valid pool is never assigned nor bound.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A pool of floating IPs for LoadBalancer Services.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "l2speaker.io",
+    version = "v1alpha1",
+    kind = "IPPool",
+    plural = "ippools",
+    shortname = "ipp",
+    doc = "A pool of floating IPs that l2speaker assigns to LoadBalancer Services and announces on L2"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IPPoolSpec {
+    /// CIDRs (`192.0.2.200/29`, `2001:db8::200/125`) and inclusive ranges
+    /// (`192.0.2.210-192.0.2.215`), IPv4 and IPv6.
+    pub addresses: Vec<String>,
+    /// The interface to announce on. Default: the interface whose subnet holds the IP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// Only nodes whose labels match may announce this pool's IPs (`matchLabels`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Hand out addresses to Services that did not ask for one. Default: true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_assign: Option<bool>,
+}
+
+/// An inclusive range of addresses of one family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Range {
+    pub first: IpAddr,
+    pub last: IpAddr,
+}
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u32::from(v4) as u128,
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+fn from_u128(like: IpAddr, n: u128) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => IpAddr::V4((n as u32).into()),
+        IpAddr::V6(_) => IpAddr::V6(n.into()),
+    }
+}
+
+impl Range {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.first.is_ipv4() && to_u128(self.first) <= to_u128(ip) && to_u128(ip) <= to_u128(self.last)
+    }
+
+    fn overlaps(&self, other: &Range) -> bool {
+        self.first.is_ipv4() == other.first.is_ipv4()
+            && to_u128(self.first) <= to_u128(other.last)
+            && to_u128(other.first) <= to_u128(self.last)
+    }
+
+    /// The addresses of the range, in order.
+    pub fn iter(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        (to_u128(self.first)..=to_u128(self.last)).map(|n| from_u128(self.first, n))
+    }
+}
+
+/// Parses one entry of `spec.addresses`.
+pub fn parse_range(s: &str) -> Result<Range, String> {
+    let s = s.trim();
+    if let Some((a, b)) = s.split_once('-') {
+        let first: IpAddr = a.trim().parse().map_err(|_| format!("{s:?}: {a:?} is not an IP address"))?;
+        let last: IpAddr = b.trim().parse().map_err(|_| format!("{s:?}: {b:?} is not an IP address"))?;
+        if first.is_ipv4() != last.is_ipv4() {
+            return Err(format!("{s:?}: the range mixes IPv4 and IPv6"));
+        }
+        if to_u128(first) > to_u128(last) {
+            return Err(format!("{s:?}: the range is reversed (first address after the last)"));
+        }
+        return Ok(Range { first, last });
+    }
+    let net: IpNet = s.parse().map_err(|_| format!("{s:?} is neither a CIDR nor a range"))?;
+    if net.trunc() != net {
+        return Err(format!("{s:?} has host bits set (did you mean {}?)", net.trunc()));
+    }
+    Ok(Range { first: net.network(), last: net.broadcast() })
+}
+
+/// A pool that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub name: String,
+    pub ranges: Vec<Range>,
+    pub interface: Option<String>,
+    pub node_selector: BTreeMap<String, String>,
+    pub auto_assign: bool,
+}
+
+impl Pool {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.ranges.iter().any(|r| r.contains(ip))
+    }
+
+    /// Whether a node with these labels may announce this pool's IPs.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+/// A pool that was refused, and why (reported as a Warning Event on it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub name: String,
+    pub reason: String,
+}
+
+/// The valid pools, in order of age; the rest are rejected whole, never half-used.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pools {
+    pub pools: Vec<Pool>,
+    pub rejected: Vec<Rejected>,
+}
+
+/// One pool as read from the API: name, creation order key, spec.
+pub struct PoolInput<'a> {
+    pub name: &'a str,
+    /// Sorts older pools first (`creationTimestamp`, then name).
+    pub age_key: String,
+    pub spec: &'a IPPoolSpec,
+}
+
+impl Pools {
+    /// Validates every pool; a pool overlapping an older valid pool is rejected.
+    pub fn build(mut inputs: Vec<PoolInput<'_>>) -> Pools {
+        inputs.sort_by(|a, b| (&a.age_key, a.name).cmp(&(&b.age_key, b.name)));
+        let mut out = Pools::default();
+        for p in inputs {
+            match validate(&p, &out.pools) {
+                Ok(pool) => out.pools.push(pool),
+                Err(reason) => out.rejected.push(Rejected { name: p.name.to_string(), reason }),
+            }
+        }
+        out
+    }
+
+    pub fn pool_of(&self, ip: IpAddr) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.contains(ip))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+fn validate(p: &PoolInput<'_>, older: &[Pool]) -> Result<Pool, String> {
+    if p.spec.addresses.is_empty() {
+        return Err("spec.addresses is empty".into());
+    }
+    let mut ranges = Vec::new();
+    for a in &p.spec.addresses {
+        let r = parse_range(a)?;
+        if let Some(prev) = ranges.iter().find(|x: &&Range| x.overlaps(&r)) {
+            return Err(format!("{a:?} overlaps {}-{} of the same pool", prev.first, prev.last));
+        }
+        ranges.push(r);
+    }
+    for o in older {
+        for r in &ranges {
+            if let Some(x) = o.ranges.iter().find(|x| x.overlaps(r)) {
+                return Err(format!(
+                    "{}-{} overlaps {}-{} of pool {:?}, which is older",
+                    r.first, r.last, x.first, x.last, o.name
+                ));
+            }
+        }
+    }
+    if let Some(i) = &p.spec.interface {
+        if i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
+            return Err(format!("spec.interface {i:?} is not an interface name"));
+        }
+    }
+    Ok(Pool {
+        name: p.name.to_string(),
+        ranges,
+        interface: p.spec.interface.clone(),
+        node_selector: p.spec.node_selector.clone().unwrap_or_default(),
+        auto_assign: p.spec.auto_assign.unwrap_or(true),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(addrs: &[&str]) -> IPPoolSpec {
+        IPPoolSpec { addresses: addrs.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+    }
+
+    fn build(pools: &[(&str, &str, IPPoolSpec)]) -> Pools {
+        Pools::build(pools.iter().map(|(n, age, s)| PoolInput { name: n, age_key: age.to_string(), spec: s }).collect())
+    }
+
+    #[test]
+    fn cidrs_and_ranges_of_both_families_parse() {
+        let r = parse_range("192.0.2.200/30").unwrap();
+        assert_eq!(r.iter().map(|i| i.to_string()).collect::<Vec<_>>(), ["192.0.2.200", "192.0.2.201", "192.0.2.202", "192.0.2.203"]);
+        let r = parse_range("2001:db8::200-2001:db8::201").unwrap();
+        assert_eq!(r.iter().count(), 2);
+        assert!(r.contains("2001:db8::201".parse().unwrap()));
+        assert!(!r.contains("192.0.2.200".parse().unwrap()));
+        assert_eq!(parse_range("192.0.2.7/32").unwrap().iter().count(), 1);
+    }
+
+    #[test]
+    fn bad_entries_say_what_is_wrong() {
+        assert!(parse_range("192.0.2.300/32").unwrap_err().contains("neither a CIDR nor a range"));
+        assert!(parse_range("192.0.2.20-192.0.2.10").unwrap_err().contains("reversed"));
+        assert!(parse_range("192.0.2.1-2001:db8::1").unwrap_err().contains("mixes"));
+        assert_eq!(parse_range("192.0.2.201/29").unwrap_err(), "\"192.0.2.201/29\" has host bits set (did you mean 192.0.2.200/29?)");
+    }
+
+    #[test]
+    fn an_invalid_or_overlapping_pool_is_rejected_whole_and_the_older_one_kept() {
+        let pools = build(&[
+            ("new", "2026-02", spec(&["192.0.2.204/30"])),
+            ("old", "2026-01", spec(&["192.0.2.200/29"])),
+            ("bad", "2026-03", spec(&["198.51.100.0/30", "nonsense"])),
+            ("v6", "2026-04", spec(&["2001:db8::200/126"])),
+        ]);
+        assert_eq!(pools.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["old", "v6"]);
+        assert_eq!(pools.rejected.len(), 2);
+        assert!(pools.rejected.iter().any(|r| r.name == "new" && r.reason.contains("of pool \"old\", which is older")));
+        assert!(pools.rejected.iter().any(|r| r.name == "bad"));
+        assert!(pools.pool_of("198.51.100.1".parse().unwrap()).is_none(), "nothing of a rejected pool is used");
+        assert_eq!(pools.pool_of("192.0.2.205".parse().unwrap()).unwrap().name, "old");
+    }
+
+    #[test]
+    fn node_selectors_match_labels() {
+        let mut s = spec(&["192.0.2.200/32"]);
+        s.node_selector = Some([("zone".to_string(), "a".to_string())].into());
+        let pools = build(&[("p", "1", s)]);
+        let p = &pools.pools[0];
+        assert!(p.selects(&[("zone".to_string(), "a".to_string())].into()));
+        assert!(!p.selects(&BTreeMap::new()));
+    }
+}

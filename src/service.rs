@@ -1,0 +1,175 @@
+//! What the speaker reads from a `Service`: whether it is ours, which IPs it asks for and
+//! has, its ports and traffic policy.
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Service;
+use kube::ResourceExt;
+
+/// Lists wanted IPs, one per family, comma-separated (needed for dual-stack, where the
+/// single-valued `spec.loadBalancerIP` cannot say it).
+pub const ANNOTATION_IPS: &str = "l2speaker.io/load-balancer-ips";
+/// Names the pool to take an address from.
+pub const ANNOTATION_POOL: &str = "l2speaker.io/pool";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// The parts of a Service the speaker acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceInfo {
+    /// `namespace/name`.
+    pub key: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// Orders services by age (`creationTimestamp`, then key).
+    pub created: String,
+    pub load_balancer: bool,
+    /// `spec.loadBalancerClass`.
+    pub class: Option<String>,
+    /// Wanted IPs, parsed; entries that do not parse are in `bad_requests`.
+    pub requested: Vec<IpAddr>,
+    pub bad_requests: Vec<String>,
+    pub pool: Option<String>,
+    /// Families to assign, in order (`spec.ipFamilies` and `spec.ipFamilyPolicy`).
+    pub want_v4: bool,
+    pub want_v6: bool,
+    /// IPs in `status.loadBalancer.ingress`.
+    pub assigned: Vec<IpAddr>,
+    pub local_traffic: bool,
+    pub ports: Vec<ServicePort>,
+}
+
+impl ServiceInfo {
+    pub fn from_service(svc: &Service) -> ServiceInfo {
+        let spec = svc.spec.clone().unwrap_or_default();
+        let annotations = svc.annotations();
+        let mut requested = Vec::new();
+        let mut bad_requests = Vec::new();
+        let wanted = annotations
+            .get(ANNOTATION_IPS)
+            .map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect::<Vec<_>>())
+            .unwrap_or_else(|| spec.load_balancer_ip.iter().filter(|s| !s.is_empty()).cloned().collect());
+        for w in wanted {
+            match w.parse::<IpAddr>() {
+                Ok(ip) => requested.push(ip),
+                Err(_) => bad_requests.push(w),
+            }
+        }
+        let families = spec.ip_families.clone().unwrap_or_default();
+        let dual = matches!(spec.ip_family_policy.as_deref(), Some("PreferDualStack" | "RequireDualStack"));
+        let (want_v4, want_v6) = match (families.first().map(String::as_str), dual) {
+            (_, true) => (true, true),
+            (Some("IPv6"), false) => (false, true),
+            _ => (true, false),
+        };
+        let assigned = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .map(|ing| ing.iter().filter_map(|i| i.ip.as_deref()?.parse().ok()).collect())
+            .unwrap_or_default();
+        let ports = spec
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| {
+                let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+                    "TCP" => Protocol::Tcp,
+                    "UDP" => Protocol::Udp,
+                    "SCTP" => Protocol::Sctp,
+                    _ => return None,
+                };
+                Some(ServicePort { name: p.name.unwrap_or_default(), protocol, port: u16::try_from(p.port).ok()? })
+            })
+            .collect();
+        let namespace = svc.namespace().unwrap_or_default();
+        let name = svc.name_any();
+        ServiceInfo {
+            key: format!("{namespace}/{name}"),
+            uid: svc.uid().unwrap_or_default(),
+            created: svc.creation_timestamp().map(|t| t.0.to_string()).unwrap_or_default(),
+            load_balancer: spec.type_.as_deref() == Some("LoadBalancer"),
+            class: spec.load_balancer_class.clone(),
+            requested,
+            bad_requests,
+            pool: annotations.get(ANNOTATION_POOL).cloned(),
+            want_v4,
+            want_v6,
+            assigned,
+            local_traffic: spec.external_traffic_policy.as_deref() == Some("Local"),
+            ports,
+            namespace,
+            name,
+        }
+    }
+
+    /// Whether this speaker handles the Service: a LoadBalancer of our class (or of no class
+    /// when we claim those).
+    pub fn is_ours(&self, class: &str, claim_unclassed: bool) -> bool {
+        self.load_balancer
+            && match &self.class {
+                Some(c) => c == class,
+                None => claim_unclassed,
+            }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(v: serde_json::Value) -> ServiceInfo {
+        ServiceInfo::from_service(&serde_json::from_value(v).unwrap())
+    }
+
+    #[test]
+    fn reads_requests_families_ports_and_status() {
+        let s = svc(json!({
+            "metadata": {"name": "web", "namespace": "default", "annotations": {ANNOTATION_IPS: "192.0.2.200, 2001:db8::200,bogus"}},
+            "spec": {"type": "LoadBalancer", "ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv4", "IPv6"],
+                     "externalTrafficPolicy": "Local", "ports": [{"name": "http", "port": 80}, {"port": 53, "protocol": "UDP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.200"}]}}}));
+        assert_eq!(s.key, "default/web");
+        assert_eq!(s.requested, vec!["192.0.2.200".parse::<IpAddr>().unwrap(), "2001:db8::200".parse().unwrap()]);
+        assert_eq!(s.bad_requests, ["bogus"]);
+        assert!(s.want_v4 && s.want_v6 && s.local_traffic);
+        assert_eq!(s.assigned, vec!["192.0.2.200".parse::<IpAddr>().unwrap()]);
+        assert_eq!(s.ports[1], ServicePort { name: String::new(), protocol: Protocol::Udp, port: 53 });
+        assert!(s.is_ours("l2speaker.io/l2", true));
+        assert!(!s.is_ours("l2speaker.io/l2", false));
+    }
+
+    #[test]
+    fn load_balancer_ip_and_single_stack_ipv6() {
+        let s = svc(json!({"metadata": {"name": "a", "namespace": "x"},
+            "spec": {"type": "LoadBalancer", "loadBalancerIP": "2001:db8::7", "ipFamilies": ["IPv6"], "loadBalancerClass": "other"}}));
+        assert_eq!(s.requested, vec!["2001:db8::7".parse::<IpAddr>().unwrap()]);
+        assert!(!s.want_v4 && s.want_v6);
+        assert!(!s.is_ours("l2speaker.io/l2", true), "another class is not ours");
+    }
+}
