@@ -36,7 +36,11 @@ pub fn allocate(
     let mut svcs: Vec<&ServiceInfo> = services.iter().collect();
     svcs.sort_by(|a, b| (&a.created, &a.key).cmp(&(&b.created, &b.key)));
     let refuse = |out: &mut Allocation, s: &ServiceInfo, reason: &'static str, message: String| {
-        out.refusals.push(Refusal { service: s.key.clone(), reason, message });
+        out.refusals.push(Refusal {
+            service: s.key.clone(),
+            reason,
+            message,
+        });
     };
 
     // Services no longer ours (type changed) give back the pool IPs in their status.
@@ -52,7 +56,16 @@ pub fn allocate(
     let mut claims: Vec<(bool, usize, IpAddr)> = Vec::new();
     for (i, s) in handled.iter().enumerate() {
         let wanted: Vec<IpAddr> = if s.requested.is_empty() && s.bad_requests.is_empty() {
-            s.assigned.iter().copied().filter(|ip| usable(ip) && s.pool.as_ref().is_none_or(|p| pools.pool_of(*ip).is_some_and(|x| &x.name == p))).collect()
+            s.assigned
+                .iter()
+                .copied()
+                .filter(|ip| {
+                    usable(ip)
+                        && s.pool
+                            .as_ref()
+                            .is_none_or(|p| pools.pool_of(*ip).is_some_and(|x| &x.name == p))
+                })
+                .collect()
         } else {
             s.requested.clone()
         };
@@ -67,14 +80,29 @@ pub fn allocate(
         let s = handled[*i];
         let requested = !s.requested.is_empty();
         if requested && pools.pool_of(*ip).is_none() {
-            refuse(&mut out, s, "IPNotInPool", format!("{ip} is in no IPPool; it will not be assigned"));
+            refuse(
+                &mut out,
+                s,
+                "IPNotInPool",
+                format!("{ip} is in no IPPool; it will not be assigned"),
+            );
             failed.insert(*i);
         } else if requested && node_ips.contains(ip) {
-            refuse(&mut out, s, "IPIsNodeAddress", format!("{ip} is a node's own address; it will not be assigned"));
+            refuse(
+                &mut out,
+                s,
+                "IPIsNodeAddress",
+                format!("{ip} is a node's own address; it will not be assigned"),
+            );
             failed.insert(*i);
         } else if let Some(&other) = owner.get(ip) {
             if other != *i {
-                refuse(&mut out, s, "IPInUse", format!("{ip} is already assigned to {}", handled[other].key));
+                refuse(
+                    &mut out,
+                    s,
+                    "IPInUse",
+                    format!("{ip} is already assigned to {}", handled[other].key),
+                );
                 failed.insert(*i);
             }
         } else {
@@ -83,12 +111,26 @@ pub fn allocate(
     }
     for (i, s) in handled.iter().enumerate() {
         for bad in &s.bad_requests {
-            refuse(&mut out, s, "InvalidIP", format!("{bad:?} is not an IP address"));
+            refuse(
+                &mut out,
+                s,
+                "InvalidIP",
+                format!("{bad:?} is not an IP address"),
+            );
             failed.insert(i);
         }
-        let families = s.requested.iter().map(|ip| ip.is_ipv4()).collect::<Vec<_>>();
+        let families = s
+            .requested
+            .iter()
+            .map(|ip| ip.is_ipv4())
+            .collect::<Vec<_>>();
         if families.len() != families.iter().collect::<BTreeSet<_>>().len() {
-            refuse(&mut out, s, "InvalidIP", "at most one wanted IP per family".to_string());
+            refuse(
+                &mut out,
+                s,
+                "InvalidIP",
+                "at most one wanted IP per family".to_string(),
+            );
             failed.insert(i);
         }
     }
@@ -105,7 +147,12 @@ pub fn allocate(
         if s.requested.is_empty() && s.bad_requests.is_empty() {
             if let Some(p) = &s.pool {
                 if pools.get(p).is_none() {
-                    refuse(&mut out, s, "UnknownPool", format!("IPPool {p:?} does not exist or is invalid"));
+                    refuse(
+                        &mut out,
+                        s,
+                        "UnknownPool",
+                        format!("IPPool {p:?} does not exist or is invalid"),
+                    );
                 }
             }
             for (want, v4) in [(s.want_v4, true), (s.want_v6, false)] {
@@ -128,7 +175,12 @@ pub fn allocate(
                     }
                     None if s.pool.as_ref().is_none_or(|p| pools.get(p).is_some()) => {
                         let fam = if v4 { "IPv4" } else { "IPv6" };
-                        refuse(&mut out, s, "PoolExhausted", format!("no free {fam} address in the pools"));
+                        refuse(
+                            &mut out,
+                            s,
+                            "PoolExhausted",
+                            format!("no free {fam} address in the pools"),
+                        );
                     }
                     None => {}
                 }
@@ -149,10 +201,27 @@ mod tests {
         let specs: Vec<(String, IPPoolSpec)> = specs
             .iter()
             .map(|(n, a, auto)| {
-                (n.to_string(), IPPoolSpec { addresses: a.iter().map(|s| s.to_string()).collect(), auto_assign: Some(*auto), ..Default::default() })
+                (
+                    n.to_string(),
+                    IPPoolSpec {
+                        addresses: a.iter().map(|s| s.to_string()).collect(),
+                        auto_assign: Some(*auto),
+                        ..Default::default()
+                    },
+                )
             })
             .collect();
-        Pools::build(specs.iter().enumerate().map(|(i, (n, s))| PoolInput { name: n, age_key: i.to_string(), spec: s }).collect())
+        Pools::build(
+            specs
+                .iter()
+                .enumerate()
+                .map(|(i, (n, s))| PoolInput {
+                    name: n,
+                    age_key: i.to_string(),
+                    spec: s,
+                })
+                .collect(),
+        )
     }
 
     fn svc(name: &str, created: &str) -> ServiceInfo {
@@ -190,7 +259,11 @@ mod tests {
         old.assigned = vec![ip("192.0.2.202")];
         let a = run(&[svc("b", "3"), old, svc("a", "2")], &p, &["192.0.2.200"]);
         assert_eq!(a.desired["default/old"], vec![ip("192.0.2.202")]);
-        assert_eq!(a.desired["default/a"], vec![ip("192.0.2.201")], "the node's address is skipped");
+        assert_eq!(
+            a.desired["default/a"],
+            vec![ip("192.0.2.201")],
+            "the node's address is skipped"
+        );
         assert_eq!(a.desired["default/b"], vec![ip("192.0.2.203")]);
         assert!(a.refusals.is_empty());
     }
@@ -207,11 +280,23 @@ mod tests {
         let mut node = svc("node", "3");
         node.requested = vec![ip("192.0.2.201")];
         let a = run(&[holder, outside, taken, node], &p, &["192.0.2.201"]);
-        assert_eq!(a.desired["default/holder"], vec![ip("192.0.2.200")], "the holder keeps it, though the requester is older");
+        assert_eq!(
+            a.desired["default/holder"],
+            vec![ip("192.0.2.200")],
+            "the holder keeps it, though the requester is older"
+        );
         for s in ["outside", "taken", "node"] {
-            assert_eq!(a.desired[&format!("default/{s}")], Vec::<IpAddr>::new(), "{s} gets nothing");
+            assert_eq!(
+                a.desired[&format!("default/{s}")],
+                Vec::<IpAddr>::new(),
+                "{s} gets nothing"
+            );
         }
-        let reasons: Vec<_> = a.refusals.iter().map(|r| (r.service.as_str(), r.reason)).collect();
+        let reasons: Vec<_> = a
+            .refusals
+            .iter()
+            .map(|r| (r.service.as_str(), r.reason))
+            .collect();
         assert!(reasons.contains(&("default/outside", "IPNotInPool")));
         assert!(reasons.contains(&("default/taken", "IPInUse")));
         assert!(reasons.contains(&("default/node", "IPIsNodeAddress")));
@@ -219,14 +304,24 @@ mod tests {
 
     #[test]
     fn dual_stack_gets_one_address_per_family_or_none_when_a_wanted_one_fails() {
-        let p = pools(&[("v4", &["192.0.2.200/31"], true), ("v6", &["2001:db8::200/127"], true)]);
+        let p = pools(&[
+            ("v4", &["192.0.2.200/31"], true),
+            ("v6", &["2001:db8::200/127"], true),
+        ]);
         let mut ds = svc("ds", "1");
         ds.want_v6 = true;
         let mut want = svc("want", "2");
         want.requested = vec![ip("192.0.2.201"), ip("2001:db8::999")];
         let a = run(&[ds, want], &p, &[]);
-        assert_eq!(a.desired["default/ds"], vec![ip("192.0.2.200"), ip("2001:db8::200")]);
-        assert_eq!(a.desired["default/want"], Vec::<IpAddr>::new(), "one wanted IP is outside the pools: none is assigned");
+        assert_eq!(
+            a.desired["default/ds"],
+            vec![ip("192.0.2.200"), ip("2001:db8::200")]
+        );
+        assert_eq!(
+            a.desired["default/want"],
+            Vec::<IpAddr>::new(),
+            "one wanted IP is outside the pools: none is assigned"
+        );
     }
 
     #[test]

@@ -82,14 +82,24 @@ pub enum Candidate {
 
 /// The candidate's decision. `absent_since` is when the VIP was first seen without a Lease;
 /// `delay` staggers candidates by rank so the preferred one goes first.
-pub fn candidate(seen: Option<&Seen>, me: &str, now: Instant, absent_since: Instant, delay: Duration) -> Candidate {
+pub fn candidate(
+    seen: Option<&Seen>,
+    me: &str,
+    now: Instant,
+    absent_since: Instant,
+    delay: Duration,
+) -> Candidate {
     let at = match seen {
         None => absent_since + delay,
         Some(s) if s.holder.as_deref() == Some(me) => return Candidate::Adopt,
         Some(s) if s.holder.is_none() => s.since + delay,
         Some(s) => s.expires_at() + delay,
     };
-    if now >= at { Candidate::Acquire } else { Candidate::WaitUntil(at) }
+    if now >= at {
+        Candidate::Acquire
+    } else {
+        Candidate::WaitUntil(at)
+    }
 }
 
 /// How a write went.
@@ -130,7 +140,11 @@ pub struct Description {
 impl Description {
     pub fn for_vip(ip: IpAddr, service: &str, interface: &str, mac: &str) -> Self {
         Description {
-            labels: [(LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()), (LABEL_IP.to_string(), label_value(ip))].into(),
+            labels: [
+                (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
+                (LABEL_IP.to_string(), label_value(ip)),
+            ]
+            .into(),
             annotations: [
                 (ANNOTATION_IP.to_string(), ip.to_string()),
                 (ANNOTATION_SERVICE.to_string(), service.to_string()),
@@ -152,7 +166,11 @@ pub struct Leases {
 
 impl Leases {
     pub fn new(api: Api<Lease>, identity: &str, duration: Duration) -> Self {
-        Leases { api, identity: identity.to_string(), duration_seconds: duration.as_secs().max(1) as i32 }
+        Leases {
+            api,
+            identity: identity.to_string(),
+            duration_seconds: duration.as_secs().max(1) as i32,
+        }
     }
 
     pub fn identity(&self) -> &str {
@@ -161,7 +179,12 @@ impl Leases {
 
     /// Takes the Lease: POST if `current` is None, else a PUT with `current`'s
     /// resourceVersion. 409 → [`LeaseError::Lost`].
-    pub async fn acquire(&self, name: &str, current: Option<&Lease>, desc: &Description) -> Result<Lease, LeaseError> {
+    pub async fn acquire(
+        &self,
+        name: &str,
+        current: Option<&Lease>,
+        desc: &Description,
+    ) -> Result<Lease, LeaseError> {
         let now = now_micro();
         let result = match current {
             None => {
@@ -195,8 +218,16 @@ impl Leases {
                 spec.lease_duration_seconds = Some(self.duration_seconds);
                 spec.renew_time = Some(now);
                 lease.spec = Some(spec);
-                lease.metadata.labels.get_or_insert_default().extend(desc.labels.clone());
-                lease.metadata.annotations.get_or_insert_default().extend(desc.annotations.clone());
+                lease
+                    .metadata
+                    .labels
+                    .get_or_insert_default()
+                    .extend(desc.labels.clone());
+                lease
+                    .metadata
+                    .annotations
+                    .get_or_insert_default()
+                    .extend(desc.annotations.clone());
                 self.api.replace(name, &PostParams::default(), &lease).await
             }
         };
@@ -214,9 +245,21 @@ impl Leases {
             match self.api.replace(name, &PostParams::default(), &lease).await {
                 Ok(l) => return Ok(l),
                 Err(e) if is_conflict(&e) && attempt == 0 => {
-                    let fresh = self.api.get_opt(name).await.map_err(|source| LeaseError::Api { name: name.into(), source })?;
+                    let fresh = self
+                        .api
+                        .get_opt(name)
+                        .await
+                        .map_err(|source| LeaseError::Api {
+                            name: name.into(),
+                            source,
+                        })?;
                     match fresh {
-                        Some(f) if f.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(&self.identity) => lease = f,
+                        Some(f)
+                            if f.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                                == Some(&self.identity) =>
+                        {
+                            lease = f
+                        }
                         _ => return Err(LeaseError::Lost(name.into())),
                     }
                 }
@@ -233,13 +276,23 @@ impl Leases {
             spec.holder_identity = None;
             spec.renew_time = Some(now_micro());
         }
-        self.api.replace(name, &PostParams::default(), &lease).await.map(drop).map_err(|e| self.classify(name, e))
+        self.api
+            .replace(name, &PostParams::default(), &lease)
+            .await
+            .map(drop)
+            .map_err(|e| self.classify(name, e))
     }
 
     /// Deletes a Lease nobody needs any more (its VIP left every Service). CAS on the
     /// resourceVersion, so a Lease someone just took is left alone.
     pub async fn delete(&self, name: &str, seen_rv: &str) -> Result<(), LeaseError> {
-        let dp = kube::api::DeleteParams { preconditions: Some(kube::api::Preconditions { resource_version: Some(seen_rv.into()), uid: None }), ..Default::default() };
+        let dp = kube::api::DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                resource_version: Some(seen_rv.into()),
+                uid: None,
+            }),
+            ..Default::default()
+        };
         match self.api.delete(name, &dp).await {
             Ok(_) => Ok(()),
             Err(e) => Err(self.classify(name, e)),
@@ -247,7 +300,14 @@ impl Leases {
     }
 
     fn classify(&self, name: &str, e: kube::Error) -> LeaseError {
-        if is_conflict(&e) { LeaseError::Lost(name.into()) } else { LeaseError::Api { name: name.into(), source: e } }
+        if is_conflict(&e) {
+            LeaseError::Lost(name.into())
+        } else {
+            LeaseError::Api {
+                name: name.into(),
+                source: e,
+            }
+        }
     }
 }
 
@@ -256,13 +316,24 @@ mod tests {
     use super::*;
 
     fn seen(holder: Option<&str>, since: Instant) -> Seen {
-        Seen { holder: holder.map(str::to_string), resource_version: "7".into(), duration: Duration::from_secs(3), since }
+        Seen {
+            holder: holder.map(str::to_string),
+            resource_version: "7".into(),
+            duration: Duration::from_secs(3),
+            since,
+        }
     }
 
     #[test]
     fn names_and_label_values_are_valid_for_both_families() {
-        assert_eq!(lease_name("192.0.2.200".parse().unwrap()), "vip-192-0-2-200");
-        assert_eq!(lease_name("2001:db8::200".parse().unwrap()), "vip-2001-db8--200");
+        assert_eq!(
+            lease_name("192.0.2.200".parse().unwrap()),
+            "vip-192-0-2-200"
+        );
+        assert_eq!(
+            lease_name("2001:db8::200".parse().unwrap()),
+            "vip-2001-db8--200"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -270,20 +341,38 @@ mod tests {
         let t0 = Instant::now();
         let s = seen(Some("node-1"), t0);
         let d = Duration::ZERO;
-        assert_eq!(candidate(Some(&s), "node-2", t0, t0, d), Candidate::WaitUntil(t0 + Duration::from_secs(3)));
-        assert_eq!(candidate(Some(&s), "node-2", t0 + Duration::from_secs(3), t0, d), Candidate::Acquire);
+        assert_eq!(
+            candidate(Some(&s), "node-2", t0, t0, d),
+            Candidate::WaitUntil(t0 + Duration::from_secs(3))
+        );
+        assert_eq!(
+            candidate(Some(&s), "node-2", t0 + Duration::from_secs(3), t0, d),
+            Candidate::Acquire
+        );
         assert_eq!(candidate(Some(&s), "node-1", t0, t0, d), Candidate::Adopt);
         // a staggered candidate waits its turn after expiry
         let late = Duration::from_millis(400);
-        assert_eq!(candidate(Some(&s), "node-3", t0 + Duration::from_secs(3), t0, late), Candidate::WaitUntil(t0 + Duration::from_millis(3400)));
+        assert_eq!(
+            candidate(Some(&s), "node-3", t0 + Duration::from_secs(3), t0, late),
+            Candidate::WaitUntil(t0 + Duration::from_millis(3400))
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_released_or_missing_lease_is_taken_at_once_by_the_first_candidate() {
         let t0 = Instant::now();
-        assert_eq!(candidate(Some(&seen(None, t0)), "node-2", t0, t0, Duration::ZERO), Candidate::Acquire);
-        assert_eq!(candidate(None, "node-2", t0, t0, Duration::ZERO), Candidate::Acquire);
-        assert_eq!(candidate(None, "node-2", t0, t0, Duration::from_millis(200)), Candidate::WaitUntil(t0 + Duration::from_millis(200)));
+        assert_eq!(
+            candidate(Some(&seen(None, t0)), "node-2", t0, t0, Duration::ZERO),
+            Candidate::Acquire
+        );
+        assert_eq!(
+            candidate(None, "node-2", t0, t0, Duration::ZERO),
+            Candidate::Acquire
+        );
+        assert_eq!(
+            candidate(None, "node-2", t0, t0, Duration::from_millis(200)),
+            Candidate::WaitUntil(t0 + Duration::from_millis(200))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -291,11 +380,23 @@ mod tests {
         let t0 = Instant::now();
         let mut lease = Lease::default();
         lease.metadata.resource_version = Some("5".into());
-        lease.spec = Some(LeaseSpec { holder_identity: Some("node-1".into()), lease_duration_seconds: Some(3), ..Default::default() });
+        lease.spec = Some(LeaseSpec {
+            holder_identity: Some("node-1".into()),
+            lease_duration_seconds: Some(3),
+            ..Default::default()
+        });
         let first = Seen::observe(&lease, None, t0);
         let later = t0 + Duration::from_secs(2);
-        assert_eq!(Seen::observe(&lease, Some(&first), later).since, t0, "same resourceVersion: same sighting");
+        assert_eq!(
+            Seen::observe(&lease, Some(&first), later).since,
+            t0,
+            "same resourceVersion: same sighting"
+        );
         lease.metadata.resource_version = Some("6".into());
-        assert_eq!(Seen::observe(&lease, Some(&first), later).since, later, "a renewal moves the expiry");
+        assert_eq!(
+            Seen::observe(&lease, Some(&first), later).since,
+            later,
+            "a renewal moves the expiry"
+        );
     }
 }

@@ -4,6 +4,7 @@
 //! - [`service`]: what the speaker reads from a Service;
 //! - [`allocator`]: which Service gets which IP (pure);
 pub mod allocator;
+pub mod dataplane;
 pub mod lease;
 pub mod pool;
 pub mod service;

@@ -58,7 +58,9 @@ fn from_u128(like: IpAddr, n: u128) -> IpAddr {
 
 impl Range {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        ip.is_ipv4() == self.first.is_ipv4() && to_u128(self.first) <= to_u128(ip) && to_u128(ip) <= to_u128(self.last)
+        ip.is_ipv4() == self.first.is_ipv4()
+            && to_u128(self.first) <= to_u128(ip)
+            && to_u128(ip) <= to_u128(self.last)
     }
 
     fn overlaps(&self, other: &Range) -> bool {
@@ -77,21 +79,37 @@ impl Range {
 pub fn parse_range(s: &str) -> Result<Range, String> {
     let s = s.trim();
     if let Some((a, b)) = s.split_once('-') {
-        let first: IpAddr = a.trim().parse().map_err(|_| format!("{s:?}: {a:?} is not an IP address"))?;
-        let last: IpAddr = b.trim().parse().map_err(|_| format!("{s:?}: {b:?} is not an IP address"))?;
+        let first: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: {a:?} is not an IP address"))?;
+        let last: IpAddr = b
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: {b:?} is not an IP address"))?;
         if first.is_ipv4() != last.is_ipv4() {
             return Err(format!("{s:?}: the range mixes IPv4 and IPv6"));
         }
         if to_u128(first) > to_u128(last) {
-            return Err(format!("{s:?}: the range is reversed (first address after the last)"));
+            return Err(format!(
+                "{s:?}: the range is reversed (first address after the last)"
+            ));
         }
         return Ok(Range { first, last });
     }
-    let net: IpNet = s.parse().map_err(|_| format!("{s:?} is neither a CIDR nor a range"))?;
+    let net: IpNet = s
+        .parse()
+        .map_err(|_| format!("{s:?} is neither a CIDR nor a range"))?;
     if net.trunc() != net {
-        return Err(format!("{s:?} has host bits set (did you mean {}?)", net.trunc()));
+        return Err(format!(
+            "{s:?} has host bits set (did you mean {}?)",
+            net.trunc()
+        ));
     }
-    Ok(Range { first: net.network(), last: net.broadcast() })
+    Ok(Range {
+        first: net.network(),
+        last: net.broadcast(),
+    })
 }
 
 /// A pool that passed validation.
@@ -111,7 +129,9 @@ impl Pool {
 
     /// Whether a node with these labels may announce this pool's IPs.
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        self.node_selector
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
     }
 }
 
@@ -145,7 +165,10 @@ impl Pools {
         for p in inputs {
             match validate(&p, &out.pools) {
                 Ok(pool) => out.pools.push(pool),
-                Err(reason) => out.rejected.push(Rejected { name: p.name.to_string(), reason }),
+                Err(reason) => out.rejected.push(Rejected {
+                    name: p.name.to_string(),
+                    reason,
+                }),
             }
         }
         out
@@ -168,7 +191,10 @@ fn validate(p: &PoolInput<'_>, older: &[Pool]) -> Result<Pool, String> {
     for a in &p.spec.addresses {
         let r = parse_range(a)?;
         if let Some(prev) = ranges.iter().find(|x: &&Range| x.overlaps(&r)) {
-            return Err(format!("{a:?} overlaps {}-{} of the same pool", prev.first, prev.last));
+            return Err(format!(
+                "{a:?} overlaps {}-{} of the same pool",
+                prev.first, prev.last
+            ));
         }
         ranges.push(r);
     }
@@ -201,17 +227,32 @@ mod tests {
     use super::*;
 
     fn spec(addrs: &[&str]) -> IPPoolSpec {
-        IPPoolSpec { addresses: addrs.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+        IPPoolSpec {
+            addresses: addrs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
     }
 
     fn build(pools: &[(&str, &str, IPPoolSpec)]) -> Pools {
-        Pools::build(pools.iter().map(|(n, age, s)| PoolInput { name: n, age_key: age.to_string(), spec: s }).collect())
+        Pools::build(
+            pools
+                .iter()
+                .map(|(n, age, s)| PoolInput {
+                    name: n,
+                    age_key: age.to_string(),
+                    spec: s,
+                })
+                .collect(),
+        )
     }
 
     #[test]
     fn cidrs_and_ranges_of_both_families_parse() {
         let r = parse_range("192.0.2.200/30").unwrap();
-        assert_eq!(r.iter().map(|i| i.to_string()).collect::<Vec<_>>(), ["192.0.2.200", "192.0.2.201", "192.0.2.202", "192.0.2.203"]);
+        assert_eq!(
+            r.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+            ["192.0.2.200", "192.0.2.201", "192.0.2.202", "192.0.2.203"]
+        );
         let r = parse_range("2001:db8::200-2001:db8::201").unwrap();
         assert_eq!(r.iter().count(), 2);
         assert!(r.contains("2001:db8::201".parse().unwrap()));
@@ -221,10 +262,25 @@ mod tests {
 
     #[test]
     fn bad_entries_say_what_is_wrong() {
-        assert!(parse_range("192.0.2.300/32").unwrap_err().contains("neither a CIDR nor a range"));
-        assert!(parse_range("192.0.2.20-192.0.2.10").unwrap_err().contains("reversed"));
-        assert!(parse_range("192.0.2.1-2001:db8::1").unwrap_err().contains("mixes"));
-        assert_eq!(parse_range("192.0.2.201/29").unwrap_err(), "\"192.0.2.201/29\" has host bits set (did you mean 192.0.2.200/29?)");
+        assert!(
+            parse_range("192.0.2.300/32")
+                .unwrap_err()
+                .contains("neither a CIDR nor a range")
+        );
+        assert!(
+            parse_range("192.0.2.20-192.0.2.10")
+                .unwrap_err()
+                .contains("reversed")
+        );
+        assert!(
+            parse_range("192.0.2.1-2001:db8::1")
+                .unwrap_err()
+                .contains("mixes")
+        );
+        assert_eq!(
+            parse_range("192.0.2.201/29").unwrap_err(),
+            "\"192.0.2.201/29\" has host bits set (did you mean 192.0.2.200/29?)"
+        );
     }
 
     #[test]
@@ -235,12 +291,30 @@ mod tests {
             ("bad", "2026-03", spec(&["198.51.100.0/30", "nonsense"])),
             ("v6", "2026-04", spec(&["2001:db8::200/126"])),
         ]);
-        assert_eq!(pools.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["old", "v6"]);
+        assert_eq!(
+            pools
+                .pools
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>(),
+            ["old", "v6"]
+        );
         assert_eq!(pools.rejected.len(), 2);
-        assert!(pools.rejected.iter().any(|r| r.name == "new" && r.reason.contains("of pool \"old\", which is older")));
+        assert!(
+            pools
+                .rejected
+                .iter()
+                .any(|r| r.name == "new" && r.reason.contains("of pool \"old\", which is older"))
+        );
         assert!(pools.rejected.iter().any(|r| r.name == "bad"));
-        assert!(pools.pool_of("198.51.100.1".parse().unwrap()).is_none(), "nothing of a rejected pool is used");
-        assert_eq!(pools.pool_of("192.0.2.205".parse().unwrap()).unwrap().name, "old");
+        assert!(
+            pools.pool_of("198.51.100.1".parse().unwrap()).is_none(),
+            "nothing of a rejected pool is used"
+        );
+        assert_eq!(
+            pools.pool_of("192.0.2.205".parse().unwrap()).unwrap().name,
+            "old"
+        );
     }
 
     #[test]

@@ -70,8 +70,19 @@ impl ServiceInfo {
         let mut bad_requests = Vec::new();
         let wanted = annotations
             .get(ANNOTATION_IPS)
-            .map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect::<Vec<_>>())
-            .unwrap_or_else(|| spec.load_balancer_ip.iter().filter(|s| !s.is_empty()).cloned().collect());
+            .map(|s| {
+                s.split(',')
+                    .map(|x| x.trim().to_string())
+                    .filter(|x| !x.is_empty())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_else(|| {
+                spec.load_balancer_ip
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .cloned()
+                    .collect()
+            });
         for w in wanted {
             match w.parse::<IpAddr>() {
                 Ok(ip) => requested.push(ip),
@@ -79,7 +90,10 @@ impl ServiceInfo {
             }
         }
         let families = spec.ip_families.clone().unwrap_or_default();
-        let dual = matches!(spec.ip_family_policy.as_deref(), Some("PreferDualStack" | "RequireDualStack"));
+        let dual = matches!(
+            spec.ip_family_policy.as_deref(),
+            Some("PreferDualStack" | "RequireDualStack")
+        );
         let (want_v4, want_v6) = match (families.first().map(String::as_str), dual) {
             (_, true) => (true, true),
             (Some("IPv6"), false) => (false, true),
@@ -90,7 +104,11 @@ impl ServiceInfo {
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref())
-            .map(|ing| ing.iter().filter_map(|i| i.ip.as_deref()?.parse().ok()).collect())
+            .map(|ing| {
+                ing.iter()
+                    .filter_map(|i| i.ip.as_deref()?.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default();
         let ports = spec
             .ports
@@ -103,7 +121,11 @@ impl ServiceInfo {
                     "SCTP" => Protocol::Sctp,
                     _ => return None,
                 };
-                Some(ServicePort { name: p.name.unwrap_or_default(), protocol, port: u16::try_from(p.port).ok()? })
+                Some(ServicePort {
+                    name: p.name.unwrap_or_default(),
+                    protocol,
+                    port: u16::try_from(p.port).ok()?,
+                })
             })
             .collect();
         let namespace = svc.namespace().unwrap_or_default();
@@ -111,7 +133,10 @@ impl ServiceInfo {
         ServiceInfo {
             key: format!("{namespace}/{name}"),
             uid: svc.uid().unwrap_or_default(),
-            created: svc.creation_timestamp().map(|t| t.0.to_string()).unwrap_or_default(),
+            created: svc
+                .creation_timestamp()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
             load_balancer: spec.type_.as_deref() == Some("LoadBalancer"),
             class: spec.load_balancer_class.clone(),
             requested,
@@ -155,11 +180,24 @@ mod tests {
                      "externalTrafficPolicy": "Local", "ports": [{"name": "http", "port": 80}, {"port": 53, "protocol": "UDP"}]},
             "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.200"}]}}}));
         assert_eq!(s.key, "default/web");
-        assert_eq!(s.requested, vec!["192.0.2.200".parse::<IpAddr>().unwrap(), "2001:db8::200".parse().unwrap()]);
+        assert_eq!(
+            s.requested,
+            vec![
+                "192.0.2.200".parse::<IpAddr>().unwrap(),
+                "2001:db8::200".parse().unwrap()
+            ]
+        );
         assert_eq!(s.bad_requests, ["bogus"]);
         assert!(s.want_v4 && s.want_v6 && s.local_traffic);
         assert_eq!(s.assigned, vec!["192.0.2.200".parse::<IpAddr>().unwrap()]);
-        assert_eq!(s.ports[1], ServicePort { name: String::new(), protocol: Protocol::Udp, port: 53 });
+        assert_eq!(
+            s.ports[1],
+            ServicePort {
+                name: String::new(),
+                protocol: Protocol::Udp,
+                port: 53
+            }
+        );
         assert!(s.is_ours("l2speaker.io/l2", true));
         assert!(!s.is_ours("l2speaker.io/l2", false));
     }
@@ -170,6 +208,9 @@ mod tests {
             "spec": {"type": "LoadBalancer", "loadBalancerIP": "2001:db8::7", "ipFamilies": ["IPv6"], "loadBalancerClass": "other"}}));
         assert_eq!(s.requested, vec!["2001:db8::7".parse::<IpAddr>().unwrap()]);
         assert!(!s.want_v4 && s.want_v6);
-        assert!(!s.is_ours("l2speaker.io/l2", true), "another class is not ours");
+        assert!(
+            !s.is_ours("l2speaker.io/l2", true),
+            "another class is not ours"
+        );
     }
 }

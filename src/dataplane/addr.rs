@@ -1,0 +1,248 @@
+//! Interfaces and addresses through rtnetlink: a thin adapter behind [`AddrOps`].
+//!
+//! VIPs are bound as /32 or /128 with a valid lifetime, refreshed on every renewal, so the
+//! kernel drops the address by itself when the speaker dies; IPv6 ones with no DAD (or they
+//! stay tentative for a second or two) and preferred lifetime 0 (or the kernel picks the VIP
+//! as the node's source address). Each carries IFA_PROTO [`PROTO`] so a restarted speaker can
+//! find and remove exactly its own leftovers.
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressProtocol, CacheInfo,
+};
+use rtnetlink::packet_route::link::{LinkAttribute, State};
+use thiserror::Error;
+
+use super::packet::Mac;
+
+/// The IFA_PROTO value marking addresses l2speaker added ('L').
+pub const PROTO: u8 = 0x4c;
+
+#[derive(Debug, Error)]
+pub enum AddrError {
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        source: rtnetlink::Error,
+    },
+    #[error("opening a netlink socket: {0}")]
+    Connect(std::io::Error),
+}
+
+/// A local interface, as the speaker needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+    pub mac: Option<Mac>,
+    /// Operationally up (has carrier).
+    pub up: bool,
+    /// Its addresses with their prefixes (the subnets it is on), VIPs excluded.
+    pub nets: Vec<IpNet>,
+    pub link_local: Option<Ipv6Addr>,
+}
+
+impl Interface {
+    /// Whether `ip` is on one of this interface's subnets.
+    pub fn holds(&self, ip: IpAddr) -> bool {
+        self.nets
+            .iter()
+            .any(|n| n.prefix_len() < n.max_prefix_len() && n.contains(&ip))
+    }
+}
+
+/// An address as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelAddr {
+    pub index: u32,
+    pub ip: IpAddr,
+    pub prefix_len: u8,
+    pub ours: bool,
+    /// Valid lifetime in seconds (u32::MAX: forever).
+    pub valid: u32,
+}
+
+/// What the dataplane asks of the kernel's addresses.
+pub trait AddrOps: Send + Sync {
+    fn interfaces(&self) -> impl Future<Output = Result<Vec<Interface>, AddrError>> + Send;
+    fn addresses(&self) -> impl Future<Output = Result<Vec<KernelAddr>, AddrError>> + Send;
+    /// Adds or refreshes (replace) `ip` as a host address on `index`, valid for `valid`.
+    fn bind(
+        &self,
+        index: u32,
+        ip: IpAddr,
+        valid: Duration,
+    ) -> impl Future<Output = Result<(), AddrError>> + Send;
+    /// Removes `ip` from `index`; a missing address is not an error.
+    fn unbind(&self, index: u32, ip: IpAddr) -> impl Future<Output = Result<(), AddrError>> + Send;
+}
+
+/// The real kernel.
+pub struct Netlink {
+    handle: rtnetlink::Handle,
+}
+
+impl Netlink {
+    /// Opens a netlink socket; its connection runs on the current runtime.
+    pub fn connect() -> Result<Self, AddrError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(AddrError::Connect)?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+}
+
+fn host_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
+}
+
+fn is_missing(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EADDRNOTAVAIL || m.raw_code() == -libc::ENODEV)
+}
+
+impl AddrOps for Netlink {
+    async fn interfaces(&self) -> Result<Vec<Interface>, AddrError> {
+        let nl = |what: &str| {
+            let what = what.to_string();
+            move |source| AddrError::Netlink { what, source }
+        };
+        let mut links = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(l) = links.try_next().await.map_err(nl("listing links"))? {
+            let mut iface = Interface {
+                name: String::new(),
+                index: l.header.index,
+                mac: None,
+                up: false,
+                nets: vec![],
+                link_local: None,
+            };
+            for a in &l.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => iface.name = n.clone(),
+                    LinkAttribute::Address(m) if m.len() == 6 => {
+                        iface.mac = Some([m[0], m[1], m[2], m[3], m[4], m[5]])
+                    }
+                    LinkAttribute::OperState(s) => iface.up = *s == State::Up,
+                    _ => {}
+                }
+            }
+            out.push(iface);
+        }
+        for a in self.addresses().await? {
+            if a.ours {
+                continue;
+            }
+            if let Some(i) = out.iter_mut().find(|i| i.index == a.index) {
+                if let IpAddr::V6(v6) = a.ip {
+                    if v6.is_unicast_link_local() {
+                        i.link_local = Some(v6);
+                        continue;
+                    }
+                }
+                if let Ok(net) = IpNet::new(a.ip, a.prefix_len) {
+                    i.nets.push(net);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn addresses(&self) -> Result<Vec<KernelAddr>, AddrError> {
+        let mut addrs = self.handle.address().get().execute();
+        let mut out = Vec::new();
+        while let Some(m) = addrs
+            .try_next()
+            .await
+            .map_err(|source| AddrError::Netlink {
+                what: "listing addresses".into(),
+                source,
+            })?
+        {
+            let mut ip = None;
+            let mut ours = false;
+            let mut valid = u32::MAX;
+            for a in &m.attributes {
+                match a {
+                    AddressAttribute::Address(x) if m.header.family == AddressFamily::Inet6 => {
+                        ip = Some(*x)
+                    }
+                    AddressAttribute::Local(x) => ip = Some(*x),
+                    AddressAttribute::Address(x) if ip.is_none() => ip = Some(*x),
+                    AddressAttribute::Protocol(AddressProtocol::Other(p)) => ours = *p == PROTO,
+                    AddressAttribute::CacheInfo(c) => valid = c.ifa_valid,
+                    _ => {}
+                }
+            }
+            if let Some(ip) = ip {
+                out.push(KernelAddr {
+                    index: m.header.index,
+                    ip,
+                    prefix_len: m.header.prefix_len,
+                    ours,
+                    valid,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn bind(&self, index: u32, ip: IpAddr, valid: Duration) -> Result<(), AddrError> {
+        let mut req = self
+            .handle
+            .address()
+            .add(index, ip, host_prefix(ip))
+            .replace();
+        let msg = req.message_mut();
+        let secs = valid.as_secs().max(1) as u32;
+        let preferred = if ip.is_ipv6() { 0 } else { secs };
+        let mut lifetimes = CacheInfo::default();
+        lifetimes.ifa_preferred = preferred;
+        lifetimes.ifa_valid = secs;
+        msg.attributes.push(AddressAttribute::CacheInfo(lifetimes));
+        msg.attributes
+            .push(AddressAttribute::Protocol(AddressProtocol::Other(PROTO)));
+        if ip.is_ipv6() {
+            msg.header.flags |= AddressHeaderFlags::Nodad;
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        req.execute().await.map_err(|source| AddrError::Netlink {
+            what: format!("binding {ip}/{} to interface {index}", host_prefix(ip)),
+            source,
+        })
+    }
+
+    async fn unbind(&self, index: u32, ip: IpAddr) -> Result<(), AddrError> {
+        let mut req = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(ip)
+            .execute();
+        let found = match req.try_next().await {
+            Ok(m) => m,
+            Err(e) if is_missing(&e) => None,
+            Err(source) => {
+                return Err(AddrError::Netlink {
+                    what: format!("looking up {ip} on interface {index}"),
+                    source,
+                });
+            }
+        };
+        let Some(m) = found else { return Ok(()) };
+        match self.handle.address().del(m).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(source) => Err(AddrError::Netlink {
+                what: format!("removing {ip} from interface {index}"),
+                source,
+            }),
+        }
+    }
+}
