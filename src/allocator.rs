@@ -145,15 +145,15 @@ pub fn allocate(
     for (i, s) in handled.iter().enumerate() {
         let mut ips = has.remove(&i).unwrap_or_default();
         if s.requested.is_empty() && s.bad_requests.is_empty() {
-            if let Some(p) = &s.pool {
-                if pools.get(p).is_none() {
-                    refuse(
-                        &mut out,
-                        s,
-                        "UnknownPool",
-                        format!("IPPool {p:?} does not exist or is invalid"),
-                    );
-                }
+            if let Some(p) = &s.pool
+                && pools.get(p).is_none()
+            {
+                refuse(
+                    &mut out,
+                    s,
+                    "UnknownPool",
+                    format!("IPPool {p:?} does not exist or is invalid"),
+                );
             }
             for (want, v4) in [(s.want_v4, true), (s.want_v6, false)] {
                 if !want || ips.iter().any(|ip| ip.is_ipv4() == v4) {

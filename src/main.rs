@@ -1,29 +1,45 @@
-//! `l2speaker`: parses flags, sets up logging, runs the speaker until SIGTERM.
+//! `l2speaker`: parses flags, sets up logging, runs the speaker until SIGTERM or Ctrl-C.
 
 use clap::Parser;
-
-/// Floating IPs for Kubernetes LoadBalancer Services on L2 networks.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    /// This node's name (from the downward API: spec.nodeName).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
-    /// The namespace holding the speaker's Leases.
-    #[arg(long, env = "L2SPEAKER_NAMESPACE", default_value = "l2speaker-system")]
-    namespace: String,
-}
+use l2speaker::config::{Config, LogFormat};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
-    tracing_subscriber::fmt().init();
-    tracing::info!(node = %args.node_name, namespace = %args.namespace, "l2speaker starting");
-    match kube::Client::try_default().await {
-        Ok(_) => std::process::ExitCode::SUCCESS,
+    let config = Config::parse();
+    if let Err(e) = config.validate() {
+        eprintln!("l2speaker: error: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("l2speaker: error: connecting to the API server: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match l2speaker::speaker::run(config, client, shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("l2speaker: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }

@@ -208,10 +208,10 @@ fn validate(p: &PoolInput<'_>, older: &[Pool]) -> Result<Pool, String> {
             }
         }
     }
-    if let Some(i) = &p.spec.interface {
-        if i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
-            return Err(format!("spec.interface {i:?} is not an interface name"));
-        }
+    if let Some(i) = &p.spec.interface
+        && (i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace))
+    {
+        return Err(format!("spec.interface {i:?} is not an interface name"));
     }
     Ok(Pool {
         name: p.name.to_string(),
@@ -325,5 +325,29 @@ mod tests {
         let p = &pools.pools[0];
         assert!(p.selects(&[("zone".to_string(), "a".to_string())].into()));
         assert!(!p.selects(&BTreeMap::new()));
+    }
+}
+
+#[cfg(test)]
+mod manifest {
+    use kube::CustomResourceExt;
+
+    /// The CRD in manifests/ is generated from the Rust type: this keeps them equal.
+    /// `UPDATE_MANIFESTS=1 cargo test` rewrites it.
+    #[test]
+    fn the_checked_in_crd_matches_the_type() {
+        let generated = format!(
+            "# Generated from src/pool.rs by `UPDATE_MANIFESTS=1 cargo test`.\n{}",
+            serde_yaml::to_string(&super::IPPool::crd()).unwrap()
+        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/crd.yaml");
+        if std::env::var_os("UPDATE_MANIFESTS").is_some() {
+            std::fs::write(path, &generated).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert_eq!(
+            on_disk, generated,
+            "manifests/crd.yaml is stale: run UPDATE_MANIFESTS=1 cargo test"
+        );
     }
 }

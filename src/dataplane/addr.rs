@@ -138,11 +138,11 @@ impl AddrOps for Netlink {
                 continue;
             }
             if let Some(i) = out.iter_mut().find(|i| i.index == a.index) {
-                if let IpAddr::V6(v6) = a.ip {
-                    if v6.is_unicast_link_local() {
-                        i.link_local = Some(v6);
-                        continue;
-                    }
+                if let IpAddr::V6(v6) = a.ip
+                    && v6.is_unicast_link_local()
+                {
+                    i.link_local = Some(v6);
+                    continue;
                 }
                 if let Ok(net) = IpNet::new(a.ip, a.prefix_len) {
                     i.nets.push(net);

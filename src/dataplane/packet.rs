@@ -27,6 +27,14 @@ const BROADCAST: Mac = [0xff; 6];
 const ALL_NODES_MAC: Mac = [0x33, 0x33, 0, 0, 0, 1];
 const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 
+/// `02:00:00:00:00:11`.
+pub fn format_mac(m: &Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 fn mac(m: Mac) -> MacAddr {
     MacAddr::new(m[0], m[1], m[2], m[3], m[4], m[5])
 }

@@ -1,0 +1,156 @@
+//! The speaker's configuration: flags, each with an environment twin.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Floating IPs for Kubernetes LoadBalancer Services on L2 networks.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+pub struct Config {
+    /// This node's name (from the downward API: spec.nodeName). Required.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The namespace holding the speaker's Leases.
+    #[arg(long, env = "L2SPEAKER_NAMESPACE", default_value = "l2speaker-system")]
+    pub namespace: String,
+    /// Lease duration in whole seconds: how long a silent owner keeps an IP.
+    #[arg(long, env = "L2SPEAKER_LEASE_DURATION", default_value = "3", value_parser = parse_seconds)]
+    pub lease_duration: Duration,
+    /// How often the owner renews, in milliseconds.
+    #[arg(long, env = "L2SPEAKER_RENEW_INTERVAL", default_value = "1000", value_parser = parse_millis)]
+    pub renew_interval: Duration,
+    /// An owner that could not renew for this long (ms) withdraws the IP (self-fencing).
+    /// Must be below the lease duration, so it withdraws before anyone may take over.
+    #[arg(long, env = "L2SPEAKER_RENEW_DEADLINE", default_value = "2000", value_parser = parse_millis)]
+    pub renew_deadline: Duration,
+    /// The `spec.loadBalancerClass` this speaker serves.
+    #[arg(
+        long,
+        env = "L2SPEAKER_LOAD_BALANCER_CLASS",
+        default_value = "l2speaker.io/l2"
+    )]
+    pub load_balancer_class: String,
+    /// Also serve LoadBalancer Services that name no class.
+    #[arg(long, env = "L2SPEAKER_CLAIM_UNCLASSED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub claim_unclassed: bool,
+    /// Program DNAT to the Service's endpoints (off: another component, e.g. kube-proxy, does it).
+    #[arg(long, env = "L2SPEAKER_DNAT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dnat: bool,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "L2SPEAKER_METRICS_ADDRESS",
+        default_value = "0.0.0.0:9473"
+    )]
+    pub metrics_address: SocketAddr,
+    #[arg(long, env = "L2SPEAKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number of seconds"))?;
+    if n == 0 {
+        return Err("must be at least 1 second".into());
+    }
+    Ok(Duration::from_secs(n))
+}
+
+fn parse_millis(s: &str) -> Result<Duration, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number of milliseconds"))?;
+    if n == 0 {
+        return Err("must be above 0".into());
+    }
+    Ok(Duration::from_millis(n))
+}
+
+impl Config {
+    /// Checks what clap cannot: the timings' order and the node name.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_name.trim().is_empty() {
+            return Err(
+                "--node-name (NODE_NAME) is empty: set it from the downward API (spec.nodeName)"
+                    .into(),
+            );
+        }
+        if !(self.renew_interval < self.renew_deadline && self.renew_deadline < self.lease_duration)
+        {
+            return Err(format!(
+                "need renew interval ({:?}) < renew deadline ({:?}) < lease duration ({:?})",
+                self.renew_interval, self.renew_deadline, self.lease_duration
+            ));
+        }
+        Ok(())
+    }
+
+    /// The valid lifetime given to a bound VIP: the renew deadline, rounded up to whole
+    /// seconds, so a dead speaker's address is gone by the time its Lease can be taken.
+    pub fn address_lifetime(&self) -> Duration {
+        Duration::from_secs(self.renew_deadline.as_millis().div_ceil(1000) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut all = vec!["l2speaker"];
+        all.extend_from_slice(args);
+        let c = Config::try_parse_from(all).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn defaults_and_the_fast_profile_are_valid() {
+        let c = parse(&["--node-name", "node-1"]).unwrap();
+        assert_eq!(
+            (c.lease_duration, c.renew_interval, c.renew_deadline),
+            (
+                Duration::from_secs(3),
+                Duration::from_secs(1),
+                Duration::from_secs(2)
+            )
+        );
+        assert_eq!(c.address_lifetime(), Duration::from_secs(2));
+        let f = parse(&[
+            "--node-name",
+            "n",
+            "--lease-duration",
+            "1",
+            "--renew-interval",
+            "250",
+            "--renew-deadline",
+            "750",
+        ])
+        .unwrap();
+        assert_eq!(f.address_lifetime(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn timings_out_of_order_or_a_missing_node_name_are_refused() {
+        assert!(
+            parse(&["--node-name", "n", "--renew-deadline", "3000"])
+                .unwrap_err()
+                .contains("renew deadline")
+        );
+        assert!(
+            parse(&["--node-name", " "])
+                .unwrap_err()
+                .contains("NODE_NAME")
+        );
+        assert!(parse(&["--node-name", "n", "--lease-duration", "0"]).is_err());
+    }
+}

@@ -1,0 +1,188 @@
+//! Prometheus metrics, and the HTTP endpoints that serve them with health and readiness.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
+use crate::dataplane::{DataplaneError, Sent};
+use crate::election::VipView;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    owned: Gauge<i64, AtomicI64>,
+    acquisitions: Counter,
+    losses: Counter,
+    renew_failures: Counter,
+    announcements: Family<KindLabel, Counter>,
+    dataplane_errors: Family<KindLabel, Counter>,
+    failover: Histogram,
+    /// Takeovers in progress: when the previous owner's Lease was seen to expire.
+    takeovers: Mutex<HashMap<IpAddr, Instant>>,
+    pub ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("l2speaker");
+        let owned = Gauge::default();
+        registry.register(
+            "owned_ips",
+            "Floating IPs this node owns now",
+            owned.clone(),
+        );
+        let acquisitions = Counter::default();
+        registry.register("lease_acquisitions", "Leases taken", acquisitions.clone());
+        let losses = Counter::default();
+        registry.register(
+            "lease_losses",
+            "Leases lost to another node while we held them",
+            losses.clone(),
+        );
+        let renew_failures = Counter::default();
+        registry.register(
+            "lease_renew_failures",
+            "Lease renewals that failed",
+            renew_failures.clone(),
+        );
+        let announcements = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "announcements",
+            "Announcement frames sent, by kind",
+            announcements.clone(),
+        );
+        let dataplane_errors = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "dataplane_errors",
+            "Dataplane operations that failed, by kind",
+            dataplane_errors.clone(),
+        );
+        let failover = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
+        registry.register(
+            "failover_seconds",
+            "From the previous owner's Lease seen expired (or released) to our first announcement",
+            failover.clone(),
+        );
+        Metrics {
+            registry,
+            owned,
+            acquisitions,
+            losses,
+            renew_failures,
+            announcements,
+            dataplane_errors,
+            failover,
+            takeovers: Mutex::new(HashMap::new()),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_owned(&self, n: usize) {
+        self.owned.set(n as i64);
+    }
+
+    /// A Lease taken; if it was someone else's, a failover is timed to the first announcement.
+    pub fn lease_acquired(&self, ip: IpAddr, view: &VipView) {
+        self.acquisitions.inc();
+        if let Some((seen, _)) = &view.lease {
+            let start = if seen.holder.is_none() {
+                seen.since
+            } else {
+                seen.expires_at()
+            };
+            self.takeovers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ip, start);
+        }
+    }
+
+    pub fn lease_lost(&self) {
+        self.losses.inc();
+    }
+
+    pub fn renew_failed(&self) {
+        self.renew_failures.inc();
+    }
+
+    pub fn announced(&self, ip: IpAddr, sent: Sent, first: bool) {
+        for (kind, n) in [
+            ("arp_request", sent.arp_request),
+            ("arp_reply", sent.arp_reply),
+            ("na", sent.na),
+        ] {
+            if n > 0 {
+                self.announcements
+                    .get_or_create(&KindLabel { kind: kind.into() })
+                    .inc_by(n as u64);
+            }
+        }
+        if first
+            && let Some(start) = self
+                .takeovers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&ip)
+        {
+            self.failover.observe(start.elapsed().as_secs_f64());
+        }
+    }
+
+    pub fn dataplane_error(&self, e: &DataplaneError) {
+        self.dataplane_errors
+            .get_or_create(&KindLabel {
+                kind: e.metric_label().into(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves /metrics, /healthz and /readyz until the process ends.
+pub async fn serve(addr: SocketAddr, metrics: std::sync::Arc<Metrics>) -> std::io::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let m1 = metrics.clone();
+    let app = axum::Router::new()
+        .route("/metrics", get(move || async move { m1.encode() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if metrics.ready.load(Ordering::SeqCst) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "caches not synced or dataplane not programmed yet",
+                    )
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}

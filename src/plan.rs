@@ -1,0 +1,370 @@
+//! Pure decisions a speaker takes from its caches: which IPs are VIPs, whether this node may
+//! announce one and on which interface, who goes first, and where the traffic goes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::dataplane::addr::Interface;
+use crate::dataplane::nft::{Endpoint, PortMap};
+use crate::pool::{Pool, Pools};
+use crate::service::ServiceInfo;
+
+/// Nodes with this label never announce (the Kubernetes convention).
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// The VIPs to announce: assigned IPs of our Services that lie in a valid pool (anything
+/// else in a status is ignored, whoever wrote it). One Service per IP: the oldest.
+pub fn vips<'a>(
+    services: &'a [ServiceInfo],
+    pools: &'a Pools,
+) -> BTreeMap<IpAddr, (&'a ServiceInfo, &'a Pool)> {
+    let mut sorted: Vec<&ServiceInfo> = services.iter().collect();
+    sorted.sort_by(|a, b| (&a.created, &a.key).cmp(&(&b.created, &b.key)));
+    let mut out = BTreeMap::new();
+    for s in sorted {
+        for ip in &s.assigned {
+            if let Some(pool) = pools.pool_of(*ip) {
+                out.entry(*ip).or_insert((s, pool));
+            }
+        }
+    }
+    out
+}
+
+/// The interface to announce `ip` on: the pool's, or the one whose subnet holds it. It must
+/// be up (carrier): an owner without a working link must not keep the IP.
+pub fn interface_for(ip: IpAddr, pool: &Pool, ifaces: &[Interface]) -> Result<Interface, String> {
+    let found = match &pool.interface {
+        Some(name) => ifaces.iter().find(|i| &i.name == name).ok_or_else(|| {
+            format!(
+                "pool {} names interface {name}, which this node lacks",
+                pool.name
+            )
+        })?,
+        None => ifaces
+            .iter()
+            .find(|i| i.holds(ip))
+            .ok_or_else(|| format!("no interface on a subnet holding {ip}"))?,
+    };
+    if !found.up {
+        return Err(format!("interface {} is down", found.name));
+    }
+    if found.mac.is_none() {
+        return Err(format!("interface {} has no MAC address", found.name));
+    }
+    Ok(found.clone())
+}
+
+/// Whether a node may announce the IPs of `pool` for `svc` (its labels; for
+/// `externalTrafficPolicy: Local`, a ready endpoint on it).
+pub fn node_may_announce(
+    node: &str,
+    labels: &BTreeMap<String, String>,
+    pool: &Pool,
+    svc: &ServiceInfo,
+    slices: &[&EndpointSlice],
+) -> Result<(), String> {
+    if labels.contains_key(EXCLUDE_LABEL) {
+        return Err(format!("node is labelled {EXCLUDE_LABEL}"));
+    }
+    if !pool.selects(labels) {
+        return Err(format!(
+            "pool {}'s node selector does not match the node",
+            pool.name
+        ));
+    }
+    if svc.local_traffic && !ready_nodes(slices).contains(node) {
+        return Err("externalTrafficPolicy is Local and no ready endpoint runs here".into());
+    }
+    Ok(())
+}
+
+/// The EndpointSlices of a Service.
+pub fn slices_of<'a>(
+    svc: &ServiceInfo,
+    all: &'a [std::sync::Arc<EndpointSlice>],
+) -> Vec<&'a EndpointSlice> {
+    all.iter()
+        .filter(|s| {
+            s.metadata.namespace.as_deref() == Some(svc.namespace.as_str())
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    == Some(&svc.name)
+        })
+        .map(|s| s.as_ref())
+        .collect()
+}
+
+fn ready(ep: &k8s_openapi::api::discovery::v1::Endpoint) -> bool {
+    ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
+}
+
+/// Nodes running a ready endpoint.
+pub fn ready_nodes(slices: &[&EndpointSlice]) -> BTreeSet<String> {
+    slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| ready(e))
+        .filter_map(|e| e.node_name.clone())
+        .collect()
+}
+
+/// Where the VIP's ports lead: ready endpoints of the VIP's family (only this node's for
+/// `externalTrafficPolicy: Local`), matched to the Service's ports by port name.
+pub fn port_maps(
+    vip: IpAddr,
+    svc: &ServiceInfo,
+    slices: &[&EndpointSlice],
+    me: &str,
+) -> Vec<PortMap> {
+    let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
+    svc.ports
+        .iter()
+        .map(|sp| {
+            let mut endpoints = BTreeSet::new();
+            for s in slices.iter().filter(|s| s.address_type == family) {
+                let Some(port) = s
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.clone().unwrap_or_default() == sp.name)
+                    .and_then(|p| p.port)
+                else {
+                    continue;
+                };
+                for e in s.endpoints.iter().filter(|e| ready(e)) {
+                    let local = e.node_name.as_deref() == Some(me);
+                    if svc.local_traffic && !local {
+                        continue;
+                    }
+                    for a in &e.addresses {
+                        if let (Ok(ip), Ok(port)) = (a.parse::<IpAddr>(), u16::try_from(port)) {
+                            endpoints.insert(Endpoint { ip, port, local });
+                        }
+                    }
+                }
+            }
+            PortMap {
+                protocol: sp.protocol,
+                port: sp.port,
+                endpoints: endpoints.into_iter().collect(),
+            }
+        })
+        .collect()
+}
+
+fn rendezvous(ip: IpAddr, node: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (ip, node).hash(&mut h);
+    h.finish()
+}
+
+/// The order in which `candidates` try to take the VIP with index `index` among all VIPs:
+/// first the node picked round-robin (an even spread when all start together), then the rest
+/// by rendezvous hash (so a dead node's VIPs spread over the survivors). `holder`, the node
+/// that holds the Lease now, is left out: the order is for who takes over.
+pub fn ranking(
+    ip: IpAddr,
+    index: usize,
+    candidates: &BTreeSet<String>,
+    holder: Option<&str>,
+) -> Vec<String> {
+    let cands: Vec<&String> = candidates
+        .iter()
+        .filter(|c| Some(c.as_str()) != holder)
+        .collect();
+    if cands.is_empty() {
+        return vec![];
+    }
+    let first = cands[index % cands.len()].clone();
+    let mut rest: Vec<&String> = cands.into_iter().filter(|c| **c != first).collect();
+    rest.sort_by_key(|c| (rendezvous(ip, c), c.as_str()));
+    std::iter::once(first)
+        .chain(rest.into_iter().cloned())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{IPPoolSpec, PoolInput};
+    use crate::service::{Protocol, ServicePort};
+    use serde_json::json;
+
+    fn pools() -> Pools {
+        let s = IPPoolSpec {
+            addresses: vec!["192.0.2.200/29".into(), "2001:db8::200/125".into()],
+            ..Default::default()
+        };
+        Pools::build(vec![PoolInput {
+            name: "lan",
+            age_key: "1".into(),
+            spec: &s,
+        }])
+    }
+
+    fn svc(local: bool, assigned: &[&str]) -> ServiceInfo {
+        ServiceInfo {
+            key: "default/web".into(),
+            namespace: "default".into(),
+            name: "web".into(),
+            uid: String::new(),
+            created: "1".into(),
+            load_balancer: true,
+            class: None,
+            requested: vec![],
+            bad_requests: vec![],
+            pool: None,
+            want_v4: true,
+            want_v6: true,
+            assigned: assigned.iter().map(|s| s.parse().unwrap()).collect(),
+            local_traffic: local,
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+            }],
+        }
+    }
+
+    fn slice() -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["198.51.100.18"], "nodeName": "node-1", "conditions": {"ready": true}},
+                {"addresses": ["198.51.100.34"], "nodeName": "node-2"},
+                {"addresses": ["198.51.100.35"], "nodeName": "node-2", "conditions": {"ready": false}},
+            ]}))
+        .unwrap()
+    }
+
+    fn iface(name: &str, net: &str, up: bool) -> Interface {
+        Interface {
+            name: name.into(),
+            index: 2,
+            mac: Some([2, 0, 0, 0, 0, 1]),
+            up,
+            nets: vec![net.parse().unwrap()],
+            link_local: None,
+        }
+    }
+
+    #[test]
+    fn only_pool_addresses_of_our_services_are_vips() {
+        let p = pools();
+        let s = [svc(false, &["192.0.2.201", "203.0.113.9", "2001:db8::201"])];
+        let v = vips(&s, &p);
+        assert_eq!(
+            v.keys().map(|k| k.to_string()).collect::<Vec<_>>(),
+            ["192.0.2.201", "2001:db8::201"]
+        );
+    }
+
+    #[test]
+    fn the_interface_is_the_one_on_the_vips_subnet_and_must_be_up() {
+        let p = &pools().pools[0];
+        let ifs = [
+            iface("eth1", "198.51.100.1/24", true),
+            iface("eth0", "192.0.2.11/24", true),
+        ];
+        assert_eq!(
+            interface_for("192.0.2.201".parse().unwrap(), p, &ifs)
+                .unwrap()
+                .name,
+            "eth0"
+        );
+        assert!(
+            interface_for("2001:db8::201".parse().unwrap(), p, &ifs)
+                .unwrap_err()
+                .contains("no interface")
+        );
+        let down = [iface("eth0", "192.0.2.11/24", false)];
+        assert_eq!(
+            interface_for("192.0.2.201".parse().unwrap(), p, &down).unwrap_err(),
+            "interface eth0 is down"
+        );
+        let mut named = p.clone();
+        named.interface = Some("eth1".into());
+        assert_eq!(
+            interface_for("192.0.2.201".parse().unwrap(), &named, &ifs)
+                .unwrap()
+                .name,
+            "eth1"
+        );
+    }
+
+    #[test]
+    fn excluded_nodes_and_nodes_without_local_endpoints_may_not_announce() {
+        let p = &pools().pools[0];
+        let sl = slice();
+        let slices = [&sl];
+        let excluded: BTreeMap<String, String> =
+            [(EXCLUDE_LABEL.to_string(), String::new())].into();
+        assert!(node_may_announce("node-1", &excluded, p, &svc(false, &[]), &slices).is_err());
+        assert!(
+            node_may_announce("node-3", &BTreeMap::new(), p, &svc(false, &[]), &slices).is_ok()
+        );
+        assert!(
+            node_may_announce("node-3", &BTreeMap::new(), p, &svc(true, &[]), &slices).is_err()
+        );
+        assert!(node_may_announce("node-2", &BTreeMap::new(), p, &svc(true, &[]), &slices).is_ok());
+    }
+
+    #[test]
+    fn port_maps_use_ready_endpoints_and_only_local_ones_for_local_traffic() {
+        let sl = slice();
+        let vip = "192.0.2.201".parse().unwrap();
+        let maps = port_maps(vip, &svc(false, &[]), &[&sl], "node-1");
+        let eps: Vec<(String, u16, bool)> = maps[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.ip.to_string(), e.port, e.local))
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                ("198.51.100.18".into(), 8080, true),
+                ("198.51.100.34".into(), 8080, false)
+            ]
+        );
+        let local = port_maps(vip, &svc(true, &[]), &[&sl], "node-2");
+        assert_eq!(local[0].endpoints.len(), 1);
+        assert!(
+            port_maps(
+                "2001:db8::201".parse().unwrap(),
+                &svc(false, &[]),
+                &[&sl],
+                "node-1"
+            )[0]
+            .endpoints
+            .is_empty(),
+            "no IPv6 slice"
+        );
+    }
+
+    #[test]
+    fn ranking_spreads_round_robin_and_skips_the_holder() {
+        let nodes: BTreeSet<String> = ["node-1", "node-2", "node-3"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let ip = "192.0.2.200".parse().unwrap();
+        let firsts: Vec<String> = (0..6)
+            .map(|i| ranking(ip, i, &nodes, None)[0].clone())
+            .collect();
+        assert_eq!(
+            firsts,
+            ["node-1", "node-2", "node-3", "node-1", "node-2", "node-3"]
+        );
+        let r = ranking(ip, 0, &nodes, Some("node-1"));
+        assert_eq!(r.len(), 2);
+        assert!(!r.contains(&"node-1".to_string()));
+    }
+}
