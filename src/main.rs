@@ -13,7 +13,14 @@ async fn main() -> std::process::ExitCode {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            tracing_subscriber::fmt()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .with_env_filter(filter)
+                .init()
+        }
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)

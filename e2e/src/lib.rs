@@ -7,3 +7,4 @@
 pub mod apiserver;
 pub mod kubectl;
 pub mod lab;
+pub mod testbed;

@@ -130,9 +130,9 @@ pub fn render(entries: &[Dnat]) -> String {
     let lookup = "\t\tip daddr . meta l4proto . th dport vmap @vips4\n\t\tip6 daddr . meta l4proto . th dport vmap @vips6\n";
     format!(
         "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n{}{}\
-         \tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n{lookup}\t}}\n\
-         \tchain output {{\n\t\ttype nat hook output priority dstnat; policy accept;\n{lookup}\t}}\n\
-         \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \tchain prerouting {{\n\t\ttype nat hook prerouting priority -100; policy accept;\n{lookup}\t}}\n\
+         \tchain output {{\n\t\ttype nat hook output priority -100; policy accept;\n{lookup}\t}}\n\
+         \tchain postrouting {{\n\t\ttype nat hook postrouting priority 100; policy accept;\n\
          \t\tmeta mark & {MASQ_MARK:#010x} == {MASQ_MARK:#010x} masquerade\n\t}}\n{chains}}}\n",
         map("vips4", "ipv4_addr", &elements4),
         map("vips6", "ipv6_addr", &elements6),
@@ -242,17 +242,17 @@ table inet l2speaker {
 \t\telements = { 2001:db8::200 . udp . 53 : goto vip_2001_db8__200_udp_53 }
 \t}
 \tchain prerouting {
-\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\ttype nat hook prerouting priority -100; policy accept;
 \t\tip daddr . meta l4proto . th dport vmap @vips4
 \t\tip6 daddr . meta l4proto . th dport vmap @vips6
 \t}
 \tchain output {
-\t\ttype nat hook output priority dstnat; policy accept;
+\t\ttype nat hook output priority -100; policy accept;
 \t\tip daddr . meta l4proto . th dport vmap @vips4
 \t\tip6 daddr . meta l4proto . th dport vmap @vips6
 \t}
 \tchain postrouting {
-\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\ttype nat hook postrouting priority 100; policy accept;
 \t\tmeta mark & 0x00002000 == 0x00002000 masquerade
 \t}
 \tchain vip_192_0_2_200_tcp_80 {

@@ -150,6 +150,33 @@ pub fn builtin() -> Vec<ResourceType> {
     let mut ev2 = ResourceType::builtin("events.k8s.io", "v1", "events", "Event", true, &["ev"]);
     ev2.store = EVENTS_STORE.into();
     v.push(ev2);
+    // What the project's own manifests contain, so `kubectl apply -f manifests/` works.
+    v.push(ResourceType::builtin(
+        "",
+        "v1",
+        "serviceaccounts",
+        "ServiceAccount",
+        true,
+        &["sa"],
+    ));
+    let mut ds = ResourceType::builtin("apps", "v1", "daemonsets", "DaemonSet", true, &["ds"]);
+    ds.status_subresource = true;
+    v.push(ds);
+    for (plural, kind, namespaced) in [
+        ("clusterroles", "ClusterRole", false),
+        ("clusterrolebindings", "ClusterRoleBinding", false),
+        ("roles", "Role", true),
+        ("rolebindings", "RoleBinding", true),
+    ] {
+        v.push(ResourceType::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            plural,
+            kind,
+            namespaced,
+            &[],
+        ));
+    }
     let mut crd = ResourceType::builtin(
         "apiextensions.k8s.io",
         "v1",

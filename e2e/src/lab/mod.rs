@@ -20,6 +20,7 @@
 //!
 //! Documentation ranges only: 192.0.2.0/24, 198.51.100.0/24, 2001:db8::/32.
 
+pub mod arp;
 pub mod echo;
 pub mod netns;
 pub mod probe;

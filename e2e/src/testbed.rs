@@ -1,0 +1,340 @@
+//! A cluster in the lab: the test API server, Nodes, the CRD and a pool applied with the
+//! real kubectl, one `l2speaker` process per node, and helpers to see what the kernel and the
+//! API say about each VIP.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Service;
+use kube::Api;
+
+use crate::kubectl::Kubectl;
+use crate::lab::{Lab, LabConfig, Pod, Proc, arp, netns};
+
+pub const NAMESPACE: &str = "l2speaker-system";
+/// The pool every testbed starts with: inside the LAN subnet.
+pub const POOL: &str = "apiVersion: l2speaker.io/v1alpha1
+kind: IPPool
+metadata:
+  name: lan
+spec:
+  addresses:
+  - 192.0.2.200-192.0.2.250
+  - 2001:db8::200/120
+";
+
+/// Lease timing given to the speakers.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub lease_seconds: u64,
+    pub renew_ms: u64,
+    pub deadline_ms: u64,
+}
+
+impl Timing {
+    pub const DEFAULT: Timing = Timing {
+        lease_seconds: 3,
+        renew_ms: 1000,
+        deadline_ms: 2000,
+    };
+    pub const FAST: Timing = Timing {
+        lease_seconds: 1,
+        renew_ms: 250,
+        deadline_ms: 750,
+    };
+}
+
+pub struct Testbed {
+    pub lab: Lab,
+    pub kubectl: Kubectl,
+    pub client: kube::Client,
+    pub timing: Timing,
+    speakers: Mutex<BTreeMap<String, Arc<Proc>>>,
+    lab_kubeconfig: PathBuf,
+    speaker_bin: PathBuf,
+}
+
+/// The `l2speaker` binary next to the test binaries (`scripts/test.sh` builds the whole
+/// workspace first).
+pub fn speaker_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("a target dir");
+    let bin = dir.join("l2speaker");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace first (`cargo build --workspace`; scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+pub fn lab_bin() -> PathBuf {
+    speaker_bin().with_file_name("l2s-lab")
+}
+
+/// Polls `f` every 20 ms until it returns Some, or panics after `timeout` naming `what`.
+pub async fn eventually<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Testbed {
+    /// Builds the lab (`pods_per_node`), registers the nodes, the CRD, the namespace and the
+    /// pool, and starts a speaker on every node.
+    pub async fn new(pods_per_node: Vec<usize>, timing: Timing) -> Testbed {
+        let tb = Self::without_speakers(pods_per_node, timing).await;
+        for n in tb.node_names() {
+            tb.start_speaker(&n);
+        }
+        tb
+    }
+
+    pub async fn without_speakers(pods_per_node: Vec<usize>, timing: Timing) -> Testbed {
+        let config = LabConfig::new(lab_bin(), pods_per_node);
+        let lab = tokio::task::spawn_blocking(move || Lab::new(config))
+            .await
+            .unwrap()
+            .expect("the lab comes up (run as root)");
+        let api = lab.api.as_ref().expect("the lab serves the API");
+        let kubectl = Kubectl::new(&api.local_url).expect("kubectl is installed");
+        let client = crate::apiserver::client(&api.local_url).unwrap();
+        let lab_kubeconfig = lab.log_dir().join("kubeconfig-lab");
+        std::fs::write(&lab_kubeconfig, crate::apiserver::kubeconfig(&api.lab_url)).unwrap();
+        let manifests = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests");
+        for f in ["namespace.yaml", "crd.yaml"] {
+            kubectl
+                .run(&["apply", "-f", &format!("{manifests}/{f}")])
+                .await
+                .ok();
+        }
+        let mut nodes = String::new();
+        for h in lab.nodes() {
+            nodes.push_str(&format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels: {{kubernetes.io/hostname: {}}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {}}}\n  - {{type: InternalIP, address: \"{}\"}}\n",
+                h.node_name(),
+                h.node_name(),
+                h.ipv4,
+                h.ipv6
+            ));
+        }
+        kubectl
+            .run_with_stdin(&["create", "-f", "-"], Some(&nodes))
+            .await
+            .ok();
+        kubectl
+            .run_with_stdin(&["apply", "-f", "-"], Some(POOL))
+            .await
+            .ok();
+        Testbed {
+            lab,
+            kubectl,
+            client,
+            timing,
+            speakers: Mutex::new(BTreeMap::new()),
+            lab_kubeconfig,
+            speaker_bin: speaker_bin(),
+        }
+    }
+
+    /// `n1`, `n2`, … (lab host names of the nodes).
+    pub fn node_names(&self) -> Vec<String> {
+        self.lab.nodes().map(|h| h.name.clone()).collect()
+    }
+
+    /// Starts (or restarts) the speaker on lab host `host`.
+    pub fn start_speaker(&self, host: &str) -> Arc<Proc> {
+        let h = self.lab.host(host).unwrap().clone();
+        let t = self.timing;
+        let (lease, renew, deadline) = (
+            t.lease_seconds.to_string(),
+            t.renew_ms.to_string(),
+            t.deadline_ms.to_string(),
+        );
+        let kubeconfig = self.lab_kubeconfig.to_string_lossy().to_string();
+        let n = self.speakers.lock().unwrap().len();
+        let p = self
+            .lab
+            .spawn(
+                host,
+                &format!("speaker-{host}-{n}"),
+                &self.speaker_bin,
+                &[
+                    "--lease-duration",
+                    &lease,
+                    "--renew-interval",
+                    &renew,
+                    "--renew-deadline",
+                    &deadline,
+                ],
+                &[
+                    ("NODE_NAME", &h.node_name()),
+                    ("KUBECONFIG", &kubeconfig),
+                    ("L2SPEAKER_NAMESPACE", NAMESPACE),
+                    ("RUST_LOG", "info"),
+                ],
+            )
+            .expect("the speaker starts");
+        self.speakers
+            .lock()
+            .unwrap()
+            .insert(host.to_string(), p.clone());
+        p
+    }
+
+    pub fn speaker(&self, host: &str) -> Arc<Proc> {
+        self.speakers.lock().unwrap()[host].clone()
+    }
+
+    /// `kubectl apply -f -`.
+    pub async fn apply(&self, yaml: &str) {
+        self.kubectl
+            .run_with_stdin(&["apply", "-f", "-"], Some(yaml))
+            .await
+            .ok();
+    }
+
+    /// Hosts (`n1`…) that have `ip` bound, from the kernel.
+    pub fn bound_on(&self, ip: IpAddr) -> Vec<String> {
+        let prefix = if ip.is_ipv4() { 32 } else { 128 };
+        self.lab
+            .nodes()
+            .filter(|h| {
+                netns::ip(&h.ns, &["-o", "addr", "show", "dev", "eth0"]).is_ok_and(|out| {
+                    out.split_whitespace()
+                        .any(|w| w == format!("{ip}/{prefix}"))
+                })
+            })
+            .map(|h| h.name.clone())
+            .collect()
+    }
+
+    /// The MACs answering ARP for `ip`, asked from the client.
+    pub fn arp_answers(&self, ip: Ipv4Addr) -> Vec<String> {
+        let c = self.lab.client();
+        arp::who_has(&c.ns, c.ipv4, ip, Duration::from_millis(100)).unwrap()
+    }
+
+    /// The Lease of `ip`, if any.
+    pub async fn lease(&self, ip: IpAddr) -> Option<Lease> {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), NAMESPACE);
+        api.get_opt(&format!("vip-{}", ip.to_string().replace(['.', ':'], "-")))
+            .await
+            .unwrap()
+    }
+
+    pub async fn holder(&self, ip: IpAddr) -> Option<String> {
+        self.lease(ip)
+            .await
+            .and_then(|l| l.spec?.holder_identity)
+            .filter(|h| !h.is_empty())
+    }
+
+    /// The Service's `status.loadBalancer.ingress` IPs, once there are `n`.
+    pub async fn wait_ips(&self, ns: &str, svc: &str, n: usize) -> Vec<IpAddr> {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), ns);
+        eventually(
+            Duration::from_secs(30),
+            &format!("{n} IPs on {ns}/{svc}"),
+            async || {
+                let s = api.get_opt(svc).await.ok()??;
+                let ips: Vec<IpAddr> = s
+                    .status?
+                    .load_balancer?
+                    .ingress?
+                    .iter()
+                    .filter_map(|i| i.ip.as_deref()?.parse().ok())
+                    .collect();
+                (ips.len() == n).then_some(ips)
+            },
+        )
+        .await
+    }
+
+    /// Waits until exactly one node has `ip` bound and its Lease names that node.
+    pub async fn wait_owner(&self, ip: IpAddr) -> String {
+        eventually(
+            Duration::from_secs(30),
+            &format!("one owner of {ip}"),
+            async || {
+                let bound = self.bound_on(ip);
+                let holder = self.holder(ip).await?;
+                let host = self
+                    .lab
+                    .nodes()
+                    .find(|h| h.node_name() == holder)?
+                    .name
+                    .clone();
+                (bound == [host.clone()]).then_some(host)
+            },
+        )
+        .await
+    }
+
+    /// The lab host (`n1`) whose Kubernetes name is `node`.
+    pub fn host_of(&self, node: &str) -> String {
+        self.lab
+            .nodes()
+            .find(|h| h.node_name() == node)
+            .map(|h| h.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// The nft ruleset of a node's speaker table (empty if none).
+    pub fn rules(&self, host: &str) -> String {
+        let ns = self.lab.host(host).unwrap().ns.clone();
+        netns::exec(&ns, "nft", &["list", "table", "inet", "l2speaker"], None).unwrap_or_default()
+    }
+}
+
+/// A LoadBalancer Service `name` on port 80 → 8080, with extra spec lines (indented 2).
+pub fn service(name: &str, extra_spec: &str, annotations: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n  annotations: {{{annotations}}}\nspec:\n  type: LoadBalancer\n  selector: {{app: {name}}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n{extra_spec}"
+    )
+}
+
+/// EndpointSlices (IPv4 and IPv6) putting `pods` behind Service `name`.
+pub fn endpoints(name: &str, pods: &[Pod]) -> String {
+    let mut out = String::new();
+    for (family, suffix) in [("IPv4", "v4"), ("IPv6", "v6")] {
+        let eps: Vec<String> = pods
+            .iter()
+            .map(|p| {
+                let addr = if family == "IPv4" { p.ipv4.to_string() } else { p.ipv6.to_string() };
+                let node = p.node.strip_prefix('n').map(|i| format!("node-{i}")).unwrap_or_default();
+                format!("- addresses: [\"{addr}\"]\n  nodeName: {node}\n  conditions: {{ready: true}}\n  targetRef: {{kind: Pod, name: {}, namespace: default}}\n", p.name)
+            })
+            .collect();
+        out.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{suffix}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: {family}\nports:\n- {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n{}",
+            eps.join("")
+        ));
+    }
+    out
+}
