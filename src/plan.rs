@@ -164,13 +164,13 @@ fn rendezvous(ip: IpAddr, node: &str) -> u64 {
     h.finish()
 }
 
-/// The order in which `candidates` try to take the VIP with index `index` among all VIPs:
+/// The order in which `candidates` try to take the VIP at position `index` in its pool:
 /// first the node picked round-robin (an even spread when all start together), then the rest
 /// by rendezvous hash (so a dead node's VIPs spread over the survivors). `holder`, the node
 /// that holds the Lease now, is left out: the order is for who takes over.
 pub fn ranking(
     ip: IpAddr,
-    index: usize,
+    index: u128,
     candidates: &BTreeSet<String>,
     holder: Option<&str>,
 ) -> Vec<String> {
@@ -181,7 +181,7 @@ pub fn ranking(
     if cands.is_empty() {
         return vec![];
     }
-    let first = cands[index % cands.len()].clone();
+    let first = cands[(index % cands.len() as u128) as usize].clone();
     let mut rest: Vec<&String> = cands.into_iter().filter(|c| **c != first).collect();
     rest.sort_by_key(|c| (rendezvous(ip, c), c.as_str()));
     std::iter::once(first)

@@ -127,6 +127,19 @@ impl Pool {
         self.ranges.iter().any(|r| r.contains(ip))
     }
 
+    /// The position of `ip` among the pool's addresses (ranges in order). The allocator hands
+    /// addresses out from the start, so positions are dense: a good key for spreading.
+    pub fn offset(&self, ip: IpAddr) -> Option<u128> {
+        let mut before: u128 = 0;
+        for r in &self.ranges {
+            if r.contains(ip) {
+                return Some(before + (to_u128(ip) - to_u128(r.first)));
+            }
+            before = before.wrapping_add(to_u128(r.last) - to_u128(r.first) + 1);
+        }
+        None
+    }
+
     /// Whether a node with these labels may announce this pool's IPs.
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
         self.node_selector

@@ -32,8 +32,15 @@ use crate::service::ServiceInfo;
 
 /// The allocator's own Lease: one speaker assigns IPs at a time.
 pub const ALLOCATOR_LEASE: &str = "l2speaker-allocator";
-/// How much later each next-ranked candidate tries to take a free Lease.
+/// How much later each next-ranked candidate tries to take a Lease that was released or
+/// expired (a takeover: the first-ranked candidate is normally alive and goes at once).
 pub const RANK_STEP: Duration = Duration::from_millis(300);
+/// The same for a VIP that has no Lease yet (first placement: not urgent, and speakers that
+/// start together need a moment to see it, so the spread stays even).
+pub const INITIAL_RANK_STEP: Duration = Duration::from_secs(1);
+/// Extra wait before a node that already holds its fair share takes a VIP first meant for
+/// another node (that node's speaker may just be starting).
+pub const FAIR_SHARE_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Shared {
     pub config: Config,
@@ -309,7 +316,16 @@ impl Coordinator {
             self.seen.insert(name.clone(), seen);
         }
 
-        for (index, (ip, (svc, pool))) in vips.iter().enumerate() {
+        let held_here = leases
+            .values()
+            .filter(|l| {
+                l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(me.as_str())
+            })
+            .count();
+        let node_count = nodes.len().max(1);
+        let fair_share = vips.len().div_ceil(node_count);
+        for (ip, (svc, pool)) in vips.iter() {
+            let index = pool.offset(*ip).unwrap_or(0);
             let svc_slices = plan::slices_of(svc, &slices);
             let eligible = plan::node_may_announce(&me, &my_labels, pool, svc, &svc_slices)
                 .and_then(|()| plan::interface_for(*ip, pool, &self.interfaces));
@@ -336,7 +352,14 @@ impl Coordinator {
                 ip: *ip,
                 service: svc.key.clone(),
                 eligible,
-                delay: RANK_STEP * rank as u32,
+                delay: match (&lease, rank) {
+                    (_, 0) => Duration::ZERO,
+                    (None, r) if held_here >= fair_share => {
+                        INITIAL_RANK_STEP * r as u32 + FAIR_SHARE_WAIT
+                    }
+                    (None, r) => INITIAL_RANK_STEP * r as u32,
+                    (Some(_), r) => RANK_STEP * r as u32,
+                },
                 lease,
                 absent_since,
             };

@@ -100,3 +100,373 @@ async fn a_service_gets_a_pool_ip_that_exactly_one_node_answers_for() {
         "the Service's events say who announces:\n{events}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_and_dual_stack_services_get_one_owner_per_address_and_reach_the_pods() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    let all = pods(&tb);
+    tb.apply(&endpoints("v6", &all)).await;
+    tb.apply(&endpoints("ds", &all)).await;
+    tb.apply(&service(
+        "v6",
+        "  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n",
+        "",
+    ))
+    .await;
+    tb.apply(&service(
+        "ds",
+        "  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n",
+        "",
+    ))
+    .await;
+    let v6 = tb.wait_ips("default", "v6", 1).await;
+    assert!(v6[0].is_ipv6());
+    let ds = tb.wait_ips("default", "ds", 2).await;
+    assert!(ds[0].is_ipv4() && ds[1].is_ipv6(), "{ds:?}");
+    let want: BTreeSet<String> = all.iter().map(|p| p.name.clone()).collect();
+    for ip in v6.iter().chain(&ds) {
+        let owner = tb.wait_owner(*ip).await;
+        let answers = reaches(&tb, *ip, &want).await;
+        println!(
+            "{ip}: owner {owner}, answers {:?}",
+            answers.iter().collect::<BTreeSet<_>>()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_service_removes_address_rules_and_lease_everywhere() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    tb.apply(&endpoints("gone", &pods(&tb))).await;
+    tb.apply(&service("gone", "", "")).await;
+    let ip = tb.wait_ips("default", "gone", 1).await[0];
+    let owner = tb.wait_owner(ip).await;
+    assert!(
+        tb.rules(&owner).contains(&ip.to_string()),
+        "the owner has DNAT rules for {ip}"
+    );
+    tb.kubectl.run(&["delete", "svc", "gone"]).await.ok();
+    eventually(
+        Duration::from_secs(20),
+        "address, rules and lease gone",
+        async || {
+            let rules_left = tb
+                .node_names()
+                .iter()
+                .any(|n| tb.rules(n).contains(&ip.to_string()));
+            (tb.bound_on(ip).is_empty() && !rules_left && tb.lease(ip).await.is_none())
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_an_event_and_nothing_is_bound() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    // A careless pool that covers the nodes' own addresses (192.0.2.11-13).
+    tb.apply("apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: careless\nspec:\n  addresses: [192.0.2.8/29]\n  autoAssign: false\n").await;
+    tb.apply(&endpoints("outside", &pods(&tb))).await;
+    tb.apply(&service("outside", "  loadBalancerIP: 203.0.113.7\n", ""))
+        .await;
+    tb.apply(&service(
+        "nodeip",
+        "",
+        "l2speaker.io/load-balancer-ips: 192.0.2.11",
+    ))
+    .await;
+    // a Service that is fine, so we know the allocator has run
+    tb.apply(&service("fine", "", "")).await;
+    tb.wait_ips("default", "fine", 1).await;
+    for (svc, reason) in [("outside", "IPNotInPool"), ("nodeip", "IPIsNodeAddress")] {
+        let out = eventually(
+            Duration::from_secs(20),
+            &format!("a {reason} event on {svc}"),
+            async || {
+                let out = tb.kubectl.run(&["describe", "svc", svc]).await.ok();
+                out.contains(reason).then_some(out)
+            },
+        )
+        .await;
+        assert!(out.contains("Warning"), "{out}");
+        let ips = tb
+            .kubectl
+            .run(&[
+                "get",
+                "svc",
+                svc,
+                "-o",
+                "jsonpath={.status.loadBalancer.ingress}",
+            ])
+            .await
+            .ok();
+        assert_eq!(ips, "", "{svc} got no IP");
+    }
+    for ip in ["203.0.113.7", "192.0.2.11"] {
+        let ip: IpAddr = ip.parse().unwrap();
+        assert!(tb.lease(ip).await.is_none(), "no lease for {ip}");
+        let extra: Vec<String> = tb
+            .bound_on(ip)
+            .into_iter()
+            .filter(|h| tb.lab.host(h).unwrap().ipv4.to_string() != ip.to_string())
+            .collect();
+        assert!(extra.is_empty(), "{ip} bound on {extra:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_traffic_policy_puts_the_ip_on_a_node_with_a_local_endpoint_and_keeps_the_client_address()
+ {
+    let tb = Testbed::new(vec![1, 0, 0], Timing::DEFAULT).await;
+    tb.apply(&endpoints("local", &pods(&tb))).await;
+    tb.apply(&service("local", "  externalTrafficPolicy: Local\n", ""))
+        .await;
+    let ip = tb.wait_ips("default", "local", 1).await[0];
+    let owner = tb.wait_owner(ip).await;
+    assert_eq!(owner, "n1", "only n1 runs an endpoint");
+    let answer = tb.lab.connect("client", SocketAddr::new(ip, 80)).unwrap();
+    assert_eq!(
+        answer,
+        format!("n1-p0 {}", tb.lab.client().ipv4),
+        "the pod sees the client's own address"
+    );
+}
+
+use l2speaker_e2e::lab::probe::{ProbeConfig, Prober, Timeline};
+
+/// A Service over every pod, its IP and its owner.
+async fn web(tb: &Testbed, name: &str) -> (IpAddr, String) {
+    tb.apply(&endpoints(name, &pods(tb))).await;
+    tb.apply(&service(name, "", "")).await;
+    let ip = tb.wait_ips("default", name, 1).await[0];
+    let owner = tb.wait_owner(ip).await;
+    (ip, owner)
+}
+
+fn report(what: &str, t: &Timeline, after: Duration) -> Duration {
+    let outage = t
+        .outages()
+        .into_iter()
+        .filter(|o| o.end > after)
+        .map(|o| o.duration())
+        .max()
+        .unwrap_or_default();
+    let (ok, failed) = (t.successes_after(after), t.failures_after(after));
+    println!(
+        "{what}: outage {} ms ({ok} answers and {failed} failures after the fault)",
+        outage.as_millis()
+    );
+    outage
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_failure_moves_the_ip_to_another_node_and_traffic_resumes() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    let (ip, owner) = web(&tb, "web").await;
+    let prober = Prober::start(
+        &tb.lab.client().ns,
+        ProbeConfig::new(SocketAddr::new(ip, 80)),
+    )
+    .unwrap();
+    prober
+        .wait_for(Duration::from_secs(10), "answers before the fault", |t| {
+            t.successes() >= 20
+        })
+        .unwrap();
+    let fault = prober.now();
+    tb.lab.cut_link(&owner).unwrap();
+    tb.speaker(&owner).kill();
+    let new_owner = eventually(Duration::from_secs(20), "another owner", async || {
+        let holder = tb.holder(ip).await?;
+        let host = tb.host_of(&holder);
+        (host != owner && tb.bound_on(ip) == [host.clone()]).then_some(host)
+    })
+    .await;
+    prober
+        .wait_for(Duration::from_secs(20), "answers after the failover", |t| {
+            t.successes_after(fault) >= 20
+        })
+        .unwrap();
+    let IpAddr::V4(v4) = ip else { unreachable!() };
+    assert_eq!(
+        tb.arp_answers(v4),
+        vec![tb.lab.mac(&new_owner).unwrap()],
+        "only the new owner answers"
+    );
+    let t = prober.stop();
+    let outage = report(
+        &format!(
+            "hard failover {owner} → {new_owner} (lease {} s)",
+            tb.timing.lease_seconds
+        ),
+        &t,
+        fault,
+    );
+    assert!(outage > Duration::ZERO, "the fault was seen");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gracefully_stopped_owner_hands_over_well_within_the_lease_duration() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    let (ip, owner) = web(&tb, "web").await;
+    let prober = Prober::start(
+        &tb.lab.client().ns,
+        ProbeConfig::new(SocketAddr::new(ip, 80)),
+    )
+    .unwrap();
+    prober
+        .wait_for(Duration::from_secs(10), "answers before the stop", |t| {
+            t.successes() >= 20
+        })
+        .unwrap();
+    let stop = prober.now();
+    let speaker = tb.speaker(&owner);
+    speaker.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = speaker
+        .wait_timeout(Duration::from_secs(10))
+        .expect("the speaker exits after SIGTERM");
+    assert!(status.success(), "clean exit: {status:?}");
+    assert_eq!(
+        tb.rules(&owner),
+        "",
+        "the stopped speaker removed its rules"
+    );
+    let new_owner = tb.wait_owner(ip).await;
+    assert_ne!(new_owner, owner);
+    prober
+        .wait_for(Duration::from_secs(20), "answers after the handover", |t| {
+            t.successes_after(stop) >= 20
+        })
+        .unwrap();
+    let t = prober.stop();
+    let outage = report(
+        &format!("graceful handover {owner} → {new_owner}"),
+        &t,
+        stop,
+    );
+    assert!(
+        outage < Duration::from_secs(tb.timing.lease_seconds),
+        "the handover does not wait for the lease to expire"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_speakers_address_expires_by_itself_and_a_restart_leaves_nothing_stale() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    let (ip, owner) = web(&tb, "web").await;
+    tb.speaker(&owner).kill();
+    eventually(
+        Duration::from_secs(10),
+        "the dead speaker's address to expire",
+        async || (!tb.bound_on(ip).contains(&owner)).then_some(()),
+    )
+    .await;
+    let new_owner = tb.wait_owner(ip).await;
+    assert_ne!(new_owner, owner);
+    assert!(
+        tb.rules(&owner).contains(&ip.to_string()),
+        "the killed speaker's rules are still there"
+    );
+    tb.start_speaker(&owner);
+    eventually(
+        Duration::from_secs(10),
+        "the restarted speaker to clean up",
+        async || (!tb.rules(&owner).contains(&ip.to_string())).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        tb.wait_owner(ip).await,
+        new_owner,
+        "ownership is sticky: no move back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_speakers_started_at_once_never_share_an_ip_and_spread_twenty_services() {
+    let tb = Testbed::without_speakers(vec![1, 1, 0], Timing::DEFAULT).await;
+    let yaml: Vec<String> = (0..20)
+        .map(|i| {
+            format!(
+                "{}---\n{}",
+                endpoints(&format!("race-{i}"), &pods(&tb)),
+                service(&format!("race-{i}"), "", "")
+            )
+        })
+        .collect();
+    tb.apply(&yaml.join("---\n")).await;
+    for n in tb.node_names() {
+        tb.start_speaker(&n);
+    }
+    let macs: std::collections::BTreeMap<String, String> = tb
+        .node_names()
+        .into_iter()
+        .map(|n| (tb.lab.mac(&n).unwrap(), n))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut samples = 0;
+    let mut settled_samples = 0;
+    loop {
+        let mut ips = Vec::new();
+        for i in 0..20 {
+            let api: kube::Api<k8s_openapi::api::core::v1::Service> =
+                kube::Api::namespaced(tb.client.clone(), "default");
+            let s = api.get(&format!("race-{i}")).await.unwrap();
+            if let Some(ip) = s
+                .status
+                .and_then(|s| s.load_balancer?.ingress?.first()?.ip.clone())
+            {
+                ips.push(ip.parse::<IpAddr>().unwrap());
+            }
+        }
+        let mut owners: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut all_owned = ips.len() == 20;
+        for ip in &ips {
+            let bound = tb.bound_on(*ip);
+            assert!(
+                bound.len() <= 1,
+                "sample {samples}: {ip} is bound on {bound:?}"
+            );
+            let IpAddr::V4(v4) = ip else { unreachable!() };
+            let answers = tb.arp_answers(*v4);
+            assert!(
+                answers.len() <= 1,
+                "sample {samples}: {ip} answered by {answers:?}"
+            );
+            if let Some(b) = bound.first() {
+                let holder = tb.holder(*ip).await.map(|h| tb.host_of(&h));
+                assert_eq!(
+                    holder.as_deref(),
+                    Some(b.as_str()),
+                    "sample {samples}: {ip} bound on {b} but its lease says {holder:?}"
+                );
+                if let Some(m) = answers.first() {
+                    assert_eq!(
+                        macs.get(m),
+                        Some(b),
+                        "sample {samples}: {ip} answered by {m}, bound on {b}"
+                    );
+                }
+                *owners.entry(b.clone()).or_default() += 1;
+            } else {
+                all_owned = false;
+            }
+        }
+        samples += 1;
+        if all_owned {
+            settled_samples += 1;
+            if settled_samples >= 3 {
+                println!("{samples} samples; owners per node: {owners:?}");
+                assert!(
+                    owners.values().all(|n| *n <= 9),
+                    "ownership is spread: {owners:?}"
+                );
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every IP got an owner: {} IPs, owners {owners:?}",
+            ips.len()
+        );
+    }
+}
