@@ -181,7 +181,12 @@ pub async fn run(
                 let due = o.next_renew;
                 tokio::select! {
                     _ = tokio::time::sleep_until(due) => {
-                        match shared.leases.renew(&name, &o.lease).await {
+                        // A renewal may hang (the API server unreachable): it must not hold
+                        // the owner past its deadline.
+                        let fence_at = o.last_renewed + shared.config.renew_deadline;
+                        let renewal = tokio::time::timeout_at(fence_at, shared.leases.renew(&name, &o.lease)).await;
+                        let renewal = renewal.unwrap_or_else(|_| Err(LeaseError::Timeout(name.clone())));
+                        match renewal {
                             Ok(l) => {
                                 o.lease = l;
                                 o.last_renewed = Instant::now();

@@ -108,6 +108,9 @@ pub enum LeaseError {
     /// Someone else moved first (409), or the Lease is gone: we do not hold it.
     #[error("lease {0} is held by someone else")]
     Lost(String),
+    /// The write did not finish in time.
+    #[error("writing lease {0} timed out")]
+    Timeout(String),
     /// The API could not be reached or refused for another reason: try again.
     #[error("writing lease {name}: {source}")]
     Api { name: String, source: kube::Error },
@@ -118,6 +121,7 @@ impl LeaseError {
         match self {
             LeaseError::Lost(_) => "lost",
             LeaseError::Api { .. } => "api",
+            LeaseError::Timeout(_) => "timeout",
         }
     }
 }

@@ -202,6 +202,25 @@ async fn hostile_requests_get_an_event_and_nothing_is_bound() {
             .ok();
         assert_eq!(ips, "", "{svc} got no IP");
     }
+    // An invalid pool is refused whole, with a Warning Event on it.
+    tb.apply("apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: reversed\nspec:\n  addresses: [198.51.100.200-198.51.100.100]\n").await;
+    let out = eventually(
+        Duration::from_secs(20),
+        "an InvalidPool event",
+        async || {
+            let out = tb
+                .kubectl
+                .run(&["describe", "ippool", "reversed"])
+                .await
+                .ok();
+            out.contains("InvalidPool").then_some(out)
+        },
+    )
+    .await;
+    assert!(
+        out.contains("reversed (first address after the last)"),
+        "{out}"
+    );
     for ip in ["203.0.113.7", "192.0.2.11"] {
         let ip: IpAddr = ip.parse().unwrap();
         assert!(tb.lease(ip).await.is_none(), "no lease for {ip}");
@@ -469,4 +488,128 @@ async fn three_speakers_started_at_once_never_share_an_ip_and_spread_twenty_serv
             ips.len()
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_stops_being_a_load_balancer_gives_its_ip_back() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    let (ip, _) = web(&tb, "web").await;
+    tb.kubectl
+        .run(&[
+            "patch",
+            "svc",
+            "web",
+            "-p",
+            r#"{"spec":{"type":"ClusterIP"}}"#,
+        ])
+        .await
+        .ok();
+    eventually(Duration::from_secs(20), "the IP released", async || {
+        let status = tb
+            .kubectl
+            .run(&[
+                "get",
+                "svc",
+                "web",
+                "-o",
+                "jsonpath={.status.loadBalancer.ingress}",
+            ])
+            .await
+            .ok();
+        (status.is_empty() && tb.bound_on(ip).is_empty() && tb.lease(ip).await.is_none())
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_cut_off_from_the_api_server_withdraws_before_another_node_takes_over() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    let (ip, owner) = web(&tb, "web").await;
+    let IpAddr::V4(v4) = ip else { unreachable!() };
+    tb.lab.isolate_from_api(&owner).unwrap();
+    // Until someone else owns it, at most the old owner answers; never two.
+    let new_owner = eventually(Duration::from_secs(20), "a new owner", async || {
+        let bound = tb.bound_on(ip);
+        assert!(bound.len() <= 1, "{ip} bound on {bound:?}");
+        assert!(tb.arp_answers(v4).len() <= 1, "two nodes answer for {ip}");
+        let holder = tb.holder(ip).await.map(|h| tb.host_of(&h))?;
+        (holder != owner && bound == [holder.clone()]).then_some(holder)
+    })
+    .await;
+    assert!(
+        !tb.bound_on(ip).contains(&owner),
+        "the isolated owner fenced itself"
+    );
+    assert!(
+        !tb.rules(&owner).contains(&ip.to_string()),
+        "the isolated owner withdrew (its DNAT is gone too, not just the address)"
+    );
+    tb.lab.heal_api(&owner).unwrap();
+    assert_eq!(
+        tb.wait_owner(ip).await,
+        new_owner,
+        "no move back after healing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifests_parse_and_the_api_server_accepts_them_through_kubectl_apply() {
+    let server = l2speaker_e2e::apiserver::serve_local(Default::default()).unwrap();
+    let kc = l2speaker_e2e::kubectl::Kubectl::new(&server.url()).unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests");
+    for f in [
+        "namespace.yaml",
+        "crd.yaml",
+        "rbac.yaml",
+        "daemonset.yaml",
+        "example.yaml",
+    ] {
+        let out = kc.run(&["apply", "-f", &format!("{dir}/{f}")]).await.ok();
+        assert!(out.contains("created"), "{f}: {out}");
+    }
+    let ds = kc
+        .run(&[
+            "get",
+            "ds",
+            "-n",
+            "l2speaker-system",
+            "l2speaker",
+            "-o",
+            "json",
+        ])
+        .await
+        .ok();
+    let ds: serde_json::Value = serde_json::from_str(&ds).unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    let sc = &pod["containers"][0]["securityContext"];
+    assert_eq!(
+        sc["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN", "NET_RAW"])
+    );
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        pod["containers"][0]["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    let role = kc
+        .run(&[
+            "get",
+            "role",
+            "-n",
+            "l2speaker-system",
+            "l2speaker-leases",
+            "-o",
+            "jsonpath={.rules[0].resources}",
+        ])
+        .await
+        .ok();
+    assert_eq!(
+        role, r#"["leases"]"#,
+        "Leases only in the speaker's namespace"
+    );
+    let pools = kc.run(&["get", "ippools"]).await.ok();
+    assert!(pools.contains("lan"), "{pools}");
 }
