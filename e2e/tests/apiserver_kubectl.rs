@@ -288,8 +288,51 @@ async fn kubectl_suite(minor: u32) {
         .await
         .ok();
     assert_eq!(ip, "192.0.2.200");
+    // Server-side printing: the columns a real cluster shows.
     let out = kc.run(&["get", "svc", "web"]).await.ok();
-    assert!(out.contains("web"), "{out}");
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE"
+        ],
+        "{out}"
+    );
+    let row: Vec<&str> = out
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        &row[..5],
+        ["web", "LoadBalancer", "<none>", "192.0.2.200", "80/TCP"],
+        "{out}"
+    );
+    let out = kc.run(&["get", "lease"]).await.ok();
+    assert!(
+        out.lines()
+            .next()
+            .is_some_and(|h| h.split_whitespace().eq(["NAME", "HOLDER", "AGE"])),
+        "{out}"
+    );
+    assert!(
+        out.lines().nth(1).is_some_and(|l| l
+            .split_whitespace()
+            .take(2)
+            .eq(["vip-192-0-2-200", "node-1"])),
+        "{out}"
+    );
 
     // get -w sees a MODIFIED written by kube-rs
     let mut watch = kc.command();

@@ -19,6 +19,7 @@ use super::resources::ResourceType;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::store::{Change, ChangeKind, Selectors, Store};
+use super::table;
 
 /// What the server is, beyond its objects.
 #[derive(Debug, Clone)]
@@ -300,18 +301,38 @@ fn resource(
     }
     s.store.count_request(verb, &counted);
     let name = t.name.as_deref().unwrap_or("");
+    let as_table = table::wanted(
+        headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    );
     let result: Result<(u16, Value), ApiError> = (|| match verb {
         "watch" => Err(ApiError::bad_request("unreachable")),
         "list" => {
             let sel = selectors(rt, q)?;
             let (items, rv) = s.store.list(rt, t.namespace.as_deref(), &sel);
+            if as_table {
+                return Ok((200, table::table(rt, &items, &rv.to_string(), true)));
+            }
             Ok((
                 200,
                 json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(),
                        "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
             ))
         }
-        "get" => s.store.get(rt, &ns, name).map(|o| (200, o)),
+        "get" => s.store.get(rt, &ns, name).map(|o| {
+            if as_table && !t.status {
+                let rv = o
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                (200, table::table(rt, std::slice::from_ref(&o), &rv, true))
+            } else {
+                (200, o)
+            }
+        }),
         "create" => {
             let obj = parse_body(body)?;
             let ns = match (&t.namespace, rt.namespaced) {
@@ -364,7 +385,7 @@ fn resource(
         _ => unreachable!("verbs are matched above"),
     })();
     if verb == "watch" {
-        return watch(s, rt.clone(), t.namespace, q);
+        return watch(s, rt.clone(), t.namespace, q, as_table);
     }
     match result {
         Ok((code, v)) => json_response(code, &v),
@@ -402,7 +423,13 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(line)
 }
 
-fn watch(s: &Arc<Server>, rt: ResourceType, ns: Option<String>, q: &Query) -> Response {
+fn watch(
+    s: &Arc<Server>,
+    rt: ResourceType,
+    ns: Option<String>,
+    q: &Query,
+    as_table: bool,
+) -> Response {
     let sel = match selectors(&rt, q) {
         Ok(sel) => sel,
         Err(e) => return error_response(&e),
@@ -436,9 +463,19 @@ fn watch(s: &Arc<Server>, rt: ResourceType, ns: Option<String>, q: &Query) -> Re
                 return;
             }
         };
+        // Tables carry their column definitions in the first event only, as the real server's.
+        let mut first = true;
+        let mut render = |kind: &str, obj: Value, rv: u64| {
+            if !as_table {
+                return event_line(kind, &obj);
+            }
+            let t = table::table(&rt, std::slice::from_ref(&obj), &rv.to_string(), first);
+            first = false;
+            event_line(kind, &t)
+        };
         for c in &start.initial {
             if let Some((kind, obj)) = translate(c, &rt, ns.as_deref(), &sel)
-                && tx.send(Ok(event_line(kind, &obj))).await.is_err()
+                && tx.send(Ok(render(kind, obj, c.rv))).await.is_err()
             {
                 return;
             }
@@ -471,7 +508,7 @@ fn watch(s: &Arc<Server>, rt: ResourceType, ns: Option<String>, q: &Query) -> Re
                 r = start.live.recv() => match r {
                     Ok(c) => {
                         if let Some((kind, obj)) = translate(&c, &rt, ns.as_deref(), &sel)
-                            && tx.send(Ok(event_line(kind, &obj))).await.is_err() {
+                            && tx.send(Ok(render(kind, obj, c.rv))).await.is_err() {
                                 return;
                             }
                     }

@@ -13,6 +13,7 @@ pub mod resources;
 pub mod selector;
 pub mod status;
 pub mod store;
+pub mod table;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

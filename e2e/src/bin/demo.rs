@@ -1,0 +1,129 @@
+//! `l2s-demo`: l2speaker in a three-node lab, start to finish, as a user would see it.
+//! Run it through `sudo ./scripts/demo.sh`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use l2speaker_e2e::lab::probe::{ProbeConfig, Prober};
+use l2speaker_e2e::testbed::{Testbed, Timing, endpoints, eventually, service};
+
+async fn show(tb: &Testbed, args: &[&str]) {
+    println!("\n$ kubectl {}", args.join(" "));
+    let out = tb.kubectl.run(args).await;
+    print!("{}{}", out.stdout, out.stderr);
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("l2s-demo: the lab needs root: run sudo ./scripts/demo.sh");
+        return std::process::ExitCode::FAILURE;
+    }
+    println!(
+        "== A lab: switch, control plane (test API server), 3 nodes with speakers, pods on two nodes, a client"
+    );
+    let tb = Testbed::new(vec![2, 1, 0], Timing::DEFAULT).await;
+    for h in &tb.lab.hosts {
+        let pods: Vec<String> = h
+            .pods
+            .iter()
+            .map(|p| format!("{} {}", p.name, p.ipv4))
+            .collect();
+        println!(
+            "  {:7} {:14} {}",
+            h.name,
+            h.ipv4,
+            if pods.is_empty() {
+                String::new()
+            } else {
+                format!("pods: {}", pods.join(", "))
+            }
+        );
+    }
+    let pods: Vec<_> = tb.lab.pods().cloned().collect();
+    tb.apply(&endpoints("web", &pods)).await;
+    tb.apply(&service("web", "", "")).await;
+    show(&tb, &["get", "ippools"]).await;
+    let ip = tb.wait_ips("default", "web", 1).await[0];
+    let owner = tb.wait_owner(ip).await;
+    show(&tb, &["get", "svc", "web"]).await;
+
+    println!(
+        "\n== The client connects to {ip}:80 (each pod answers with its name and the address it saw)"
+    );
+    for _ in 0..6 {
+        match tb.lab.connect("client", SocketAddr::new(ip, 80)) {
+            Ok(a) => println!("  {a}"),
+            Err(e) => println!("  error: {e}"),
+        }
+    }
+    show(
+        &tb,
+        &[
+            "describe",
+            "lease",
+            "-n",
+            "l2speaker-system",
+            &format!("vip-{}", ip.to_string().replace('.', "-")),
+        ],
+    )
+    .await;
+
+    println!("\n== Failover drill: the owner {owner} loses its link and its speaker is killed");
+    let prober = match Prober::start(
+        &tb.lab.client().ns,
+        ProbeConfig::new(SocketAddr::new(ip, 80)),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("l2s-demo: error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if prober
+        .wait_for(Duration::from_secs(10), "answers before the drill", |t| {
+            t.successes() >= 20
+        })
+        .is_err()
+    {
+        eprintln!("l2s-demo: error: no answers before the drill");
+        return std::process::ExitCode::FAILURE;
+    }
+    let fault = prober.now();
+    let cut = tb.lab.cut_link(&owner);
+    tb.speaker(&owner).kill();
+    if let Err(e) = cut {
+        eprintln!("l2s-demo: error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    let new_owner = eventually(Duration::from_secs(30), "a new owner", async || {
+        let h = tb.host_of(&tb.holder(ip).await?);
+        (h != owner && tb.bound_on(ip) == [h.clone()]).then_some(h)
+    })
+    .await;
+    if prober
+        .wait_for(Duration::from_secs(20), "answers after the failover", |t| {
+            t.successes_after(fault) >= 20
+        })
+        .is_err()
+    {
+        eprintln!("l2s-demo: error: traffic did not resume");
+        return std::process::ExitCode::FAILURE;
+    }
+    let t = prober.stop();
+    let outage = t
+        .outages()
+        .into_iter()
+        .filter(|o| o.end > fault)
+        .map(|o| o.duration())
+        .max()
+        .unwrap_or_default();
+    println!(
+        "  {owner} → {new_owner}; the client's connection attempts every 10 ms failed from the first to the last miss:"
+    );
+    println!("failover outage: {} ms", outage.as_millis());
+    show(&tb, &["get", "lease", "-n", "l2speaker-system"]).await;
+    println!("\n== Tearing the lab down");
+    drop(tb);
+    std::process::ExitCode::SUCCESS
+}
