@@ -153,8 +153,7 @@ pub fn table(
     let defs: Vec<Value> = if with_columns {
         columns(rt)
             .into_iter()
-            .enumerate()
-            .map(|(i, (name, format))| json!({"name": name, "type": "string", "format": format, "description": "", "priority": if i == 0 { 0 } else { 0 }}))
+            .map(|(name, format)| json!({"name": name, "type": "string", "format": format, "description": "", "priority": 0}))
             .collect()
     } else {
         Vec::new()
