@@ -76,7 +76,14 @@ pub async fn run(
         let stopping = *stop.borrow_and_update();
         if stopping != Stop::Running {
             if let Some(o) = owned.take() {
-                withdraw(&shared, ip, &o, "stopping").await;
+                // On shutdown the DNAT stays until the Lease is released (the speaker removes
+                // its table last): clients whose ARP entry still points here keep being
+                // served while the next owner takes over.
+                if stopping == Stop::Shutdown {
+                    unbind(&shared, ip, &o).await;
+                } else {
+                    withdraw(&shared, ip, &o, "stopping").await;
+                }
                 let result = match stopping {
                     Stop::Gone => {
                         shared
@@ -271,14 +278,19 @@ async fn take(
     }
 }
 
-/// Stop announcing, unbind, reprogram DNAT without the VIP.
-async fn withdraw(shared: &Arc<Shared>, ip: IpAddr, o: &Owned, reason: &str) {
+/// Stop announcing and unbind: the node no longer answers for the VIP.
+async fn unbind(shared: &Arc<Shared>, ip: IpAddr, o: &Owned) {
     o.announcing.store(false, Ordering::SeqCst);
     if let Err(e) = shared.dataplane.unbind(&o.iface, ip).await {
         shared.metrics.dataplane_error(&e);
         warn!(ip = %ip, error = %e, "could not unbind");
     }
     shared.disown(ip);
+}
+
+/// Stop announcing, unbind, reprogram DNAT without the VIP.
+async fn withdraw(shared: &Arc<Shared>, ip: IpAddr, o: &Owned, reason: &str) {
+    unbind(shared, ip, o).await;
     shared.sync_dnat().await;
     info!(ip = %ip, interface = %o.iface.name, reason = %reason, "withdrawn");
 }

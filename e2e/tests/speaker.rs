@@ -280,7 +280,16 @@ fn report(what: &str, t: &Timeline, after: Duration) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hard_failure_moves_the_ip_to_another_node_and_traffic_resumes() {
-    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    hard_failure(Timing::DEFAULT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_failure_with_the_fast_profile_moves_the_ip_too() {
+    hard_failure(Timing::FAST).await;
+}
+
+async fn hard_failure(timing: Timing) {
+    let tb = Testbed::new(vec![1, 1, 0], timing).await;
     let (ip, owner) = web(&tb, "web").await;
     let prober = Prober::start(
         &tb.lab.client().ns,
