@@ -622,3 +622,38 @@ async fn the_manifests_parse_and_the_api_server_accepts_them_through_kubectl_app
     let pools = kc.run(&["get", "ippools"]).await.ok();
     assert!(pools.contains("lan"), "{pools}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_changes_reach_the_dnat_of_the_owner() {
+    let tb = Testbed::new(vec![2, 1, 0], Timing::DEFAULT).await;
+    let all = pods(&tb);
+    let (ip, owner) = web(&tb, "web").await;
+    let names = |ps: &[Pod]| {
+        ps.iter()
+            .map(|p| p.name.clone())
+            .collect::<BTreeSet<String>>()
+    };
+    reaches(&tb, ip, &names(&all)).await;
+    // One pod leaves the Service: new connections only reach the others.
+    let fewer: Vec<Pod> = all.iter().filter(|p| p.name != "n1-p0").cloned().collect();
+    tb.apply(&endpoints("web", &fewer)).await;
+    eventually(Duration::from_secs(20), "n1-p0's rule gone", async || {
+        (!tb.rules(&owner).contains(&all[0].ipv4.to_string())).then_some(())
+    })
+    .await;
+    for _ in 0..30 {
+        let a = tb.lab.connect("client", SocketAddr::new(ip, 80)).unwrap();
+        assert!(
+            !a.starts_with("n1-p0 "),
+            "a removed endpoint still answers: {a}"
+        );
+    }
+    // And comes back.
+    tb.apply(&endpoints("web", &all)).await;
+    reaches(&tb, ip, &names(&all)).await;
+    let log = tb.speaker(&owner).output();
+    assert!(
+        !log.contains("incremental DNAT update failed"),
+        "nft accepted every incremental update:\n{log}"
+    );
+}

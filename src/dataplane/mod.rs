@@ -64,7 +64,8 @@ pub struct Dataplane<A, N, S> {
     nft: N,
     sink: S,
     dnat: bool,
-    applied: tokio::sync::Mutex<Option<String>>,
+    /// What the kernel holds, as far as we know (None: unknown, replace the table whole).
+    applied: tokio::sync::Mutex<Option<nft::Desired>>,
 }
 
 impl<A: AddrOps, N: NftApply, S: FrameSink> Dataplane<A, N, S> {
@@ -92,21 +93,32 @@ impl<A: AddrOps, N: NftApply, S: FrameSink> Dataplane<A, N, S> {
         Ok(self.addrs.unbind(iface.index, ip).await?)
     }
 
-    /// Makes the DNAT table match `entries` (one atomic transaction; nothing when unchanged).
+    /// Makes the DNAT table match `entries`: one atomic transaction that touches only what
+    /// changed (the whole table the first time, and after any failure); nothing when unchanged.
     pub async fn program(&self, entries: &[Dnat]) -> Result<(), DataplaneError> {
         if !self.dnat {
             return Ok(());
         }
-        let script = nft::render(entries);
+        let want = nft::desired(entries);
         let mut applied = self.applied.lock().await;
-        if applied.as_deref() == Some(script.as_str()) {
-            return Ok(());
-        }
-        // On failure the transaction left the previous table in place: forget what we
-        // believe is applied so the next call retries.
+        let script = match applied.as_ref() {
+            Some(have) if *have == want => return Ok(()),
+            Some(have) => nft::render_diff(have, &want).unwrap_or_else(|| nft::render_full(&want)),
+            None => nft::render_full(&want),
+        };
+        let incremental = applied.is_some();
+        // Until it succeeds, we do not know what the kernel holds.
         *applied = None;
-        self.nft.apply(&script).await?;
-        *applied = Some(script);
+        match self.nft.apply(&script).await {
+            Ok(()) => {}
+            // The failed transaction changed nothing; start over from a clean table.
+            Err(e) if incremental => {
+                tracing::warn!(error = %e, "incremental DNAT update failed; replacing the table");
+                self.nft.apply(&nft::render_full(&want)).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        *applied = Some(want);
         Ok(())
     }
 

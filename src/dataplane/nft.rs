@@ -5,6 +5,7 @@
 //! The `nftables` crate cannot declare the named verdict maps used here (and fails to read
 //! rulesets that have them), so the rules are nft's own text, snapshot-tested.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::IpAddr;
 
@@ -17,7 +18,7 @@ pub const TABLE: &str = "l2speaker";
 /// whose replies must come back through this node). kube-proxy uses 0x4000 and 0x8000.
 pub const MASQ_MARK: u32 = 0x0000_2000;
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Endpoint {
     pub ip: IpAddr,
     pub port: u16,
@@ -39,9 +40,34 @@ pub struct Dnat {
     pub ports: Vec<PortMap>,
 }
 
-fn chain_name(vip: IpAddr, p: &PortMap) -> String {
+/// One VIP port and where it leads: what the table holds, per VIP port.
+pub type Desired = BTreeMap<(IpAddr, Protocol, u16), Vec<Endpoint>>;
+
+/// The desired state: each VIP port with its endpoints of the VIP's family (ports without
+/// endpoints get no rule: the traffic then reaches the node itself and is refused).
+pub fn desired(entries: &[Dnat]) -> Desired {
+    let mut d = Desired::new();
+    for e in entries {
+        for p in &e.ports {
+            let mut eps: Vec<Endpoint> = p
+                .endpoints
+                .iter()
+                .filter(|ep| ep.ip.is_ipv4() == e.vip.is_ipv4())
+                .cloned()
+                .collect();
+            if eps.is_empty() {
+                continue;
+            }
+            eps.sort();
+            d.insert((e.vip, p.protocol, p.port), eps);
+        }
+    }
+    d
+}
+
+fn chain_name(vip: IpAddr, proto: Protocol, port: u16) -> String {
     let v = vip.to_string().replace(['.', ':'], "_");
-    format!("vip_{v}_{}_{}", p.protocol.as_str(), p.port)
+    format!("vip_{v}_{}_{port}", proto.as_str())
 }
 
 fn ep_addr(ip: IpAddr, port: u16) -> String {
@@ -51,67 +77,65 @@ fn ep_addr(ip: IpAddr, port: u16) -> String {
     }
 }
 
-/// The whole table for `entries`, as one transaction that replaces the previous table
-/// (`table` + `delete table` + `table {…}`: creating it first makes the delete safe).
-pub fn render(entries: &[Dnat]) -> String {
-    let mut entries = entries.to_vec();
-    entries.sort();
+fn element(vip: IpAddr, proto: Protocol, port: u16) -> String {
+    format!("{vip} . {} . {port}", proto.as_str())
+}
+
+fn map_of(vip: IpAddr) -> &'static str {
+    if vip.is_ipv4() { "vips4" } else { "vips6" }
+}
+
+/// The rule of a VIP port's chain: straight to its one endpoint, or spread over several.
+fn spread_rule(chain: &str, n: usize) -> String {
+    if n == 1 {
+        format!("goto {chain}_0")
+    } else {
+        let arms: Vec<String> = (0..n).map(|i| format!("{i} : goto {chain}_{i}")).collect();
+        format!("numgen random mod {n} vmap {{ {} }}", arms.join(", "))
+    }
+}
+
+/// The rule of an endpoint chain: mark remote endpoints for masquerade, then DNAT.
+fn endpoint_rule(vip: IpAddr, proto: Protocol, ep: &Endpoint) -> String {
+    let family = if vip.is_ipv4() { "ip" } else { "ip6" };
+    let mark = if ep.local {
+        String::new()
+    } else {
+        format!("meta mark set meta mark | {MASQ_MARK:#010x} ")
+    };
+    format!(
+        "{mark}meta l4proto {} dnat {family} to {}",
+        proto.as_str(),
+        ep_addr(ep.ip, ep.port)
+    )
+}
+
+/// The whole table, as one transaction that replaces the previous one (`table` + `delete
+/// table` + `table {…}`: creating it first makes the delete safe; `flush table` would not do,
+/// it keeps map elements and chains).
+pub fn render_full(d: &Desired) -> String {
     let mut elements4 = Vec::new();
     let mut elements6 = Vec::new();
     let mut chains = String::new();
-    for e in &entries {
-        for p in &e.ports {
-            let eps: Vec<&Endpoint> = p
-                .endpoints
-                .iter()
-                .filter(|ep| ep.ip.is_ipv4() == e.vip.is_ipv4())
-                .collect();
-            if eps.is_empty() {
-                continue;
-            }
-            let chain = chain_name(e.vip, p);
-            let element = format!(
-                "{} . {} . {} : goto {chain}",
-                e.vip,
-                p.protocol.as_str(),
-                p.port
+    for ((vip, proto, port), eps) in d {
+        let chain = chain_name(*vip, *proto, *port);
+        let el = format!("{} : goto {chain}", element(*vip, *proto, *port));
+        if vip.is_ipv4() {
+            elements4.push(el)
+        } else {
+            elements6.push(el)
+        }
+        let _ = writeln!(
+            chains,
+            "\tchain {chain} {{\n\t\t{}\n\t}}",
+            spread_rule(&chain, eps.len())
+        );
+        for (i, ep) in eps.iter().enumerate() {
+            let _ = writeln!(
+                chains,
+                "\tchain {chain}_{i} {{\n\t\t{}\n\t}}",
+                endpoint_rule(*vip, *proto, ep)
             );
-            if e.vip.is_ipv4() {
-                elements4.push(element)
-            } else {
-                elements6.push(element)
-            }
-            let family = if e.vip.is_ipv4() { "ip" } else { "ip6" };
-            let proto = p.protocol.as_str();
-            let _ = writeln!(chains, "\tchain {chain} {{");
-            if eps.len() == 1 {
-                let _ = writeln!(chains, "\t\tgoto {chain}_0");
-            } else {
-                let arms: Vec<String> = (0..eps.len())
-                    .map(|i| format!("{i} : goto {chain}_{i}"))
-                    .collect();
-                let _ = writeln!(
-                    chains,
-                    "\t\tnumgen random mod {} vmap {{ {} }}",
-                    eps.len(),
-                    arms.join(", ")
-                );
-            }
-            let _ = writeln!(chains, "\t}}");
-            for (i, ep) in eps.iter().enumerate() {
-                let mark = if ep.local {
-                    String::new()
-                } else {
-                    format!("meta mark set meta mark | {MASQ_MARK:#010x} ")
-                };
-                let _ = writeln!(chains, "\tchain {chain}_{i} {{");
-                let _ = writeln!(
-                    chains,
-                    "\t\t{mark}meta l4proto {proto} dnat {family} to {}",
-                    ep_addr(ep.ip, ep.port)
-                );
-                let _ = writeln!(chains, "\t}}");
-            }
         }
     }
     let map = |name: &str, ty: &str, elements: &[String]| {
@@ -137,6 +161,76 @@ pub fn render(entries: &[Dnat]) -> String {
         map("vips4", "ipv4_addr", &elements4),
         map("vips6", "ipv6_addr", &elements6),
     )
+}
+
+/// The whole table for `entries` (see [`render_full`]).
+pub fn render(entries: &[Dnat]) -> String {
+    render_full(&desired(entries))
+}
+
+/// The changes from `old` to `new` as one transaction touching only the VIP ports that
+/// changed; None when nothing did. Endpoint chains are reused by index: flushed and refilled,
+/// surplus ones deleted after the rule that jumps to them is gone.
+pub fn render_diff(old: &Desired, new: &Desired) -> Option<String> {
+    let mut s = String::new();
+    for (key @ (vip, proto, port), eps) in old {
+        if new.contains_key(key) {
+            continue;
+        }
+        let chain = chain_name(*vip, *proto, *port);
+        let _ = writeln!(
+            s,
+            "delete element inet {TABLE} {} {{ {} }}",
+            map_of(*vip),
+            element(*vip, *proto, *port)
+        );
+        let _ = writeln!(s, "delete chain inet {TABLE} {chain}");
+        for i in 0..eps.len() {
+            let _ = writeln!(s, "delete chain inet {TABLE} {chain}_{i}");
+        }
+    }
+    for (key @ (vip, proto, port), eps) in new {
+        let before = old.get(key);
+        if before == Some(eps) {
+            continue;
+        }
+        let chain = chain_name(*vip, *proto, *port);
+        let had = before.map_or(0, Vec::len);
+        for (i, ep) in eps.iter().enumerate() {
+            if i < had {
+                let _ = writeln!(s, "flush chain inet {TABLE} {chain}_{i}");
+            } else {
+                let _ = writeln!(s, "add chain inet {TABLE} {chain}_{i}");
+            }
+            let _ = writeln!(
+                s,
+                "add rule inet {TABLE} {chain}_{i} {}",
+                endpoint_rule(*vip, *proto, ep)
+            );
+        }
+        if before.is_some() {
+            let _ = writeln!(s, "flush chain inet {TABLE} {chain}");
+        } else {
+            let _ = writeln!(s, "add chain inet {TABLE} {chain}");
+        }
+        let _ = writeln!(
+            s,
+            "add rule inet {TABLE} {chain} {}",
+            spread_rule(&chain, eps.len())
+        );
+        for i in eps.len()..had {
+            let _ = writeln!(s, "delete chain inet {TABLE} {chain}_{i}");
+        }
+        if before.is_none() {
+            let _ = writeln!(
+                s,
+                "add element inet {TABLE} {} {{ {} : goto {chain} }}",
+                map_of(*vip),
+                element(*vip, *proto, *port)
+            );
+        }
+    }
+    (!s.is_empty()).then_some(s)
 }
 
 /// Removes the table (on shutdown, and at start-up before the first full apply).
@@ -273,6 +367,62 @@ table inet l2speaker {
 }
 ";
         assert_eq!(render(&[v6, e]), want);
+    }
+
+    fn ep(s: &str, local: bool) -> Endpoint {
+        Endpoint {
+            ip: ip(s),
+            port: 8080,
+            local,
+        }
+    }
+
+    fn state(entries: &[(&str, u16, Vec<Endpoint>)]) -> Desired {
+        desired(
+            &entries
+                .iter()
+                .map(|(v, port, eps)| Dnat {
+                    vip: ip(v),
+                    ports: vec![PortMap {
+                        protocol: Protocol::Tcp,
+                        port: *port,
+                        endpoints: eps.clone(),
+                    }],
+                })
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn a_diff_adds_changes_and_removes_only_what_moved() {
+        let old = state(&[
+            (
+                "192.0.2.200",
+                80,
+                vec![ep("198.51.100.18", true), ep("198.51.100.34", false)],
+            ),
+            ("192.0.2.201", 80, vec![ep("198.51.100.18", true)]),
+        ]);
+        let new = state(&[
+            ("192.0.2.200", 80, vec![ep("198.51.100.18", true)]),
+            ("192.0.2.202", 443, vec![ep("198.51.100.34", false)]),
+        ]);
+        let want = "delete element inet l2speaker vips4 { 192.0.2.201 . tcp . 80 }
+delete chain inet l2speaker vip_192_0_2_201_tcp_80
+delete chain inet l2speaker vip_192_0_2_201_tcp_80_0
+flush chain inet l2speaker vip_192_0_2_200_tcp_80_0
+add rule inet l2speaker vip_192_0_2_200_tcp_80_0 meta l4proto tcp dnat ip to 198.51.100.18:8080
+flush chain inet l2speaker vip_192_0_2_200_tcp_80
+add rule inet l2speaker vip_192_0_2_200_tcp_80 goto vip_192_0_2_200_tcp_80_0
+delete chain inet l2speaker vip_192_0_2_200_tcp_80_1
+add chain inet l2speaker vip_192_0_2_202_tcp_443_0
+add rule inet l2speaker vip_192_0_2_202_tcp_443_0 meta mark set meta mark | 0x00002000 meta l4proto tcp dnat ip to 198.51.100.34:8080
+add chain inet l2speaker vip_192_0_2_202_tcp_443
+add rule inet l2speaker vip_192_0_2_202_tcp_443 goto vip_192_0_2_202_tcp_443_0
+add element inet l2speaker vips4 { 192.0.2.202 . tcp . 443 : goto vip_192_0_2_202_tcp_443 }
+";
+        assert_eq!(render_diff(&old, &new).unwrap(), want);
+        assert_eq!(render_diff(&new, &new), None);
     }
 
     #[test]
