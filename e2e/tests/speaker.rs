@@ -288,9 +288,38 @@ async fn hard_failure_with_the_fast_profile_moves_the_ip_too() {
     hard_failure(Timing::FAST).await;
 }
 
+/// A sample's value from a speaker's /metrics (0 when absent).
+fn metric(tb: &Testbed, host: &str, name: &str) -> f64 {
+    let addr = SocketAddr::new(IpAddr::V4(tb.lab.host(host).unwrap().ipv4), 9473);
+    let (code, body) = tb.lab.http_get("client", addr, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 async fn hard_failure(timing: Timing) {
     let tb = Testbed::new(vec![1, 1, 0], timing).await;
     let (ip, owner) = web(&tb, "web").await;
+    assert_eq!(metric(&tb, &owner, "l2speaker_owned_ips"), 1.0);
+    let others: Vec<String> = tb
+        .node_names()
+        .into_iter()
+        .filter(|n| *n != owner)
+        .collect();
+    for n in &others {
+        assert_eq!(metric(&tb, n, "l2speaker_owned_ips"), 0.0);
+        assert_eq!(metric(&tb, n, "l2speaker_failover_seconds_count"), 0.0);
+        let ready = tb
+            .lab
+            .http_get(
+                "client",
+                SocketAddr::new(IpAddr::V4(tb.lab.host(n).unwrap().ipv4), 9473),
+                "/readyz",
+            )
+            .unwrap();
+        assert_eq!(ready.0, 200, "{n} is ready");
+    }
     let prober = Prober::start(
         &tb.lab.client().ns,
         ProbeConfig::new(SocketAddr::new(ip, 80)),
@@ -331,6 +360,33 @@ async fn hard_failure(timing: Timing) {
         fault,
     );
     assert!(outage > Duration::ZERO, "the fault was seen");
+    // The new owner's metrics moved.
+    assert_eq!(metric(&tb, &new_owner, "l2speaker_owned_ips"), 1.0);
+    assert!(metric(&tb, &new_owner, "l2speaker_lease_acquisitions_total") >= 1.0);
+    assert_eq!(
+        metric(&tb, &new_owner, "l2speaker_failover_seconds_count"),
+        1.0,
+        "one failover timed"
+    );
+    let took = metric(&tb, &new_owner, "l2speaker_failover_seconds_sum");
+    println!(
+        "the new owner measured {} ms from the lease seen expired to its first announcement",
+        (took * 1000.0) as u64
+    );
+    assert!(
+        metric(
+            &tb,
+            &new_owner,
+            "l2speaker_announcements_total{kind=\"arp_request\"}"
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &tb,
+            &new_owner,
+            "l2speaker_announcements_total{kind=\"arp_reply\"}"
+        ) >= 1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -645,6 +645,40 @@ impl Lab {
         })?)
     }
 
+    /// A plain HTTP GET from `host` (e.g. a speaker's `/metrics`): status code and body.
+    pub fn http_get(
+        &self,
+        host: &str,
+        addr: SocketAddr,
+        path: &str,
+    ) -> Result<(u16, String), LabError> {
+        use std::io::{Read, Write};
+        let ns = self.host(host)?.ns.clone();
+        let path = path.to_string();
+        let what = format!("GET http://{addr}{path} from {host}");
+        let raw = netns::run_in(&ns, move || -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })?
+        .map_err(io(what.clone()))?;
+        let code = raw
+            .get(9..12)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| LabError::Io {
+                what,
+                source: std::io::Error::other(raw.clone()),
+            })?;
+        let body = raw
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+
     /// The MAC address of a host's LAN interface.
     pub fn mac(&self, host: &str) -> Result<String, LabError> {
         let ns = self.host(host)?.ns.clone();
