@@ -11,12 +11,59 @@ pub enum LogFormat {
     Json,
 }
 
-/// Floating IPs for Kubernetes LoadBalancer Services on L2 networks.
+/// Floating IPs for Kubernetes LoadBalancer Services on L2 networks. Without a subcommand,
+/// runs the speaker.
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: Config,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Every floating IP with its Service, owner, interface, since when, lease expiry and
+    /// transitions (reads the Leases only).
+    Status {
+        #[arg(long, env = "L2SPEAKER_NAMESPACE", default_value = "l2speaker-system")]
+        namespace: String,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Planned handovers of a Service's IPs, probed from here: prints each outage and
+    /// p50/p99/max.
+    Drill {
+        /// The Service, `NAME` or `NAMESPACE/NAME`.
+        service: String,
+        /// How many handovers of each IP.
+        #[arg(long, short = 'n', default_value_t = 3)]
+        count: usize,
+        /// The speaker's namespace (its Leases).
+        #[arg(long, env = "L2SPEAKER_NAMESPACE", default_value = "l2speaker-system")]
+        namespace: String,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+/// The speaker's flags.
 #[derive(Parser, Debug, Clone)]
-#[command(version, about)]
 pub struct Config {
     /// This node's name (from the downward API: spec.nodeName). Required.
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "NODE_NAME", default_value = "", hide_default_value = true)]
     pub node_name: String,
     /// The namespace holding the speaker's Leases.
     #[arg(long, env = "L2SPEAKER_NAMESPACE", default_value = "l2speaker-system")]

@@ -172,6 +172,19 @@ pub async fn run(
                     }
                     _ => None,
                 };
+                // A drill asked us to hand over: withdraw, then release naming ourselves.
+                if let Some((_, l)) = &v.lease
+                    && lease::step_down_requested(l)
+                    && l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                        == Some(me.as_str())
+                {
+                    let o = owned.take().expect("matched Some");
+                    withdraw(&shared, ip, &o, "asked to step down").await;
+                    if let Err(e) = shared.leases.step_down(&name, l).await {
+                        warn!(ip = %ip, lease = %name, error = %e, "could not step down; the lease will expire");
+                    }
+                    continue;
+                }
                 if let Some(reason) = lost_reason {
                     let o = owned.take().expect("matched Some");
                     withdraw(&shared, ip, &o, &reason).await;

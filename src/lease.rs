@@ -27,6 +27,29 @@ pub const ANNOTATION_IP: &str = "l2speaker.io/ip";
 pub const ANNOTATION_SERVICE: &str = "l2speaker.io/service";
 pub const ANNOTATION_INTERFACE: &str = "l2speaker.io/interface";
 pub const ANNOTATION_MAC: &str = "l2speaker.io/mac";
+/// Set (to any value) by `l2speaker drill`: the holder is asked to hand the IP over.
+pub const ANNOTATION_STEP_DOWN: &str = "l2speaker.io/step-down";
+/// Set by a holder that stepped down: that node lets the others take the IP first.
+pub const ANNOTATION_STEPPED_DOWN_FROM: &str = "l2speaker.io/stepped-down-from";
+
+fn annotation<'a>(lease: &'a Lease, key: &str) -> Option<&'a str> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
+}
+
+/// Whether someone asked the holder of `lease` to step down.
+pub fn step_down_requested(lease: &Lease) -> bool {
+    annotation(lease, ANNOTATION_STEP_DOWN).is_some()
+}
+
+/// The node that stepped down from a released `lease`.
+pub fn stepped_down_from(lease: &Lease) -> Option<&str> {
+    annotation(lease, ANNOTATION_STEPPED_DOWN_FROM)
+}
 
 /// `vip-192-0-2-200`, `vip-2001-db8--200`.
 pub fn lease_name(ip: IpAddr) -> String {
@@ -227,11 +250,11 @@ impl Leases {
                     .labels
                     .get_or_insert_default()
                     .extend(desc.labels.clone());
-                lease
-                    .metadata
-                    .annotations
-                    .get_or_insert_default()
-                    .extend(desc.annotations.clone());
+                let annotations = lease.metadata.annotations.get_or_insert_default();
+                annotations.extend(desc.annotations.clone());
+                // A new holder starts clean of hand-over marks.
+                annotations.remove(ANNOTATION_STEP_DOWN);
+                annotations.remove(ANNOTATION_STEPPED_DOWN_FROM);
                 self.api.replace(name, &PostParams::default(), &lease).await
             }
         };
@@ -275,7 +298,27 @@ impl Leases {
 
     /// Gives the Lease up (holder cleared, CAS): a watching standby takes it at once.
     pub async fn release(&self, name: &str, held: &Lease) -> Result<(), LeaseError> {
+        self.release_with(name, held, false).await
+    }
+
+    /// Gives the Lease up because a drill asked (see [`ANNOTATION_STEP_DOWN`]): the Lease then
+    /// names this node, which lets another node go first.
+    pub async fn step_down(&self, name: &str, held: &Lease) -> Result<(), LeaseError> {
+        self.release_with(name, held, true).await
+    }
+
+    async fn release_with(
+        &self,
+        name: &str,
+        held: &Lease,
+        stepped_down: bool,
+    ) -> Result<(), LeaseError> {
         let mut lease = held.clone();
+        if stepped_down {
+            let a = lease.metadata.annotations.get_or_insert_default();
+            a.remove(ANNOTATION_STEP_DOWN);
+            a.insert(ANNOTATION_STEPPED_DOWN_FROM.into(), self.identity.clone());
+        }
         if let Some(spec) = lease.spec.as_mut() {
             spec.holder_identity = None;
             spec.renew_time = Some(now_micro());

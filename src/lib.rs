@@ -10,12 +10,14 @@
 //! - [`dataplane`]: addresses, announcements and DNAT on this node;
 //! - [`cluster`]: the reflectors;
 //! - [`metrics`]: Prometheus metrics, health and readiness;
-//! - [`speaker`]: wires it all together and shuts it down cleanly.
+//! - [`speaker`]: wires it all together and shuts it down cleanly;
+//! - [`status`], [`drill`]: the operator's commands.
 
 pub mod allocator;
 pub mod cluster;
 pub mod config;
 pub mod dataplane;
+pub mod drill;
 pub mod election;
 pub mod lease;
 pub mod metrics;
@@ -23,3 +25,4 @@ pub mod plan;
 pub mod pool;
 pub mod service;
 pub mod speaker;
+pub mod status;

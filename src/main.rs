@@ -1,14 +1,43 @@
-//! `l2speaker`: parses flags, sets up logging, runs the speaker until SIGTERM or Ctrl-C.
+//! `l2speaker`: parses flags, sets up logging, runs the speaker until SIGTERM or Ctrl-C, or
+//! one of the operator's commands (`status`, `drill`).
+
+use std::process::ExitCode;
 
 use clap::Parser;
-use l2speaker::config::{Config, LogFormat};
+use l2speaker::config::{Cli, Command, Config, LogFormat, Output};
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let config = Config::parse();
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None => speaker(cli.run).await,
+        Some(cmd) => {
+            let client = match kube::Client::try_default().await {
+                Ok(c) => c,
+                Err(e) => return fail(format!("connecting to the API server: {e}")),
+            };
+            match cmd {
+                Command::Status { namespace, output } => status(client, &namespace, output).await,
+                Command::Drill {
+                    service,
+                    count,
+                    namespace,
+                    output,
+                } => drill(client, &service, count, &namespace, output).await,
+            }
+        }
+    }
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("l2speaker: error: {msg}");
+    ExitCode::FAILURE
+}
+
+async fn speaker(config: Config) -> ExitCode {
     if let Err(e) = config.validate() {
         eprintln!("l2speaker: error: {e}");
-        return std::process::ExitCode::from(2);
+        return ExitCode::from(2);
     }
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -23,22 +52,80 @@ async fn main() -> std::process::ExitCode {
         }
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
+            .with_writer(std::io::stderr)
             .with_env_filter(filter)
             .init(),
     }
     let client = match kube::Client::try_default().await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("l2speaker: error: connecting to the API server: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+        Err(e) => return fail(format!("connecting to the API server: {e}")),
     };
     match l2speaker::speaker::run(config, client, shutdown_signal()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("l2speaker: error: {e:#}");
-            std::process::ExitCode::FAILURE
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("{e:#}")),
+    }
+}
+
+async fn status(client: kube::Client, namespace: &str, output: Output) -> ExitCode {
+    match l2speaker::status::fetch(client, namespace).await {
+        Ok(leases) => {
+            let rows = l2speaker::status::rows(&leases, k8s_openapi::jiff::Timestamp::now());
+            match output {
+                Output::Text => print!("{}", l2speaker::status::table(&rows)),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).expect("rows serialize")
+                ),
+            }
+            ExitCode::SUCCESS
         }
+        Err(kube::Error::Api(s)) if s.code == 403 => fail(format!(
+            "not allowed to list Leases in {namespace}: {}",
+            s.message
+        )),
+        Err(e) => fail(format!("listing Leases in {namespace}: {e}")),
+    }
+}
+
+async fn drill(
+    client: kube::Client,
+    service: &str,
+    count: usize,
+    lease_ns: &str,
+    output: Output,
+) -> ExitCode {
+    let (ns, name) = service.split_once('/').unwrap_or(("default", service));
+    let text = output == Output::Text;
+    let mut n = 0;
+    let result = l2speaker::drill::run(client, lease_ns, ns, name, count, |d| {
+        n += 1;
+        if text {
+            println!(
+                "drill {n}: {} {} → {}: outage {} ms (handover {} ms)",
+                d.ip, d.from, d.to, d.outage_ms, d.handover_ms
+            );
+        }
+    })
+    .await;
+    match result {
+        Ok(drills) => {
+            let s = l2speaker::drill::summarize(&drills);
+            match output {
+                Output::Text => println!(
+                    "{} drills: outage p50 {} ms, p99 {} ms, max {} ms",
+                    s.drills, s.p50_ms, s.p99_ms, s.max_ms
+                ),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"drills": drills, "summary": s})
+                    )
+                    .expect("serializes")
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }
 

@@ -344,7 +344,15 @@ impl Coordinator {
             let lease = leases
                 .get(&name)
                 .map(|l| (self.seen[&name].clone(), (**l).clone()));
-            let holder = lease.as_ref().and_then(|(seen, _)| seen.holder.clone());
+            // A node that stepped down lets the others go first.
+            let stepped_down = lease
+                .as_ref()
+                .filter(|(seen, _)| seen.holder.is_none())
+                .and_then(|(_, l)| lease::stepped_down_from(l).map(str::to_string));
+            let holder = lease
+                .as_ref()
+                .and_then(|(seen, _)| seen.holder.clone())
+                .or(stepped_down.clone());
             let order = plan::ranking(*ip, index, &candidates, holder.as_deref());
             let rank = order.iter().position(|n| *n == me).unwrap_or(order.len());
             let absent_since = *self.absent_since.entry(*ip).or_insert(now);
@@ -353,6 +361,7 @@ impl Coordinator {
                 service: svc.key.clone(),
                 eligible,
                 delay: match (&lease, rank) {
+                    _ if stepped_down.as_deref() == Some(me.as_str()) => FAIR_SHARE_WAIT,
                     (_, 0) => Duration::ZERO,
                     (None, r) if held_here >= fair_share => {
                         INITIAL_RANK_STEP * r as u32 + FAIR_SHARE_WAIT

@@ -207,6 +207,32 @@ impl Testbed {
         p
     }
 
+    /// Runs `l2speaker ARGS…` (e.g. `status`, `drill`) on lab host `host` with the lab's
+    /// kubeconfig, to completion: success and what it printed.
+    pub fn l2speaker(&self, host: &str, args: &[&str], timeout: Duration) -> (bool, String) {
+        static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let kubeconfig = self.lab_kubeconfig.to_string_lossy().to_string();
+        let p = self
+            .lab
+            .spawn(
+                host,
+                &format!("cli-{n}"),
+                &self.speaker_bin,
+                args,
+                &[
+                    ("KUBECONFIG", &kubeconfig),
+                    ("L2SPEAKER_NAMESPACE", NAMESPACE),
+                ],
+            )
+            .expect("l2speaker starts");
+        let status = p.wait_timeout(timeout);
+        if status.is_none() {
+            p.kill();
+        }
+        (status.is_some_and(|s| s.success()), p.output())
+    }
+
     pub fn speaker(&self, host: &str) -> Arc<Proc> {
         self.speakers.lock().unwrap()[host].clone()
     }

@@ -713,3 +713,72 @@ async fn endpoint_changes_reach_the_dnat_of_the_owner() {
         "nft accepted every incremental update:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_drill_show_owners_and_measure_planned_handovers_from_the_client() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    let (ip, owner) = web(&tb, "web").await;
+    let node = tb.lab.host(&owner).unwrap().node_name();
+
+    let (ok, out) = tb.l2speaker("client", &["status"], Duration::from_secs(20));
+    assert!(ok, "{out}");
+    let row: Vec<&str> = out
+        .lines()
+        .find(|l| l.starts_with(&ip.to_string()))
+        .expect("a row for the IP")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        &row[..5],
+        [
+            ip.to_string().as_str(),
+            "default/web",
+            node.as_str(),
+            "eth0",
+            tb.lab.mac(&owner).unwrap().as_str()
+        ],
+        "{out}"
+    );
+
+    let (ok, out) = tb.l2speaker(
+        "client",
+        &["drill", "web", "--count", "3", "--output", "json"],
+        Duration::from_secs(120),
+    );
+    assert!(ok, "{out}");
+    let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let drills = json["drills"].as_array().unwrap();
+    assert_eq!(drills.len(), 3);
+    for d in drills {
+        assert_ne!(d["from"], d["to"], "each drill moved the IP: {d}");
+        assert_eq!(d["ip"], ip.to_string());
+    }
+    println!("drills: {}", json["summary"]);
+    let new_owner = tb.wait_owner(ip).await;
+    let last = drills.last().unwrap()["to"].as_str().unwrap().to_string();
+    assert_eq!(
+        tb.lab.host(&new_owner).unwrap().node_name(),
+        last,
+        "the last drill's new owner holds the IP"
+    );
+    let (_, status) = tb.l2speaker("client", &["status"], Duration::from_secs(20));
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with(&ip.to_string()) && l.split_whitespace().last() >= Some("3")),
+        "transitions counted:\n{status}"
+    );
+
+    // Refusals are clear.
+    tb.apply(&service(
+        "pending",
+        "  loadBalancerClass: someone-else\n",
+        "",
+    ))
+    .await;
+    let (ok, out) = tb.l2speaker("client", &["drill", "pending"], Duration::from_secs(20));
+    assert!(
+        !ok && out.contains("Service default/pending has no IP yet"),
+        "{out}"
+    );
+}

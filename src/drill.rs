@@ -1,0 +1,322 @@
+//! `l2speaker drill`: planned handovers, measured from where the command runs. The owner of
+//! each IP is asked to step down (an annotation on its Lease, visible in `kubectl describe
+//! lease`), a TCP connection is tried every 10 ms, and the outage is the time from the first
+//! failed attempt to the next successful one.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, Patch, PatchParams};
+use serde::Serialize;
+use serde_json::json;
+use thiserror::Error;
+use tokio::time::Instant;
+
+use crate::lease::{ANNOTATION_STEP_DOWN, lease_name};
+use crate::service::ServiceInfo;
+
+#[derive(Debug, Error)]
+pub enum DrillError {
+    #[error("Service {0} not found")]
+    NoService(String),
+    #[error("Service {0} has no IP yet (status.loadBalancer.ingress is empty)")]
+    NoIp(String),
+    #[error("Service {0} has no port to probe")]
+    NoPort(String),
+    #[error("no node owns {0} (its Lease has no holder)")]
+    NoOwner(IpAddr),
+    #[error("{0}:{1} does not answer from here, so an outage could not be measured")]
+    Unreachable(IpAddr, u16),
+    #[error(
+        "not allowed to {what}: the drill needs get/list on Services and get/patch on Leases in {namespace} ({source})"
+    )]
+    Forbidden {
+        what: String,
+        namespace: String,
+        source: kube::Error,
+    },
+    #[error("{what}: {source}")]
+    Api { what: String, source: kube::Error },
+    #[error("{0}")]
+    Timeout(String),
+}
+
+fn api_err(what: impl Into<String>, namespace: &str) -> impl FnOnce(kube::Error) -> DrillError {
+    let what = what.into();
+    let namespace = namespace.to_string();
+    move |source| match &source {
+        kube::Error::Api(s) if s.code == 403 || s.code == 401 => DrillError::Forbidden {
+            what,
+            namespace,
+            source,
+        },
+        _ => DrillError::Api { what, source },
+    }
+}
+
+/// One handover.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Drill {
+    pub ip: IpAddr,
+    pub from: String,
+    pub to: String,
+    /// From the step-down request to the Lease naming the new owner.
+    pub handover_ms: u64,
+    /// What the client saw: first failed attempt to the next success (0: none failed).
+    pub outage_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    pub drills: usize,
+    pub p50_ms: u64,
+    pub p99_ms: u64,
+    pub max_ms: u64,
+}
+
+/// Nearest-rank percentile.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+pub fn summarize(drills: &[Drill]) -> Summary {
+    let mut o: Vec<u64> = drills.iter().map(|d| d.outage_ms).collect();
+    o.sort_unstable();
+    Summary {
+        drills: o.len(),
+        p50_ms: percentile(&o, 50.0),
+        p99_ms: percentile(&o, 99.0),
+        max_ms: o.last().copied().unwrap_or(0),
+    }
+}
+
+/// The longest run of failures that started at or after `after` and ended in a success.
+pub fn outage(samples: &[(Duration, bool)], after: Duration) -> Duration {
+    let mut s: Vec<(Duration, bool)> = samples
+        .iter()
+        .copied()
+        .filter(|(t, _)| *t >= after)
+        .collect();
+    s.sort_by_key(|(t, _)| *t);
+    let (mut worst, mut start) = (Duration::ZERO, None);
+    for (t, ok) in s {
+        match (ok, start) {
+            (false, None) => start = Some(t),
+            (true, Some(st)) => {
+                worst = worst.max(t - st);
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    worst
+}
+
+type Samples = Arc<Mutex<Vec<(Duration, bool)>>>;
+
+/// Tries a TCP connection to `target` every 10 ms (200 ms timeout each) until `stop`.
+fn probe(
+    target: SocketAddr,
+    start: Instant,
+    samples: Samples,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut tries = tokio::task::JoinSet::new();
+        while !*stop.borrow() {
+            tick.tick().await;
+            let (samples, at) = (samples.clone(), start.elapsed());
+            tries.spawn(async move {
+                let ok = matches!(
+                    tokio::time::timeout(
+                        Duration::from_millis(200),
+                        tokio::net::TcpStream::connect(target)
+                    )
+                    .await,
+                    Ok(Ok(_))
+                );
+                samples
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((at, ok));
+            });
+            while tries.try_join_next().is_some() {}
+        }
+        while tries.join_next().await.is_some() {}
+    })
+}
+
+async fn holder(leases: &Api<Lease>, ip: IpAddr, ns: &str) -> Result<Option<String>, DrillError> {
+    let l = leases
+        .get_opt(&lease_name(ip))
+        .await
+        .map_err(api_err(format!("read lease {}", lease_name(ip)), ns))?;
+    Ok(l.and_then(|l| l.spec?.holder_identity)
+        .filter(|h| !h.is_empty()))
+}
+
+/// Runs `count` handovers of every IP of Service `namespace/name`.
+pub async fn run(
+    client: kube::Client,
+    lease_ns: &str,
+    namespace: &str,
+    name: &str,
+    count: usize,
+    mut report: impl FnMut(&Drill),
+) -> Result<Vec<Drill>, DrillError> {
+    let svcs: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let key = format!("{namespace}/{name}");
+    let svc = svcs
+        .get_opt(name)
+        .await
+        .map_err(api_err(format!("read Service {key}"), namespace))?
+        .ok_or_else(|| DrillError::NoService(key.clone()))?;
+    let info = ServiceInfo::from_service(&svc);
+    if info.assigned.is_empty() {
+        return Err(DrillError::NoIp(key));
+    }
+    let port = info
+        .ports
+        .first()
+        .map(|p| p.port)
+        .ok_or_else(|| DrillError::NoPort(key.clone()))?;
+    let leases: Api<Lease> = Api::namespaced(client, lease_ns);
+    let mut out = Vec::new();
+    for _ in 0..count {
+        for ip in &info.assigned {
+            let d = one(&leases, lease_ns, *ip, port).await?;
+            report(&d);
+            out.push(d);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    Ok(out)
+}
+
+async fn one(leases: &Api<Lease>, ns: &str, ip: IpAddr, port: u16) -> Result<Drill, DrillError> {
+    let from = holder(leases, ip, ns)
+        .await?
+        .ok_or(DrillError::NoOwner(ip))?;
+    let start = Instant::now();
+    let samples: Samples = Arc::default();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let prober = probe(SocketAddr::new(ip, port), start, samples.clone(), stop_rx);
+    let finish = |stop_tx: tokio::sync::watch::Sender<bool>,
+                  prober: tokio::task::JoinHandle<()>| async move {
+        let _ = stop_tx.send(true);
+        let _ = prober.await;
+    };
+    // A baseline: the IP must answer from here before the drill means anything.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !samples
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|(_, ok)| *ok)
+    {
+        if Instant::now() > deadline {
+            finish(stop_tx, prober).await;
+            return Err(DrillError::Unreachable(ip, port));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let asked = start.elapsed();
+    let patch = json!({"metadata": {"annotations": {ANNOTATION_STEP_DOWN: k8s_openapi::jiff::Timestamp::now().to_string()}}});
+    if let Err(e) = leases
+        .patch(
+            &lease_name(ip),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
+        finish(stop_tx, prober).await;
+        return Err(api_err(format!("annotate lease {}", lease_name(ip)), ns)(e));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (to, handover) = loop {
+        if let Some(h) = holder(leases, ip, ns).await? {
+            if h != from {
+                break (h, start.elapsed() - asked);
+            }
+        }
+        if Instant::now() > deadline {
+            finish(stop_tx, prober).await;
+            return Err(DrillError::Timeout(format!(
+                "{from} did not hand {ip} over within 30 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let changed = start.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while samples
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(t, ok)| *ok && *t > changed)
+        .count()
+        < 10
+    {
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    finish(stop_tx, prober).await;
+    let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(Drill {
+        ip,
+        from,
+        to,
+        handover_ms: handover.as_millis() as u64,
+        outage_ms: outage(&samples, asked).as_millis() as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(
+            (
+                percentile(&v, 50.0),
+                percentile(&v, 99.0),
+                percentile(&v, 100.0)
+            ),
+            (50, 99, 100)
+        );
+        assert_eq!(percentile(&[7], 99.0), 7);
+        assert_eq!(percentile(&[], 50.0), 0);
+    }
+
+    #[test]
+    fn the_outage_runs_from_the_first_failure_after_the_request_to_the_next_success() {
+        let ms = Duration::from_millis;
+        let s = [
+            (ms(0), false),
+            (ms(10), true),
+            (ms(20), false),
+            (ms(30), false),
+            (ms(50), true),
+            (ms(60), false),
+        ];
+        assert_eq!(
+            outage(&s, ms(15)),
+            ms(30),
+            "the failure before the request and the unfinished one at the end do not count"
+        );
+        assert_eq!(outage(&s[..2], ms(5)), Duration::ZERO);
+    }
+}
