@@ -243,10 +243,10 @@ async fn one(leases: &Api<Lease>, ns: &str, ip: IpAddr, port: u16) -> Result<Dri
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     let (to, handover) = loop {
-        if let Some(h) = holder(leases, ip, ns).await? {
-            if h != from {
-                break (h, start.elapsed() - asked);
-            }
+        if let Some(h) = holder(leases, ip, ns).await?
+            && h != from
+        {
+            break (h, start.elapsed() - asked);
         }
         if Instant::now() > deadline {
             finish(stop_tx, prober).await;
