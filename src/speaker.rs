@@ -32,6 +32,8 @@ use crate::service::ServiceInfo;
 
 /// The allocator's own Lease: one speaker assigns IPs at a time.
 pub const ALLOCATOR_LEASE: &str = "l2speaker-allocator";
+/// Passes over all VIPs are at least this far apart.
+pub const PASS_SPACING: Duration = Duration::from_millis(20);
 /// How much later each next-ranked candidate tries to take a Lease that was released or
 /// expired (a takeover: the first-ranked candidate is normally alive and goes at once).
 pub const RANK_STEP: Duration = Duration::from_millis(300);
@@ -219,6 +221,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let started = Instant::now();
         coord.pass().await;
         shared
             .metrics
@@ -227,6 +230,12 @@ pub async fn run(
         tokio::select! {
             _ = changed.changed() => {}
             _ = tick.tick() => {}
+            _ = &mut shutdown => break,
+        }
+        // The first change after a quiet spell is acted on at once; a burst of changes (every
+        // renewal of every Lease is one) is folded into one pass per PASS_SPACING.
+        tokio::select! {
+            _ = tokio::time::sleep_until(started + PASS_SPACING) => {}
             _ = &mut shutdown => break,
         }
     }

@@ -1,0 +1,505 @@
+//! `l2s-bench`: the numbers behind BENCHMARKS.md, measured in the lab. Not a test: it prints
+//! what it measured and writes `<out>/results.json` and `<out>/failover-timeline.svg`.
+//!
+//! Build in release first: `cargo build --release --workspace`, then
+//! `sudo ./target/release/l2s-bench --drills 20 --out bench-results`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use k8s_openapi::api::core::v1::Service;
+use kube::Api;
+use kube::api::PostParams;
+use l2speaker_e2e::lab::probe::{ProbeConfig, Prober};
+use l2speaker_e2e::lab::{Lab, LabConfig, netns};
+use l2speaker_e2e::svg::{Mark, timeline};
+use l2speaker_e2e::testbed::{Testbed, Timing, endpoints, eventually, lab_bin, service};
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug)]
+#[command(about = "Failover, API load, DNAT and footprint benchmarks in the lab")]
+struct Args {
+    /// Drills per failover kind.
+    #[arg(long, default_value_t = 20)]
+    drills: usize,
+    /// Where results.json and the SVG go.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// IP counts for the API-load runs.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    ips: Vec<usize>,
+    /// Only these parts (failover, api, dnat); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+/// A pool only n1 and n2 may announce, and a Service on it whose one pod runs on n3: killing
+/// the owner never kills the pod, so the outage is the failover alone.
+const DRILL_POOL: &str = "apiVersion: l2speaker.io/v1alpha1
+kind: IPPool
+metadata:
+  name: drill
+spec:
+  addresses: [192.0.2.252/30]
+  autoAssign: false
+  nodeSelector: {l2speaker.io/drill: \"yes\"}
+";
+
+fn stats(v: &[u64]) -> Value {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let p = |q: f64| l2speaker::drill::percentile(&s, q);
+    json!({"n": s.len(), "p50_ms": p(50.0), "p99_ms": p(99.0), "max_ms": s.last().copied().unwrap_or(0), "all_ms": v})
+}
+
+async fn drill_bed(timing: Timing) -> (Testbed, IpAddr) {
+    let tb = Testbed::new(vec![0, 0, 1], timing).await;
+    for n in ["node-1", "node-2"] {
+        tb.kubectl
+            .run(&["label", "node", n, "l2speaker.io/drill=yes"])
+            .await
+            .ok();
+    }
+    tb.apply(DRILL_POOL).await;
+    let pods: Vec<_> = tb.lab.pods().cloned().collect();
+    tb.apply(&endpoints("drill", &pods)).await;
+    tb.apply(&service("drill", "", "l2speaker.io/pool: drill"))
+        .await;
+    let ip = tb.wait_ips("default", "drill", 1).await[0];
+    tb.wait_owner(ip).await;
+    (tb, ip)
+}
+
+fn metric_sum(tb: &Testbed, host: &str, prefix: &str) -> f64 {
+    let addr = SocketAddr::new(IpAddr::V4(tb.lab.host(host).unwrap().ipv4), 9473);
+    tb.lab
+        .http_get("client", addr, "/metrics")
+        .map(|(_, body)| {
+            body.lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Hard (link cut + kill) or graceful (SIGTERM) drills; the first one is drawn.
+async fn failover(kind: &str, timing: Timing, n: usize, out: &std::path::Path) -> Value {
+    let (tb, ip) = drill_bed(timing).await;
+    let mut outages = Vec::new();
+    for i in 0..n {
+        let owner = tb.wait_owner(ip).await;
+        let prober = Prober::start(
+            &tb.lab.client().ns,
+            ProbeConfig::new(SocketAddr::new(ip, 80)),
+        )
+        .unwrap();
+        prober
+            .wait_for(Duration::from_secs(10), "answers", |t| t.successes() >= 20)
+            .unwrap();
+        let draw = i == 0;
+        let mut marks = Vec::new();
+        let before: BTreeMap<String, f64> = tb
+            .node_names()
+            .iter()
+            .map(|h| {
+                (
+                    h.clone(),
+                    metric_sum(&tb, h, "l2speaker_announcements_total"),
+                )
+            })
+            .collect();
+        let fault = prober.now();
+        if kind == "hard" {
+            tb.lab.cut_link(&owner).unwrap();
+            tb.speaker(&owner).kill();
+            marks.push(Mark {
+                at: fault,
+                label: format!("{owner}: link cut, speaker killed"),
+                kind: "fault",
+            });
+        } else {
+            tb.speaker(&owner)
+                .signal(nix::sys::signal::Signal::SIGTERM)
+                .unwrap();
+            marks.push(Mark {
+                at: fault,
+                label: format!("{owner}: SIGTERM"),
+                kind: "fault",
+            });
+        }
+        let mut announced = false;
+        let new_owner = eventually(Duration::from_secs(30), "a new owner", async || {
+            if draw && !announced {
+                for h in tb.node_names().iter().filter(|h| **h != owner) {
+                    if metric_sum(&tb, h, "l2speaker_announcements_total") > before[h] {
+                        marks.push(Mark {
+                            at: prober.now(),
+                            label: format!("{h}: first announcement seen"),
+                            kind: "announce",
+                        });
+                        announced = true;
+                    }
+                }
+            }
+            let h = tb.host_of(&tb.holder(ip).await?);
+            (h != owner && tb.bound_on(ip) == [h.clone()]).then_some(h)
+        })
+        .await;
+        if draw {
+            marks.push(Mark {
+                at: prober.now(),
+                label: format!("Lease holder: {new_owner}"),
+                kind: "lease",
+            });
+        }
+        prober
+            .wait_for(Duration::from_secs(20), "answers after", |t| {
+                t.successes_after(fault) >= 30
+            })
+            .unwrap();
+        let t = prober.stop();
+        let outage = t
+            .outages()
+            .into_iter()
+            .filter(|o| o.end > fault)
+            .map(|o| o.duration())
+            .max()
+            .unwrap_or_default();
+        println!(
+            "{kind} drill {} (lease {} s): {owner} → {new_owner}, outage {} ms",
+            i + 1,
+            timing.lease_seconds,
+            outage.as_millis()
+        );
+        outages.push(outage.as_millis() as u64);
+        if draw {
+            for (a, b) in t.neighbors.iter().zip(t.neighbors.iter().skip(1)) {
+                if a.mac != b.mac {
+                    marks.push(Mark {
+                        at: b.at,
+                        label: format!("client ARP → {}", b.mac.clone().unwrap_or("none".into())),
+                        kind: "neighbor",
+                    });
+                }
+            }
+            let attempts: Vec<(Duration, bool)> = t.samples.iter().map(|s| (s.at, s.ok)).collect();
+            let from = fault.saturating_sub(Duration::from_millis(500));
+            let to = t
+                .samples
+                .iter()
+                .filter(|s| s.ok && s.at > fault)
+                .map(|s| s.at)
+                .nth(20)
+                .unwrap_or(fault)
+                + Duration::from_millis(300);
+            let title = format!(
+                "{kind} failover, lease {} s: outage {} ms seen by a client connecting every 10 ms",
+                timing.lease_seconds,
+                outage.as_millis()
+            );
+            let name = format!("failover-{kind}-lease{}s.svg", timing.lease_seconds);
+            std::fs::write(
+                out.join(&name),
+                timeline(&title, &attempts, &marks, from, to),
+            )
+            .unwrap();
+        }
+        if kind == "hard" {
+            tb.lab.heal_link(&owner).unwrap();
+        } else {
+            tb.speaker(&owner).wait_timeout(Duration::from_secs(10));
+        }
+        tb.start_speaker(&owner);
+        let addr = SocketAddr::new(IpAddr::V4(tb.lab.host(&owner).unwrap().ipv4), 9473);
+        eventually(
+            Duration::from_secs(20),
+            "the restarted speaker ready",
+            async || {
+                tb.lab
+                    .http_get("client", addr, "/readyz")
+                    .ok()
+                    .filter(|(c, _)| *c == 200)
+            },
+        )
+        .await;
+    }
+    stats(&outages)
+}
+
+fn counters(tb: &Testbed) -> BTreeMap<String, u64> {
+    tb.lab.api.as_ref().unwrap().server.store.requests()
+}
+
+fn rates(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>, secs: f64) -> BTreeMap<String, f64> {
+    let mut by_verb: BTreeMap<String, f64> = BTreeMap::new();
+    for (k, v) in b {
+        let d = v - a.get(k).copied().unwrap_or(0);
+        if d > 0 {
+            *by_verb
+                .entry(k.split(' ').next().unwrap_or("").to_string())
+                .or_default() += d as f64 / secs;
+        }
+    }
+    by_verb
+        .into_iter()
+        .map(|(k, v)| (k, (v * 10.0).round() / 10.0))
+        .collect()
+}
+
+/// Resident memory (KiB) and CPU seconds of a process.
+fn usage(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    (rss, ticks / 100.0)
+}
+
+fn footprint(tb: &Testbed, window: Duration, during: impl FnOnce()) -> Value {
+    let pids: Vec<(String, u32)> = tb
+        .node_names()
+        .iter()
+        .map(|h| (h.clone(), tb.speaker(h).pid))
+        .collect();
+    let before: Vec<(u64, f64)> = pids.iter().map(|(_, p)| usage(*p)).collect();
+    let t0 = Instant::now();
+    during();
+    std::thread::sleep(window.saturating_sub(t0.elapsed()));
+    let secs = t0.elapsed().as_secs_f64();
+    let per: Vec<Value> = pids
+        .iter()
+        .zip(before)
+        .map(|((h, p), (_, cpu0))| {
+            let (rss, cpu1) = usage(*p);
+            json!({"node": h, "rss_mib": (rss as f64 / 1024.0 * 10.0).round() / 10.0, "cpu_percent": ((cpu1 - cpu0) / secs * 1000.0).round() / 10.0})
+        })
+        .collect();
+    json!(per)
+}
+
+async fn api_load(counts: &[usize]) -> Value {
+    let mut out = Vec::new();
+    for &n in counts {
+        let tb = Testbed::new(vec![0, 0, 0], Timing::DEFAULT).await;
+        tb.apply("apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: many\nspec:\n  addresses: [2001:db8::1:0/112]\n").await;
+        let api: Api<Service> = Api::namespaced(tb.client.clone(), "default");
+        let created = Instant::now();
+        for i in 0..n {
+            let s: Service = serde_yaml::from_str(&service(
+                &format!("s{i}"),
+                "  ipFamilies: [IPv6]\n",
+                "l2speaker.io/pool: many",
+            ))
+            .unwrap();
+            api.create(&PostParams::default(), &s).await.unwrap();
+        }
+        let what = format!("{n} IPs owned");
+        let owned = eventually(Duration::from_secs(600), &what, async || {
+            let leases = l2speaker::status::fetch(tb.client.clone(), "l2speaker-system")
+                .await
+                .ok()?;
+            let held = leases
+                .iter()
+                .filter(|l| {
+                    l.metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|x| x.starts_with("vip-"))
+                        && l.spec
+                            .as_ref()
+                            .and_then(|s| s.holder_identity.as_ref())
+                            .is_some()
+                })
+                .count();
+            (held == n).then_some(())
+        });
+        owned.await;
+        let settle = created.elapsed();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let window = Duration::from_secs(10);
+        let a = counters(&tb);
+        let idle = footprint(&tb, window, || {});
+        let b = counters(&tb);
+        let steady = rates(&a, &b, window.as_secs_f64());
+        // The storm: the node with the most IPs dies.
+        let leases = l2speaker::status::fetch(tb.client.clone(), "l2speaker-system")
+            .await
+            .unwrap();
+        let mut per: BTreeMap<String, usize> = BTreeMap::new();
+        for l in &leases {
+            if let Some(h) = l
+                .spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.clone())
+                .filter(|_| {
+                    l.metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|x| x.starts_with("vip-"))
+                })
+            {
+                *per.entry(h).or_default() += 1;
+            }
+        }
+        let (victim, count) = per
+            .iter()
+            .max_by_key(|(_, c)| **c)
+            .map(|(h, c)| (h.clone(), *c))
+            .unwrap();
+        let victim_host = tb.host_of(&victim);
+        let a = counters(&tb);
+        let storm_start = Instant::now();
+        tb.lab.cut_link(&victim_host).unwrap();
+        tb.speaker(&victim_host).kill();
+        let survivors: Vec<String> = tb
+            .node_names()
+            .into_iter()
+            .filter(|h| *h != victim_host)
+            .collect();
+        let storm_pids: Vec<(String, u32)> = survivors
+            .iter()
+            .map(|h| (h.clone(), tb.speaker(h).pid))
+            .collect();
+        let cpu0: Vec<f64> = storm_pids.iter().map(|(_, p)| usage(*p).1).collect();
+        eventually(
+            Duration::from_secs(600),
+            "every IP of the dead node moved",
+            async || {
+                let leases = l2speaker::status::fetch(tb.client.clone(), "l2speaker-system")
+                    .await
+                    .ok()?;
+                let left = leases
+                    .iter()
+                    .filter(|l| {
+                        l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                            == Some(victim.as_str())
+                    })
+                    .count();
+                (left == 0).then_some(())
+            },
+        )
+        .await;
+        let moved_in = storm_start.elapsed();
+        let storm_secs = moved_in.as_secs_f64().max(0.1);
+        let b = counters(&tb);
+        let storm = rates(&a, &b, storm_secs);
+        let storm_fp: Vec<Value> = storm_pids
+            .iter()
+            .zip(cpu0)
+            .map(|((h, p), c0)| {
+                let (rss, c1) = usage(*p);
+                json!({"node": h, "rss_mib": (rss as f64 / 1024.0 * 10.0).round() / 10.0, "cpu_percent": ((c1 - c0) / storm_secs * 1000.0).round() / 10.0})
+            })
+            .collect();
+        println!(
+            "API load, {n} IPs: settled in {:.1} s; steady {steady:?} req/s; storm ({count} IPs of {victim}) moved in {:.1} s, {storm:?} req/s",
+            settle.as_secs_f64(),
+            moved_in.as_secs_f64()
+        );
+        println!(
+            "  footprint idle {idle}; during the storm {}",
+            json!(storm_fp)
+        );
+        out.push(json!({"ips": n, "settle_s": settle.as_secs_f64(), "steady_req_per_s": steady, "storm": {"ips_moved": count, "moved_in_s": moved_in.as_secs_f64(), "req_per_s": storm}, "footprint_idle": idle, "footprint_storm": storm_fp}));
+    }
+    json!(out)
+}
+
+fn dnat() -> Value {
+    use l2speaker::dataplane::nft::{Dnat, Endpoint, PortMap, desired, render_diff, render_full};
+    use l2speaker::service::Protocol;
+    let lab = Lab::new(LabConfig {
+        api_server: false,
+        ..LabConfig::new(lab_bin(), vec![0])
+    })
+    .expect("a lab (root)");
+    let ns = lab.host("n1").unwrap().ns.clone();
+    let svc = |i: u32, eps: u16| Dnat {
+        vip: IpAddr::V6(std::net::Ipv6Addr::new(
+            0x2001, 0xdb8, 0, 0, 0, 0, 2, i as u16,
+        )),
+        ports: vec![PortMap {
+            protocol: Protocol::Tcp,
+            port: 80,
+            endpoints: (0..eps)
+                .map(|e| Endpoint {
+                    ip: IpAddr::V6(std::net::Ipv6Addr::new(
+                        0x2001, 0xdb8, 0x100, 1, 0, 0, e, i as u16,
+                    )),
+                    port: 8080,
+                    local: e % 2 == 0,
+                })
+                .collect(),
+        }],
+    };
+    let base: Vec<Dnat> = (0..1000).map(|i| svc(i, 3)).collect();
+    let apply = |script: &str| {
+        let t = Instant::now();
+        netns::exec(&ns, "nft", &["-f", "-"], Some(script)).expect("nft accepts the script");
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    let d0 = desired(&base);
+    let full = apply(&render_full(&d0));
+    let mut changed = base.clone();
+    changed[500] = svc(500, 2);
+    let d1 = desired(&changed);
+    let endpoint_change = apply(&render_diff(&d0, &d1).unwrap());
+    let mut more = changed.clone();
+    more.push(svc(1000, 3));
+    let d2 = desired(&more);
+    let new_service = apply(&render_diff(&d1, &d2).unwrap());
+    let resync = apply(&render_full(&d2));
+    let r = json!({"services": 1000, "full_replace_ms": full, "endpoint_change_ms": endpoint_change, "new_service_ms": new_service, "full_resync_ms": resync});
+    println!("DNAT with 1000 Services: {r}");
+    r
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let want = |p: &str| args.only.is_empty() || args.only.iter().any(|o| o == p);
+    std::fs::create_dir_all(&args.out).unwrap();
+    let mut results = json!({
+        "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                    "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+                    "build": if cfg!(debug_assertions) { "debug" } else { "release" }},
+    });
+    if want("failover") {
+        results["failover"] = json!({
+            "hard_fast": failover("hard", Timing::FAST, args.drills, &args.out).await,
+            "hard_default": failover("hard", Timing::DEFAULT, args.drills, &args.out).await,
+            "graceful": failover("graceful", Timing::DEFAULT, args.drills, &args.out).await,
+        });
+    }
+    if want("dnat") {
+        results["dnat"] = tokio::task::spawn_blocking(dnat).await.unwrap();
+    }
+    if want("api") {
+        results["api_load"] = api_load(&args.ips).await;
+    }
+    let path = args.out.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap()).unwrap();
+    println!("{}", serde_json::to_string_pretty(&results).unwrap());
+    println!("written to {}", path.display());
+}
