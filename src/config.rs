@@ -46,8 +46,15 @@ pub enum Command {
     /// Planned handovers of a Service's IPs, probed from here: prints each outage and
     /// p50/p99/max.
     Drill {
-        /// The Service, `NAME` or `NAMESPACE/NAME`.
-        service: String,
+        /// The Service, `NAME` or `NAMESPACE/NAME` (or use --pool).
+        #[arg(required_unless_present = "pool")]
+        service: Option<String>,
+        /// Drill every Service with an IP from this pool instead.
+        #[arg(long, conflicts_with = "service")]
+        pool: Option<String>,
+        /// Write the SVG timeline of the worst drill here.
+        #[arg(long)]
+        svg: Option<std::path::PathBuf>,
         /// How many handovers of each IP.
         #[arg(long, short = 'n', default_value_t = 3)]
         count: usize,

@@ -63,6 +63,14 @@ pub struct Drill {
     pub ip: IpAddr,
     pub from: String,
     pub to: String,
+    /// The attempts (ms since the drill's start, answered) and when the step-down was asked
+    /// and the Lease moved: what the SVG timeline draws.
+    #[serde(skip)]
+    pub attempts: Vec<(Duration, bool)>,
+    #[serde(skip)]
+    pub asked_at: Duration,
+    #[serde(skip)]
+    pub moved_at: Duration,
     /// From the step-down request to the Lease naming the new owner.
     pub handover_ms: u64,
     /// What the client saw: first failed attempt to the next success (0: none failed).
@@ -163,42 +171,125 @@ async fn holder(leases: &Api<Lease>, ip: IpAddr, ns: &str) -> Result<Option<Stri
         .filter(|h| !h.is_empty()))
 }
 
-/// Runs `count` handovers of every IP of Service `namespace/name`.
+/// What to drill: one Service, or every Service with an IP from a pool.
+pub enum Target<'a> {
+    Service { namespace: &'a str, name: &'a str },
+    Pool(&'a str),
+}
+
+/// The (IP, port) pairs to drill.
+async fn targets(
+    client: &kube::Client,
+    target: &Target<'_>,
+) -> Result<Vec<(IpAddr, u16)>, DrillError> {
+    match target {
+        Target::Service { namespace, name } => {
+            let svcs: Api<Service> = Api::namespaced(client.clone(), namespace);
+            let key = format!("{namespace}/{name}");
+            let svc = svcs
+                .get_opt(name)
+                .await
+                .map_err(api_err(format!("read Service {key}"), namespace))?
+                .ok_or_else(|| DrillError::NoService(key.clone()))?;
+            let info = ServiceInfo::from_service(&svc);
+            if info.assigned.is_empty() {
+                return Err(DrillError::NoIp(key));
+            }
+            let port = info
+                .ports
+                .first()
+                .map(|p| p.port)
+                .ok_or(DrillError::NoPort(key))?;
+            Ok(info.assigned.iter().map(|ip| (*ip, port)).collect())
+        }
+        Target::Pool(pool) => {
+            let pools: Api<crate::pool::IPPool> = Api::all(client.clone());
+            let p = pools
+                .get_opt(pool)
+                .await
+                .map_err(api_err(format!("read IPPool {pool}"), "the cluster"))?
+                .ok_or_else(|| DrillError::NoService(format!("IPPool {pool}")))?;
+            let built = crate::pool::Pools::build(vec![crate::pool::PoolInput {
+                name: pool,
+                age_key: String::new(),
+                spec: &p.spec,
+            }]);
+            let svcs: Api<Service> = Api::all(client.clone());
+            let list = svcs
+                .list(&Default::default())
+                .await
+                .map_err(api_err("list Services", "every namespace"))?;
+            let mut out = Vec::new();
+            for s in list.items.iter().map(ServiceInfo::from_service) {
+                let Some(port) = s.ports.first().map(|p| p.port) else {
+                    continue;
+                };
+                out.extend(
+                    s.assigned
+                        .iter()
+                        .filter(|ip| built.pool_of(**ip).is_some())
+                        .map(|ip| (*ip, port)),
+                );
+            }
+            if out.is_empty() {
+                return Err(DrillError::NoIp(format!(
+                    "no Service has an IP from pool {pool}"
+                )));
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Runs `count` handovers of every IP of the target.
 pub async fn run(
     client: kube::Client,
     lease_ns: &str,
-    namespace: &str,
-    name: &str,
+    target: Target<'_>,
     count: usize,
     mut report: impl FnMut(&Drill),
 ) -> Result<Vec<Drill>, DrillError> {
-    let svcs: Api<Service> = Api::namespaced(client.clone(), namespace);
-    let key = format!("{namespace}/{name}");
-    let svc = svcs
-        .get_opt(name)
-        .await
-        .map_err(api_err(format!("read Service {key}"), namespace))?
-        .ok_or_else(|| DrillError::NoService(key.clone()))?;
-    let info = ServiceInfo::from_service(&svc);
-    if info.assigned.is_empty() {
-        return Err(DrillError::NoIp(key));
-    }
-    let port = info
-        .ports
-        .first()
-        .map(|p| p.port)
-        .ok_or_else(|| DrillError::NoPort(key.clone()))?;
+    let ips = targets(&client, &target).await?;
     let leases: Api<Lease> = Api::namespaced(client, lease_ns);
     let mut out = Vec::new();
     for _ in 0..count {
-        for ip in &info.assigned {
-            let d = one(&leases, lease_ns, *ip, port).await?;
+        for (ip, port) in &ips {
+            let d = one(&leases, lease_ns, *ip, *port).await?;
             report(&d);
             out.push(d);
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
     Ok(out)
+}
+
+/// The SVG timeline of one drill.
+pub fn svg(d: &Drill) -> String {
+    use crate::svg::{Mark, timeline};
+    let marks = [
+        Mark {
+            at: d.asked_at,
+            label: format!("{} asked to step down", d.from),
+            kind: "fault",
+        },
+        Mark {
+            at: d.moved_at,
+            label: format!("Lease holder: {}", d.to),
+            kind: "lease",
+        },
+    ];
+    let from = d.asked_at.saturating_sub(Duration::from_millis(300));
+    let to = d
+        .attempts
+        .iter()
+        .map(|(t, _)| *t)
+        .max()
+        .unwrap_or(d.moved_at);
+    let title = format!(
+        "drill of {}: {} → {}, outage {} ms",
+        d.ip, d.from, d.to, d.outage_ms
+    );
+    timeline(&title, &d.attempts, &marks, from, to)
 }
 
 async fn one(leases: &Api<Lease>, ns: &str, ip: IpAddr, port: u16) -> Result<Drill, DrillError> {
@@ -275,10 +366,13 @@ async fn one(leases: &Api<Lease>, ns: &str, ip: IpAddr, port: u16) -> Result<Dri
     let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(Drill {
         ip,
+        outage_ms: outage(&samples, asked).as_millis() as u64,
+        handover_ms: handover.as_millis() as u64,
         from,
         to,
-        handover_ms: handover.as_millis() as u64,
-        outage_ms: outage(&samples, asked).as_millis() as u64,
+        attempts: samples,
+        asked_at: asked,
+        moved_at: changed,
     })
 }
 

@@ -11,7 +11,7 @@
 //! - [`cluster`]: the reflectors;
 //! - [`metrics`]: Prometheus metrics, health and readiness;
 //! - [`speaker`]: wires it all together and shuts it down cleanly;
-//! - [`status`], [`drill`]: the operator's commands.
+//! - [`status`], [`drill`], [`svg`]: the operator's commands and their timeline picture.
 
 pub mod allocator;
 pub mod cluster;
@@ -26,3 +26,4 @@ pub mod pool;
 pub mod service;
 pub mod speaker;
 pub mod status;
+pub mod svg;

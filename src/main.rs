@@ -20,10 +20,23 @@ async fn main() -> ExitCode {
                 Command::Status { namespace, output } => status(client, &namespace, output).await,
                 Command::Drill {
                     service,
+                    pool,
+                    svg,
                     count,
                     namespace,
                     output,
-                } => drill(client, &service, count, &namespace, output).await,
+                } => {
+                    drill(
+                        client,
+                        service.as_deref(),
+                        pool.as_deref(),
+                        svg,
+                        count,
+                        &namespace,
+                        output,
+                    )
+                    .await
+                }
             }
         }
     }
@@ -89,15 +102,25 @@ async fn status(client: kube::Client, namespace: &str, output: Output) -> ExitCo
 
 async fn drill(
     client: kube::Client,
-    service: &str,
+    service: Option<&str>,
+    pool: Option<&str>,
+    svg: Option<std::path::PathBuf>,
     count: usize,
     lease_ns: &str,
     output: Output,
 ) -> ExitCode {
-    let (ns, name) = service.split_once('/').unwrap_or(("default", service));
+    use l2speaker::drill::Target;
+    let target = match (service, pool) {
+        (_, Some(p)) => Target::Pool(p),
+        (Some(s), None) => {
+            let (namespace, name) = s.split_once('/').unwrap_or(("default", s));
+            Target::Service { namespace, name }
+        }
+        (None, None) => return fail("name a Service or a --pool"),
+    };
     let text = output == Output::Text;
     let mut n = 0;
-    let result = l2speaker::drill::run(client, lease_ns, ns, name, count, |d| {
+    let result = l2speaker::drill::run(client, lease_ns, target, count, |d| {
         n += 1;
         if text {
             println!(
@@ -110,6 +133,11 @@ async fn drill(
     match result {
         Ok(drills) => {
             let s = l2speaker::drill::summarize(&drills);
+            if let (Some(path), Some(worst)) = (svg, drills.iter().max_by_key(|d| d.outage_ms)) {
+                if let Err(e) = std::fs::write(&path, l2speaker::drill::svg(worst)) {
+                    return fail(format!("writing {}: {e}", path.display()));
+                }
+            }
             match output {
                 Output::Text => println!(
                     "{} drills: outage p50 {} ms, p99 {} ms, max {} ms",

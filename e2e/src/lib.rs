@@ -7,5 +7,4 @@
 pub mod apiserver;
 pub mod kubectl;
 pub mod lab;
-pub mod svg;
 pub mod testbed;

@@ -740,9 +740,19 @@ async fn status_and_drill_show_owners_and_measure_planned_handovers_from_the_cli
         "{out}"
     );
 
+    let svg = tb.lab.log_dir().join("drill.svg");
     let (ok, out) = tb.l2speaker(
         "client",
-        &["drill", "web", "--count", "3", "--output", "json"],
+        &[
+            "drill",
+            "web",
+            "--count",
+            "3",
+            "--output",
+            "json",
+            "--svg",
+            svg.to_str().unwrap(),
+        ],
         Duration::from_secs(120),
     );
     assert!(ok, "{out}");
@@ -769,6 +779,18 @@ async fn status_and_drill_show_owners_and_measure_planned_handovers_from_the_cli
         "transitions counted:\n{status}"
     );
 
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        picture.starts_with("<svg") && picture.contains("asked to step down"),
+        "the drill drew its timeline"
+    );
+    // A whole pool.
+    let (ok, out) = tb.l2speaker(
+        "client",
+        &["drill", "--pool", "lan", "--count", "1"],
+        Duration::from_secs(60),
+    );
+    assert!(ok && out.contains("1 drills: outage p50"), "{out}");
     // Refusals are clear.
     tb.apply(&service(
         "pending",

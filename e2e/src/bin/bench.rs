@@ -13,9 +13,9 @@ use clap::Parser;
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 use kube::api::PostParams;
+use l2speaker::svg::{Mark, timeline};
 use l2speaker_e2e::lab::probe::{ProbeConfig, Prober};
 use l2speaker_e2e::lab::{Lab, LabConfig, netns};
-use l2speaker_e2e::svg::{Mark, timeline};
 use l2speaker_e2e::testbed::{Testbed, Timing, endpoints, eventually, lab_bin, service};
 use serde_json::{Value, json};
 
