@@ -133,10 +133,10 @@ async fn drill(
     match result {
         Ok(drills) => {
             let s = l2speaker::drill::summarize(&drills);
-            if let (Some(path), Some(worst)) = (svg, drills.iter().max_by_key(|d| d.outage_ms)) {
-                if let Err(e) = std::fs::write(&path, l2speaker::drill::svg(worst)) {
-                    return fail(format!("writing {}: {e}", path.display()));
-                }
+            if let (Some(path), Some(worst)) = (svg, drills.iter().max_by_key(|d| d.outage_ms))
+                && let Err(e) = std::fs::write(&path, l2speaker::drill::svg(worst))
+            {
+                return fail(format!("writing {}: {e}", path.display()));
             }
             match output {
                 Output::Text => println!(
