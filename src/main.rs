@@ -69,11 +69,15 @@ async fn speaker(config: Config) -> ExitCode {
             .with_env_filter(filter)
             .init(),
     }
-    let client = match kube::Client::try_default().await {
+    let kube_config = match kube::Config::infer().await {
         Ok(c) => c,
-        Err(e) => return fail(format!("connecting to the API server: {e}")),
+        Err(e) => {
+            return fail(format!(
+                "finding the API server (in-cluster or KUBECONFIG): {e}"
+            ));
+        }
     };
-    match l2speaker::speaker::run(config, client, shutdown_signal()).await {
+    match l2speaker::speaker::run(config, kube_config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(format!("{e:#}")),
     }

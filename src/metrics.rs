@@ -21,6 +21,18 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerbLabel {
+    /// The HTTP method, or WATCH for watch requests (timed to the response headers).
+    pub verb: String,
+}
+
+fn api_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ])
+}
+
 pub struct Metrics {
     registry: Registry,
     owned: Gauge<i64, AtomicI64>,
@@ -30,6 +42,7 @@ pub struct Metrics {
     announcements: Family<KindLabel, Counter>,
     dataplane_errors: Family<KindLabel, Counter>,
     failover: Histogram,
+    api_latency: Family<VerbLabel, Histogram, fn() -> Histogram>,
     /// Takeovers in progress: when the previous owner's Lease was seen to expire.
     takeovers: Mutex<HashMap<IpAddr, Instant>>,
     pub ready: AtomicBool,
@@ -82,7 +95,15 @@ impl Metrics {
             "From the previous owner's Lease seen expired (or released) to our first announcement",
             failover.clone(),
         );
+        let api_latency =
+            Family::<VerbLabel, Histogram, fn() -> Histogram>::new_with_constructor(api_histogram);
+        registry.register(
+            "api_request_duration_seconds",
+            "API server requests, by verb, until the response headers",
+            api_latency.clone(),
+        );
         Metrics {
+            api_latency,
             registry,
             owned,
             acquisitions,
@@ -155,6 +176,14 @@ impl Metrics {
             .inc();
     }
 
+    pub fn api_request(&self, verb: &str, took: std::time::Duration) {
+        self.api_latency
+            .get_or_create(&VerbLabel {
+                verb: verb.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -185,4 +214,62 @@ pub async fn serve(addr: SocketAddr, metrics: std::sync::Arc<Metrics>) -> std::i
         );
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
+}
+
+/// A tower layer for the kube client that times every API request into
+/// `l2speaker_api_request_duration_seconds`.
+#[derive(Clone)]
+pub struct TimedLayer(pub std::sync::Arc<Metrics>);
+
+impl<S> tower::Layer<S> for TimedLayer {
+    type Service = Timed<S>;
+    fn layer(&self, inner: S) -> Timed<S> {
+        Timed {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Timed<S> {
+    inner: S,
+    metrics: std::sync::Arc<Metrics>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Timed<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let watch = req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+        let verb = if watch {
+            "WATCH".to_string()
+        } else {
+            req.method().as_str().to_string()
+        };
+        let metrics = self.metrics.clone();
+        let started = std::time::Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let r = fut.await;
+            metrics.api_request(&verb, started.elapsed());
+            r
+        })
+    }
 }

@@ -157,10 +157,14 @@ struct VipTask {
 /// Runs the speaker until `shutdown` resolves, then withdraws and releases everything.
 pub async fn run(
     config: Config,
-    client: Client,
+    kube_config: kube::Config,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    // Every API request is timed into l2speaker_api_request_duration_seconds.
+    let client: Client = kube::client::ClientBuilder::try_from(kube_config)?
+        .with_layer(&crate::metrics::TimedLayer(metrics.clone()))
+        .build();
     let metrics_addr = config.metrics_address;
     let m = metrics.clone();
     tokio::spawn(async move {

@@ -301,7 +301,13 @@ fn metric(tb: &Testbed, host: &str, name: &str) -> f64 {
 async fn hard_failure(timing: Timing) {
     let tb = Testbed::new(vec![1, 1, 0], timing).await;
     let (ip, owner) = web(&tb, "web").await;
-    assert_eq!(metric(&tb, &owner, "l2speaker_owned_ips"), 1.0);
+    // The gauge follows the bind by a moment.
+    eventually(
+        Duration::from_secs(5),
+        "the owner's owned_ips gauge at 1",
+        async || (metric(&tb, &owner, "l2speaker_owned_ips") == 1.0).then_some(()),
+    )
+    .await;
     let others: Vec<String> = tb
         .node_names()
         .into_iter()
@@ -386,6 +392,22 @@ async fn hard_failure(timing: Timing) {
             &new_owner,
             "l2speaker_announcements_total{kind=\"arp_reply\"}"
         ) >= 1.0
+    );
+    assert!(
+        metric(
+            &tb,
+            &new_owner,
+            "l2speaker_api_request_duration_seconds_count{verb=\"PUT\"}"
+        ) >= 1.0,
+        "Lease writes are timed"
+    );
+    assert!(
+        metric(
+            &tb,
+            &new_owner,
+            "l2speaker_api_request_duration_seconds_count{verb=\"WATCH\"}"
+        ) >= 1.0,
+        "watches are timed"
     );
 }
 
