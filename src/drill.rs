@@ -24,12 +24,12 @@ pub enum DrillError {
     NoService(String),
     #[error("Service {0} has no IP yet (status.loadBalancer.ingress is empty)")]
     NoIp(String),
-    #[error("Service {0} has no port to probe")]
-    NoPort(String),
+    #[error("cannot probe {0} with ICMP (needs CAP_NET_RAW): {1}")]
+    Icmp(IpAddr, std::io::Error),
     #[error("no node owns {0} (its Lease has no holder)")]
     NoOwner(IpAddr),
-    #[error("{0}:{1} does not answer from here, so an outage could not be measured")]
-    Unreachable(IpAddr, u16),
+    #[error("{0} does not answer from here ({1:?}), so an outage could not be measured")]
+    Unreachable(IpAddr, Probe),
     #[error(
         "not allowed to {what}: the drill needs get/list on Services and get/patch on Leases in {namespace} ({source})"
     )]
@@ -129,28 +129,66 @@ pub fn outage(samples: &[(Duration, bool)], after: Duration) -> Duration {
 
 type Samples = Arc<Mutex<Vec<(Duration, bool)>>>;
 
-/// Tries a TCP connection to `target` every 10 ms (200 ms timeout each) until `stop`.
+/// How an attempt is made: a TCP connection to the Service's port, or an ICMP echo (the
+/// owner's kernel answers for a bound VIP) when nothing answers on that port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Tcp(u16),
+    Icmp,
+}
+
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Makes an attempt every 10 ms until `stop`.
 fn probe(
-    target: SocketAddr,
+    ip: IpAddr,
+    how: Probe,
     start: Instant,
     samples: Samples,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+) -> Result<tokio::task::JoinHandle<()>, std::io::Error> {
+    let icmp = match how {
+        Probe::Icmp => {
+            let kind = if ip.is_ipv4() {
+                surge_ping::ICMP::V4
+            } else {
+                surge_ping::ICMP::V6
+            };
+            let config = surge_ping::Config::builder()
+                .kind(kind)
+                .sock_type_hint(socket2::Type::RAW)
+                .build();
+            Some(Arc::new(surge_ping::Client::new(&config)?))
+        }
+        Probe::Tcp(_) => None,
+    };
+    Ok(tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         let mut tries = tokio::task::JoinSet::new();
+        let ident = surge_ping::PingIdentifier(std::process::id() as u16);
+        let mut seq: u16 = 0;
         while !*stop.borrow() {
             tick.tick().await;
-            let (samples, at) = (samples.clone(), start.elapsed());
+            let (samples, at, icmp) = (samples.clone(), start.elapsed(), icmp.clone());
+            seq = seq.wrapping_add(1);
+            let sequence = surge_ping::PingSequence(seq);
             tries.spawn(async move {
-                let ok = matches!(
-                    tokio::time::timeout(
-                        Duration::from_millis(200),
-                        tokio::net::TcpStream::connect(target)
-                    )
-                    .await,
-                    Ok(Ok(_))
-                );
+                let ok = match (how, icmp) {
+                    (Probe::Tcp(port), _) => matches!(
+                        tokio::time::timeout(
+                            ATTEMPT_TIMEOUT,
+                            tokio::net::TcpStream::connect(SocketAddr::new(ip, port))
+                        )
+                        .await,
+                        Ok(Ok(_))
+                    ),
+                    (Probe::Icmp, Some(client)) => {
+                        let mut pinger = client.pinger(ip, ident).await;
+                        pinger.timeout(ATTEMPT_TIMEOUT);
+                        pinger.ping(sequence, &[0u8; 16]).await.is_ok()
+                    }
+                    (Probe::Icmp, None) => false,
+                };
                 samples
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -159,7 +197,7 @@ fn probe(
             while tries.try_join_next().is_some() {}
         }
         while tries.join_next().await.is_some() {}
-    })
+    }))
 }
 
 async fn holder(leases: &Api<Lease>, ip: IpAddr, ns: &str) -> Result<Option<String>, DrillError> {
@@ -177,11 +215,11 @@ pub enum Target<'a> {
     Pool(&'a str),
 }
 
-/// The (IP, port) pairs to drill.
+/// The IPs to drill, and how to probe each.
 async fn targets(
     client: &kube::Client,
     target: &Target<'_>,
-) -> Result<Vec<(IpAddr, u16)>, DrillError> {
+) -> Result<Vec<(IpAddr, Probe)>, DrillError> {
     match target {
         Target::Service { namespace, name } => {
             let svcs: Api<Service> = Api::namespaced(client.clone(), namespace);
@@ -195,12 +233,11 @@ async fn targets(
             if info.assigned.is_empty() {
                 return Err(DrillError::NoIp(key));
             }
-            let port = info
+            let how = info
                 .ports
                 .first()
-                .map(|p| p.port)
-                .ok_or(DrillError::NoPort(key))?;
-            Ok(info.assigned.iter().map(|ip| (*ip, port)).collect())
+                .map_or(Probe::Icmp, |p| Probe::Tcp(p.port));
+            Ok(info.assigned.iter().map(|ip| (*ip, how)).collect())
         }
         Target::Pool(pool) => {
             let pools: Api<crate::pool::IPPool> = Api::all(client.clone());
@@ -221,14 +258,12 @@ async fn targets(
                 .map_err(api_err("list Services", "every namespace"))?;
             let mut out = Vec::new();
             for s in list.items.iter().map(ServiceInfo::from_service) {
-                let Some(port) = s.ports.first().map(|p| p.port) else {
-                    continue;
-                };
+                let how = s.ports.first().map_or(Probe::Icmp, |p| Probe::Tcp(p.port));
                 out.extend(
                     s.assigned
                         .iter()
                         .filter(|ip| built.pool_of(**ip).is_some())
-                        .map(|ip| (*ip, port)),
+                        .map(|ip| (*ip, how)),
                 );
             }
             if out.is_empty() {
@@ -249,12 +284,20 @@ pub async fn run(
     count: usize,
     mut report: impl FnMut(&Drill),
 ) -> Result<Vec<Drill>, DrillError> {
-    let ips = targets(&client, &target).await?;
+    let mut ips = targets(&client, &target).await?;
     let leases: Api<Lease> = Api::namespaced(client, lease_ns);
     let mut out = Vec::new();
     for _ in 0..count {
-        for (ip, port) in &ips {
-            let d = one(&leases, lease_ns, *ip, *port).await?;
+        for (ip, how) in ips.iter_mut() {
+            let d = match one(&leases, lease_ns, *ip, *how).await {
+                // No TCP answer (no endpoints, or the port is closed): ICMP, which the owner's
+                // kernel answers for the bound VIP. Nothing was asked of the owner yet.
+                Err(DrillError::Unreachable(_, Probe::Tcp(_))) => {
+                    *how = Probe::Icmp;
+                    one(&leases, lease_ns, *ip, Probe::Icmp).await?
+                }
+                r => r?,
+            };
             report(&d);
             out.push(d);
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -292,14 +335,15 @@ pub fn svg(d: &Drill) -> String {
     timeline(&title, &d.attempts, &marks, from, to)
 }
 
-async fn one(leases: &Api<Lease>, ns: &str, ip: IpAddr, port: u16) -> Result<Drill, DrillError> {
+async fn one(leases: &Api<Lease>, ns: &str, ip: IpAddr, how: Probe) -> Result<Drill, DrillError> {
     let from = holder(leases, ip, ns)
         .await?
         .ok_or(DrillError::NoOwner(ip))?;
     let start = Instant::now();
     let samples: Samples = Arc::default();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let prober = probe(SocketAddr::new(ip, port), start, samples.clone(), stop_rx);
+    let prober =
+        probe(ip, how, start, samples.clone(), stop_rx).map_err(|e| DrillError::Icmp(ip, e))?;
     let finish = |stop_tx: tokio::sync::watch::Sender<bool>,
                   prober: tokio::task::JoinHandle<()>| async move {
         let _ = stop_tx.send(true);
@@ -315,7 +359,7 @@ async fn one(leases: &Api<Lease>, ns: &str, ip: IpAddr, port: u16) -> Result<Dri
     {
         if Instant::now() > deadline {
             finish(stop_tx, prober).await;
-            return Err(DrillError::Unreachable(ip, port));
+            return Err(DrillError::Unreachable(ip, how));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -86,6 +86,7 @@ pub async fn run(
                 }
                 let result = match stopping {
                     Stop::Gone => {
+                        info!(ip = %ip, lease = %name, "the IP left every Service: deleting its lease");
                         shared
                             .leases
                             .delete(
@@ -130,7 +131,17 @@ pub async fn run(
                         {
                             Ok(l) => {
                                 shared.metrics.lease_acquired(ip, &v);
-                                owned = Some(take(&shared, ip, &v.service, iface, l).await);
+                                // Whom we take over from, for the Service's event.
+                                let previous = v.lease.as_ref().and_then(|(seen, l)| {
+                                    seen.holder
+                                        .clone()
+                                        .or_else(|| lease::stepped_down_from(l).map(str::to_string))
+                                });
+                                let previous = previous.filter(|p| *p != me);
+                                owned = Some(
+                                    take(&shared, ip, &v.service, iface, l, previous.as_deref())
+                                        .await,
+                                );
                             }
                             Err(LeaseError::Lost(_)) => {
                                 // Someone else moved first; our watch will show who.
@@ -155,23 +166,44 @@ pub async fn run(
                 }
             }
             Some(o) => {
-                let lost_reason = match (&v.eligible, &v.lease) {
+                let mut lost_reason = match (&v.eligible, &v.lease) {
                     (Err(why), _) => Some(format!("no longer eligible: {why}")),
                     (Ok(i), _) if i.index != o.iface.index => {
                         Some(format!("interface changed to {}", i.name))
                     }
-                    (_, None) => Some("the lease was deleted".into()),
-                    (_, Some((seen, l)))
-                        if seen.holder.as_deref() != Some(&me)
-                            && l.metadata.resource_version != o.lease.metadata.resource_version =>
-                    {
-                        Some(format!(
-                            "the lease moved to {}",
-                            seen.holder.as_deref().unwrap_or("nobody")
-                        ))
-                    }
                     _ => None,
                 };
+                let lease_looks_lost = match &v.lease {
+                    None => true,
+                    Some((seen, l)) => {
+                        seen.holder.as_deref() != Some(&me)
+                            && l.metadata.resource_version != o.lease.metadata.resource_version
+                    }
+                };
+                if lost_reason.is_none() && lease_looks_lost {
+                    // The watch may not have delivered our own last write yet (right after we
+                    // took the Lease it still shows the old one): ask the API server before
+                    // giving the IP up. If it cannot be asked, the renewal decides.
+                    match shared.leases.get(&name).await {
+                        Ok(Some(l))
+                            if l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                                == Some(me.as_str()) =>
+                        {
+                            o.lease = l;
+                        }
+                        Ok(Some(l)) => {
+                            let to = l
+                                .spec
+                                .and_then(|s| s.holder_identity)
+                                .unwrap_or_else(|| "nobody".into());
+                            lost_reason = Some(format!("the lease moved to {to}"));
+                        }
+                        Ok(None) => lost_reason = Some("the lease was deleted".into()),
+                        Err(e) => {
+                            warn!(ip = %ip, lease = %name, error = %e, "could not check the lease")
+                        }
+                    }
+                }
                 // A drill asked us to hand over: withdraw, then release naming ourselves.
                 if let Some((_, l)) = &v.lease
                     && lease::step_down_requested(l)
@@ -266,6 +298,7 @@ async fn take(
     service: &str,
     iface: Interface,
     lease: Lease,
+    previous: Option<&str>,
 ) -> Owned {
     let now = Instant::now();
     if let Err(e) = shared
@@ -281,7 +314,7 @@ async fn take(
     let announcing = Arc::new(AtomicBool::new(true));
     tokio::spawn(burst(shared.clone(), ip, iface.clone(), announcing.clone()));
     info!(ip = %ip, service = %service, interface = %iface.name, "owner: bound and announcing");
-    shared.record_announce(ip, service, &iface).await;
+    shared.record_announce(ip, service, &iface, previous).await;
     Owned {
         lease,
         iface,

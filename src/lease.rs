@@ -204,6 +204,17 @@ impl Leases {
         &self.identity
     }
 
+    /// Reads the Lease from the API server (not the cache).
+    pub async fn get(&self, name: &str) -> Result<Option<Lease>, LeaseError> {
+        self.api
+            .get_opt(name)
+            .await
+            .map_err(|source| LeaseError::Api {
+                name: name.into(),
+                source,
+            })
+    }
+
     /// Takes the Lease: POST if `current` is None, else a PUT with `current`'s
     /// resourceVersion. 409 → [`LeaseError::Lost`].
     pub async fn acquire(

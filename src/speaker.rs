@@ -131,18 +131,32 @@ impl Shared {
         }
     }
 
-    /// Event on the Service: which node announces which IP via which interface.
-    pub async fn record_announce(&self, ip: IpAddr, service: &str, iface: &Interface) {
+    /// Event on the Service: which node announces which IP via which interface, and whom it
+    /// took the IP over from (a failover or a planned handover).
+    pub async fn record_announce(
+        &self,
+        ip: IpAddr,
+        service: &str,
+        iface: &Interface,
+        previous: Option<&str>,
+    ) {
         if let Some(r) = self.service_ref(service) {
             let mac = iface
                 .mac
                 .map(|m| dataplane::packet::format_mac(&m))
                 .unwrap_or_default();
-            let note = format!(
+            let mut note = format!(
                 "{} announces {ip} via {} ({mac})",
                 self.config.node_name, iface.name
             );
-            self.event(&r, EventType::Normal, "Announcing", note, "Announce")
+            let reason = match previous {
+                Some(p) => {
+                    note.push_str(&format!(", taking over from {p}"));
+                    "FailedOver"
+                }
+                None => "Announcing",
+            };
+            self.event(&r, EventType::Normal, reason, note, "Announce")
                 .await;
         }
     }
@@ -683,6 +697,7 @@ async fn allocate_once(shared: &Arc<Shared>, reported: &mut HashSet<(String, Str
             .and_then(|s| s.holder_identity.as_deref())
             .is_none_or(str::is_empty);
         if free {
+            info!(lease = %name, "deleting the lease of an IP no Service has");
             let _ = shared
                 .leases
                 .delete(&name, l.metadata.resource_version.as_deref().unwrap_or(""))

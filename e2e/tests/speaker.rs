@@ -68,6 +68,13 @@ async fn a_service_gets_a_pool_ip_that_exactly_one_node_answers_for() {
 
     let want: BTreeSet<String> = pods(&tb).iter().map(|p| p.name.clone()).collect();
     let answers = reaches(&tb, ip, &want).await;
+    for n in tb.node_names() {
+        let log = tb.speaker(&n).output();
+        assert!(
+            !log.contains("withdrawn"),
+            "no node took the IP and gave it up again (a flap):\n{log}"
+        );
+    }
     println!("via {ip} (owner {owner}): {answers:?}");
 
     let lease = tb
@@ -409,6 +416,16 @@ async fn hard_failure(timing: Timing) {
         ) >= 1.0,
         "watches are timed"
     );
+    let old_node = tb.lab.host(&owner).unwrap().node_name();
+    let events = eventually(Duration::from_secs(10), "a FailedOver event", async || {
+        let out = tb.kubectl.run(&["describe", "svc", "web"]).await.ok();
+        out.contains("FailedOver").then_some(out)
+    })
+    .await;
+    assert!(
+        events.contains(&format!("taking over from {old_node}")),
+        "{events}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -460,6 +477,13 @@ async fn a_gracefully_stopped_owner_hands_over_well_within_the_lease_duration() 
 async fn a_killed_speakers_address_expires_by_itself_and_a_restart_leaves_nothing_stale() {
     let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
     let (ip, owner) = web(&tb, "web").await;
+    // The owner binds first and programs DNAT right after: wait for both before the kill.
+    eventually(
+        Duration::from_secs(10),
+        "the owner's DNAT rules",
+        async || tb.rules(&owner).contains(&ip.to_string()).then_some(()),
+    )
+    .await;
     tb.speaker(&owner).kill();
     eventually(
         Duration::from_secs(10),
@@ -810,6 +834,16 @@ async fn status_and_drill_show_owners_and_measure_planned_handovers_from_the_cli
     let (ok, out) = tb.l2speaker(
         "client",
         &["drill", "--pool", "lan", "--count", "1"],
+        Duration::from_secs(60),
+    );
+    assert!(ok && out.contains("1 drills: outage p50"), "{out}");
+    // A Service whose port nobody answers is probed with ICMP instead.
+    tb.apply(&service("silent", "", "")).await;
+    tb.wait_owner(tb.wait_ips("default", "silent", 1).await[0])
+        .await;
+    let (ok, out) = tb.l2speaker(
+        "client",
+        &["drill", "silent", "--count", "1"],
         Duration::from_secs(60),
     );
     assert!(ok && out.contains("1 drills: outage p50"), "{out}");
