@@ -187,6 +187,25 @@ impl Pools {
         out
     }
 
+    /// [`Pools::build`] over IPPool objects as the API returns them (age: creationTimestamp).
+    pub fn from_objects(objects: &[std::sync::Arc<IPPool>]) -> Pools {
+        Pools::build(
+            objects
+                .iter()
+                .map(|p| PoolInput {
+                    name: p.metadata.name.as_deref().unwrap_or(""),
+                    age_key: p
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map(|t| t.0.to_string())
+                        .unwrap_or_default(),
+                    spec: &p.spec,
+                })
+                .collect(),
+        )
+    }
+
     pub fn pool_of(&self, ip: IpAddr) -> Option<&Pool> {
         self.pools.iter().find(|p| p.contains(ip))
     }

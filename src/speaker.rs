@@ -27,7 +27,7 @@ use crate::election::{self, Stop, VipView};
 use crate::lease::{self, Candidate, Description, Leases, Seen};
 use crate::metrics::Metrics;
 use crate::plan;
-use crate::pool::{PoolInput, Pools};
+use crate::pool::Pools;
 use crate::service::ServiceInfo;
 
 /// The allocator's own Lease: one speaker assigns IPs at a time.
@@ -298,22 +298,7 @@ impl Coordinator {
             Err(e) => warn!(error = %e, "could not list interfaces"),
         }
         let now = Instant::now();
-        let pool_objs = s.cluster.pools.state();
-        let pools = Pools::build(
-            pool_objs
-                .iter()
-                .map(|p| PoolInput {
-                    name: p.metadata.name.as_deref().unwrap_or(""),
-                    age_key: p
-                        .metadata
-                        .creation_timestamp
-                        .as_ref()
-                        .map(|t| t.0.to_string())
-                        .unwrap_or_default(),
-                    spec: &p.spec,
-                })
-                .collect(),
-        );
+        let pools = Pools::from_objects(&s.cluster.pools.state());
         let services: Vec<ServiceInfo> = s
             .services()
             .into_iter()
@@ -553,21 +538,7 @@ async fn allocator_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 /// and deletes Leases of IPs no Service has any more.
 async fn allocate_once(shared: &Arc<Shared>, reported: &mut HashSet<(String, String)>) {
     let pool_objs = shared.cluster.pools.state();
-    let pools = Pools::build(
-        pool_objs
-            .iter()
-            .map(|p| PoolInput {
-                name: p.metadata.name.as_deref().unwrap_or(""),
-                age_key: p
-                    .metadata
-                    .creation_timestamp
-                    .as_ref()
-                    .map(|t| t.0.to_string())
-                    .unwrap_or_default(),
-                spec: &p.spec,
-            })
-            .collect(),
-    );
+    let pools = Pools::from_objects(&pool_objs);
     for r in &pools.rejected {
         if reported.insert((format!("pool/{}", r.name), r.reason.clone())) {
             warn!(pool = %r.name, reason = %r.reason, "IPPool rejected");

@@ -322,6 +322,22 @@ impl Testbed {
         .await
     }
 
+    /// If another node than `old` holds `ip` and is the only one with it bound: that host.
+    pub async fn other_owner(&self, ip: IpAddr, old: &str) -> Option<String> {
+        let host = self.host_of(&self.holder(ip).await?);
+        (host != old && self.bound_on(ip) == [host.clone()]).then_some(host)
+    }
+
+    /// Waits until a node other than `old` owns `ip` (see [`Testbed::other_owner`]).
+    pub async fn wait_new_owner(&self, ip: IpAddr, old: &str) -> String {
+        eventually(
+            Duration::from_secs(30),
+            &format!("a new owner of {ip}"),
+            async || self.other_owner(ip, old).await,
+        )
+        .await
+    }
+
     /// The lab host (`n1`) whose Kubernetes name is `node`.
     pub fn host_of(&self, node: &str) -> String {
         self.lab

@@ -346,12 +346,7 @@ async fn hard_failure(timing: Timing) {
     let fault = prober.now();
     tb.lab.cut_link(&owner).unwrap();
     tb.speaker(&owner).kill();
-    let new_owner = eventually(Duration::from_secs(20), "another owner", async || {
-        let holder = tb.holder(ip).await?;
-        let host = tb.host_of(&holder);
-        (host != owner && tb.bound_on(ip) == [host.clone()]).then_some(host)
-    })
-    .await;
+    let new_owner = tb.wait_new_owner(ip, &owner).await;
     prober
         .wait_for(Duration::from_secs(20), "answers after the failover", |t| {
             t.successes_after(fault) >= 20
@@ -847,6 +842,23 @@ async fn status_and_drill_show_owners_and_measure_planned_handovers_from_the_cli
         Duration::from_secs(60),
     );
     assert!(ok && out.contains("1 drills: outage p50"), "{out}");
+    // Without permission to patch Leases, the drill says what it needs.
+    tb.lab
+        .api
+        .as_ref()
+        .unwrap()
+        .server
+        .forbid("patch", "leases.coordination.k8s.io");
+    let (ok, out) = tb.l2speaker(
+        "client",
+        &["drill", "web", "--count", "1"],
+        Duration::from_secs(30),
+    );
+    assert!(
+        !ok && out.contains("not allowed to annotate lease")
+            && out.contains("get/patch on Leases in l2speaker-system"),
+        "{out}"
+    );
     // Refusals are clear.
     tb.apply(&service(
         "pending",

@@ -43,6 +43,26 @@ impl Default for Config {
 pub struct Server {
     pub store: Store,
     pub config: Config,
+    /// `"<verb> <resource>"` pairs answered 403 Forbidden, as RBAC would (tests of refusals).
+    pub forbidden: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl Server {
+    pub fn new(config: Config) -> Self {
+        Server {
+            store: Store::new(),
+            config,
+            forbidden: Default::default(),
+        }
+    }
+
+    /// Answers `verb` on `resource` (`patch leases.coordination.k8s.io`) with 403 from now on.
+    pub fn forbid(&self, verb: &str, resource: &str) {
+        self.forbidden
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(format!("{verb} {resource}"));
+    }
 }
 
 pub fn router(server: Arc<Server>) -> Router {
@@ -300,6 +320,14 @@ fn resource(
         counted.plural = format!("{}/status", rt.plural);
     }
     s.store.count_request(verb, &counted);
+    let key = format!("{verb} {}", counted.qualified());
+    if s.forbidden
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&key)
+    {
+        return error_response(&ApiError::forbidden(verb, &counted, t.namespace.as_deref()));
+    }
     let name = t.name.as_deref().unwrap_or("");
     let as_table = table::wanted(
         headers

@@ -44,10 +44,7 @@ impl Drop for Running {
 
 /// Serves one store on every listener given (e.g. loopback for tests and a lab address).
 pub fn serve(config: Config, listeners: Vec<std::net::TcpListener>) -> std::io::Result<Running> {
-    let server = Arc::new(Server {
-        store: store::Store::new(),
-        config,
-    });
+    let server = Arc::new(Server::new(config));
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
     for l in listeners {

@@ -109,6 +109,22 @@ impl ApiError {
         )
     }
 
+    /// 403, worded as RBAC words it.
+    pub fn forbidden(verb: &str, rt: &ResourceType, namespace: Option<&str>) -> Self {
+        let scope = match namespace {
+            Some(ns) => format!("in the namespace \"{ns}\""),
+            None => "at the cluster scope".to_string(),
+        };
+        Self::new(
+            403,
+            "Forbidden",
+            format!(
+                "{} is forbidden: User \"system:anonymous\" cannot {verb} resource \"{}\" in API group \"{}\" {scope}",
+                rt.plural, rt.plural, rt.group
+            ),
+        )
+    }
+
     pub fn method_not_allowed(method: &str) -> Self {
         Self::new(
             405,

@@ -145,8 +145,7 @@ async fn failover(kind: &str, timing: Timing, n: usize, out: &std::path::Path) -
                     }
                 }
             }
-            let h = tb.host_of(&tb.holder(ip).await?);
-            (h != owner && tb.bound_on(ip) == [h.clone()]).then_some(h)
+            tb.other_owner(ip, &owner).await
         })
         .await;
         if draw {

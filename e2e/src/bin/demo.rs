@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use l2speaker_e2e::lab::probe::{ProbeConfig, Prober};
-use l2speaker_e2e::testbed::{Testbed, Timing, endpoints, eventually, service};
+use l2speaker_e2e::testbed::{Testbed, Timing, endpoints, service};
 
 async fn show(tb: &Testbed, args: &[&str]) {
     println!("\n$ kubectl {}", args.join(" "));
@@ -96,11 +96,7 @@ async fn main() -> std::process::ExitCode {
         eprintln!("l2s-demo: error: {e}");
         return std::process::ExitCode::FAILURE;
     }
-    let new_owner = eventually(Duration::from_secs(30), "a new owner", async || {
-        let h = tb.host_of(&tb.holder(ip).await?);
-        (h != owner && tb.bound_on(ip) == [h.clone()]).then_some(h)
-    })
-    .await;
+    let new_owner = tb.wait_new_owner(ip, &owner).await;
     if prober
         .wait_for(Duration::from_secs(20), "answers after the failover", |t| {
             t.successes_after(fault) >= 20
