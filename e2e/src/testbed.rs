@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 
 use crate::kubectl::Kubectl;
+use crate::lab::probe::{ProbeConfig, Prober};
 use crate::lab::{Lab, LabConfig, Pod, Proc, arp, netns};
 
 pub const NAMESPACE: &str = "l2speaker-system";
@@ -336,6 +337,20 @@ impl Testbed {
             async || self.other_owner(ip, old).await,
         )
         .await
+    }
+
+    /// A prober from the client to `ip:80`, once it has seen 20 answers (the baseline).
+    pub fn probe(&self, ip: IpAddr) -> Result<Prober, crate::lab::LabError> {
+        let prober = Prober::start(
+            &self.lab.client().ns,
+            ProbeConfig::new(std::net::SocketAddr::new(ip, 80)),
+        )?;
+        prober.wait_for(
+            Duration::from_secs(10),
+            &format!("answers from {ip} before the fault"),
+            |t| t.successes() >= 20,
+        )?;
+        Ok(prober)
     }
 
     /// The lab host (`n1`) whose Kubernetes name is `node`.

@@ -258,7 +258,7 @@ async fn local_traffic_policy_puts_the_ip_on_a_node_with_a_local_endpoint_and_ke
     );
 }
 
-use l2speaker_e2e::lab::probe::{ProbeConfig, Prober, Timeline};
+use l2speaker_e2e::lab::probe::Timeline;
 
 /// A Service over every pod, its IP and its owner.
 async fn web(tb: &Testbed, name: &str) -> (IpAddr, String) {
@@ -270,13 +270,7 @@ async fn web(tb: &Testbed, name: &str) -> (IpAddr, String) {
 }
 
 fn report(what: &str, t: &Timeline, after: Duration) -> Duration {
-    let outage = t
-        .outages()
-        .into_iter()
-        .filter(|o| o.end > after)
-        .map(|o| o.duration())
-        .max()
-        .unwrap_or_default();
+    let outage = t.outage_after(after);
     let (ok, failed) = (t.successes_after(after), t.failures_after(after));
     println!(
         "{what}: outage {} ms ({ok} answers and {failed} failures after the fault)",
@@ -333,16 +327,7 @@ async fn hard_failure(timing: Timing) {
             .unwrap();
         assert_eq!(ready.0, 200, "{n} is ready");
     }
-    let prober = Prober::start(
-        &tb.lab.client().ns,
-        ProbeConfig::new(SocketAddr::new(ip, 80)),
-    )
-    .unwrap();
-    prober
-        .wait_for(Duration::from_secs(10), "answers before the fault", |t| {
-            t.successes() >= 20
-        })
-        .unwrap();
+    let prober = tb.probe(ip).unwrap();
     let fault = prober.now();
     tb.lab.cut_link(&owner).unwrap();
     tb.speaker(&owner).kill();
@@ -427,16 +412,7 @@ async fn hard_failure(timing: Timing) {
 async fn a_gracefully_stopped_owner_hands_over_well_within_the_lease_duration() {
     let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
     let (ip, owner) = web(&tb, "web").await;
-    let prober = Prober::start(
-        &tb.lab.client().ns,
-        ProbeConfig::new(SocketAddr::new(ip, 80)),
-    )
-    .unwrap();
-    prober
-        .wait_for(Duration::from_secs(10), "answers before the stop", |t| {
-            t.successes() >= 20
-        })
-        .unwrap();
+    let prober = tb.probe(ip).unwrap();
     let stop = prober.now();
     let speaker = tb.speaker(&owner);
     speaker.signal(nix::sys::signal::Signal::SIGTERM).unwrap();

@@ -14,7 +14,6 @@ use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 use kube::api::PostParams;
 use l2speaker::svg::{Mark, timeline};
-use l2speaker_e2e::lab::probe::{ProbeConfig, Prober};
 use l2speaker_e2e::lab::{Lab, LabConfig, netns};
 use l2speaker_e2e::testbed::{Testbed, Timing, endpoints, eventually, lab_bin, service};
 use serde_json::{Value, json};
@@ -92,14 +91,7 @@ async fn failover(kind: &str, timing: Timing, n: usize, out: &std::path::Path) -
     let mut outages = Vec::new();
     for i in 0..n {
         let owner = tb.wait_owner(ip).await;
-        let prober = Prober::start(
-            &tb.lab.client().ns,
-            ProbeConfig::new(SocketAddr::new(ip, 80)),
-        )
-        .unwrap();
-        prober
-            .wait_for(Duration::from_secs(10), "answers", |t| t.successes() >= 20)
-            .unwrap();
+        let prober = tb.probe(ip).unwrap();
         let draw = i == 0;
         let mut marks = Vec::new();
         let before: BTreeMap<String, f64> = tb
@@ -161,13 +153,7 @@ async fn failover(kind: &str, timing: Timing, n: usize, out: &std::path::Path) -
             })
             .unwrap();
         let t = prober.stop();
-        let outage = t
-            .outages()
-            .into_iter()
-            .filter(|o| o.end > fault)
-            .map(|o| o.duration())
-            .max()
-            .unwrap_or_default();
+        let outage = t.outage_after(fault);
         println!(
             "{kind} drill {} (lease {} s): {owner} → {new_owner}, outage {} ms",
             i + 1,

@@ -107,13 +107,7 @@ async fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     let t = prober.stop();
-    let outage = t
-        .outages()
-        .into_iter()
-        .filter(|o| o.end > fault)
-        .map(|o| o.duration())
-        .max()
-        .unwrap_or_default();
+    let outage = t.outage_after(fault);
     println!(
         "  {owner} → {new_owner}; the client's connection attempts every 10 ms failed from the first to the last miss:"
     );

@@ -119,6 +119,16 @@ impl Timeline {
         out
     }
 
+    /// The longest outage that ended after `t` (a fault at `t`); zero if none.
+    pub fn outage_after(&self, t: Duration) -> Duration {
+        self.outages()
+            .into_iter()
+            .filter(|o| o.end > t)
+            .map(|o| o.duration())
+            .max()
+            .unwrap_or_default()
+    }
+
     pub fn longest_outage(&self) -> Option<Duration> {
         self.outages().iter().map(Outage::duration).max()
     }
