@@ -353,6 +353,26 @@ async fn kubectl_suite(minor: u32) {
         .expect("get -w prints the lease")
         .unwrap();
     assert_eq!(first.as_deref(), Some("node-1"));
+    // kubectl prints the object it got, then watches from resourceVersion 0 and skips the
+    // watch's first (initial) event as the one it printed: a change made before its watch
+    // starts would be skipped with it (kubectl's race, on real clusters too). So the change
+    // waits for the watch.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while server
+        .server
+        .store
+        .requests()
+        .get("watch leases.coordination.k8s.io")
+        .copied()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kubectl get -w never watched"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let leases = Api::<Lease>::namespaced(client.clone(), "default");
     let mut l = leases.get("vip-192-0-2-200").await.unwrap();
     l.spec.as_mut().unwrap().holder_identity = Some("node-2".into());

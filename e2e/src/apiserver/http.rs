@@ -112,6 +112,7 @@ async fn handle(
         .filter(|s| !s.is_empty())
         .collect();
     let query = parse_query(&uri);
+    tracing::debug!(method = %method, uri = %uri, "request");
     match (method.clone(), segs.as_slice()) {
         (Method::GET, ["version"]) => json_response(200, &version(&s.config)),
         (Method::GET, ["healthz" | "readyz" | "livez"]) => Response::new(Body::from("ok")),
