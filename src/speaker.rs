@@ -662,12 +662,17 @@ async fn allocate_once(shared: &Arc<Shared>, reported: &mut HashSet<(String, Str
         if !name.starts_with("vip-") || vips.contains(&name) {
             continue;
         }
-        let free = l
-            .spec
-            .as_ref()
-            .and_then(|s| s.holder_identity.as_deref())
-            .is_none_or(str::is_empty);
-        if free {
+        let spec = l.spec.clone().unwrap_or_default();
+        let free = spec.holder_identity.as_deref().is_none_or(str::is_empty);
+        // A holder that died with its Service gone leaves a Lease nobody renews. It is only
+        // garbage (no Service has the IP), so wall-clock staleness is enough to clean it up:
+        // twice the duration without a renewal. The delete is CAS on the resourceVersion.
+        let stale = spec.renew_time.as_ref().is_some_and(|r| {
+            let age_ms =
+                k8s_openapi::jiff::Timestamp::now().as_millisecond() - r.0.as_millisecond();
+            age_ms > 2 * 1000 * i64::from(spec.lease_duration_seconds.unwrap_or(0))
+        });
+        if free || stale {
             info!(lease = %name, "deleting the lease of an IP no Service has");
             let _ = shared
                 .leases

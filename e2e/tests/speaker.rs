@@ -848,3 +848,19 @@ async fn status_and_drill_show_owners_and_measure_planned_handovers_from_the_cli
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_left_by_a_dead_owner_of_a_deleted_service_is_cleaned_up() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::FAST).await;
+    let (ip, owner) = web(&tb, "web").await;
+    tb.lab.cut_link(&owner).unwrap();
+    tb.speaker(&owner).kill();
+    tb.kubectl.run(&["delete", "svc", "web"]).await.ok();
+    eventually(
+        Duration::from_secs(30),
+        "the orphaned lease deleted",
+        async || tb.lease(ip).await.is_none().then_some(()),
+    )
+    .await;
+    assert!(tb.bound_on(ip).is_empty(), "nobody kept the IP");
+}
