@@ -225,23 +225,7 @@ mod tests {
     }
 
     fn svc(name: &str, created: &str) -> ServiceInfo {
-        ServiceInfo {
-            key: format!("default/{name}"),
-            namespace: "default".into(),
-            name: name.into(),
-            uid: String::new(),
-            created: created.into(),
-            load_balancer: true,
-            class: None,
-            requested: vec![],
-            bad_requests: vec![],
-            pool: None,
-            want_v4: true,
-            want_v6: false,
-            assigned: vec![],
-            local_traffic: false,
-            ports: vec![],
-        }
+        crate::service::fixture(name, created)
     }
 
     fn ip(s: &str) -> IpAddr {

@@ -1,7 +1,7 @@
 //! Pure decisions a speaker takes from its caches: which IPs are VIPs, whether this node may
 //! announce one and on which interface, who goes first, and where the traffic goes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
@@ -82,22 +82,33 @@ pub fn node_may_announce(
     Ok(())
 }
 
-/// The EndpointSlices of a Service.
+/// EndpointSlices by Service (`namespace/name`), indexed once so each VIP finds its own
+/// without scanning them all.
+pub fn slices_by_service(
+    all: &[std::sync::Arc<EndpointSlice>],
+) -> HashMap<String, Vec<&EndpointSlice>> {
+    let mut by: HashMap<String, Vec<&EndpointSlice>> = HashMap::new();
+    for s in all {
+        let name = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"));
+        if let (Some(ns), Some(name)) = (s.metadata.namespace.as_deref(), name) {
+            by.entry(format!("{ns}/{name}"))
+                .or_default()
+                .push(s.as_ref());
+        }
+    }
+    by
+}
+
+/// The EndpointSlices of a Service, from the index.
 pub fn slices_of<'a>(
     svc: &ServiceInfo,
-    all: &'a [std::sync::Arc<EndpointSlice>],
+    index: &HashMap<String, Vec<&'a EndpointSlice>>,
 ) -> Vec<&'a EndpointSlice> {
-    all.iter()
-        .filter(|s| {
-            s.metadata.namespace.as_deref() == Some(svc.namespace.as_str())
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("kubernetes.io/service-name"))
-                    == Some(&svc.name)
-        })
-        .map(|s| s.as_ref())
-        .collect()
+    index.get(&svc.key).cloned().unwrap_or_default()
 }
 
 fn ready(ep: &k8s_openapi::api::discovery::v1::Endpoint) -> bool {
@@ -210,17 +221,6 @@ mod tests {
 
     fn svc(local: bool, assigned: &[&str]) -> ServiceInfo {
         ServiceInfo {
-            key: "default/web".into(),
-            namespace: "default".into(),
-            name: "web".into(),
-            uid: String::new(),
-            created: "1".into(),
-            load_balancer: true,
-            class: None,
-            requested: vec![],
-            bad_requests: vec![],
-            pool: None,
-            want_v4: true,
             want_v6: true,
             assigned: assigned.iter().map(|s| s.parse().unwrap()).collect(),
             local_traffic: local,
@@ -229,6 +229,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 port: 80,
             }],
+            ..crate::service::fixture("web", "1")
         }
     }
 
@@ -315,6 +316,17 @@ mod tests {
             node_may_announce("node-3", &BTreeMap::new(), p, &svc(true, &[]), &slices).is_err()
         );
         assert!(node_may_announce("node-2", &BTreeMap::new(), p, &svc(true, &[]), &slices).is_ok());
+    }
+
+    #[test]
+    fn slices_are_found_by_their_services_namespace_and_name() {
+        let sl = std::sync::Arc::new(slice());
+        let mut other = slice();
+        other.metadata.namespace = Some("elsewhere".into());
+        let all = [sl, std::sync::Arc::new(other)];
+        let index = slices_by_service(&all);
+        assert_eq!(slices_of(&svc(false, &[]), &index).len(), 1);
+        assert!(slices_of(&crate::service::fixture("nope", "1"), &index).is_empty());
     }
 
     #[test]

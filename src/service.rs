@@ -163,6 +163,28 @@ impl ServiceInfo {
     }
 }
 
+/// A plain IPv4 LoadBalancer Service `default/NAME` without ports or IPs, for tests.
+#[cfg(test)]
+pub fn fixture(name: &str, created: &str) -> ServiceInfo {
+    ServiceInfo {
+        key: format!("default/{name}"),
+        namespace: "default".into(),
+        name: name.into(),
+        uid: String::new(),
+        created: created.into(),
+        load_balancer: true,
+        class: None,
+        requested: vec![],
+        bad_requests: vec![],
+        pool: None,
+        want_v4: true,
+        want_v6: false,
+        assigned: vec![],
+        local_traffic: false,
+        ports: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

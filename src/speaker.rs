@@ -32,6 +32,8 @@ use crate::service::ServiceInfo;
 
 /// The allocator's own Lease: one speaker assigns IPs at a time.
 pub const ALLOCATOR_LEASE: &str = "l2speaker-allocator";
+/// How stale the interface list may get (a lost carrier is noticed within this).
+pub const INTERFACE_REFRESH: Duration = Duration::from_millis(250);
 /// Passes over all VIPs are at least this far apart.
 pub const PASS_SPACING: Duration = Duration::from_millis(20);
 /// How much later each next-ranked candidate tries to take a Lease that was released or
@@ -83,11 +85,12 @@ impl Shared {
         let owned = self.owned.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let services = self.services();
         let slices = self.cluster.slices.state();
+        let by_service = plan::slices_by_service(&slices);
         let entries: Vec<Dnat> = owned
             .iter()
             .filter_map(|(ip, key)| {
                 let svc = services.iter().find(|s| &s.key == key)?;
-                let mine = plan::slices_of(svc, &slices);
+                let mine = plan::slices_of(svc, &by_service);
                 Some(Dnat {
                     vip: *ip,
                     ports: plan::port_maps(*ip, svc, &mine, &self.config.node_name),
@@ -278,6 +281,7 @@ struct Coordinator {
     seen: HashMap<String, Seen>,
     absent_since: HashMap<IpAddr, Instant>,
     interfaces: Vec<Interface>,
+    interfaces_read: Option<Instant>,
 }
 
 impl Coordinator {
@@ -288,16 +292,27 @@ impl Coordinator {
             seen: HashMap::new(),
             absent_since: HashMap::new(),
             interfaces: Vec::new(),
+            interfaces_read: None,
         }
     }
 
     async fn pass(&mut self) {
         let s = self.shared.clone();
-        match s.dataplane.addrs.interfaces().await {
-            Ok(i) => self.interfaces = i,
-            Err(e) => warn!(error = %e, "could not list interfaces"),
-        }
         let now = Instant::now();
+        // Interfaces (carrier, subnets) are re-read at most every INTERFACE_REFRESH, not on
+        // every pass: passes follow every Lease renewal.
+        if self
+            .interfaces_read
+            .is_none_or(|t| now - t >= INTERFACE_REFRESH)
+        {
+            match s.dataplane.addrs.interfaces().await {
+                Ok(i) => {
+                    self.interfaces = i;
+                    self.interfaces_read = Some(now);
+                }
+                Err(e) => warn!(error = %e, "could not list interfaces"),
+            }
+        }
         let pools = Pools::from_objects(&s.cluster.pools.state());
         let services: Vec<ServiceInfo> = s
             .services()
@@ -306,6 +321,7 @@ impl Coordinator {
             .collect();
         let vips = plan::vips(&services, &pools);
         let slices = s.cluster.slices.state();
+        let by_service = plan::slices_by_service(&slices);
         let nodes = s.cluster.nodes.state();
         let me = s.config.node_name.clone();
         let my_labels = nodes
@@ -338,7 +354,7 @@ impl Coordinator {
         let fair_share = vips.len().div_ceil(node_count);
         for (ip, (svc, pool)) in vips.iter() {
             let index = pool.offset(*ip).unwrap_or(0);
-            let svc_slices = plan::slices_of(svc, &slices);
+            let svc_slices = plan::slices_of(svc, &by_service);
             let eligible = plan::node_may_announce(&me, &my_labels, pool, svc, &svc_slices)
                 .and_then(|()| plan::interface_for(*ip, pool, &self.interfaces));
             let mut candidates: BTreeSet<String> = nodes

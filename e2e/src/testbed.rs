@@ -353,6 +353,19 @@ impl Testbed {
         Ok(prober)
     }
 
+    /// `kubectl describe svc NAME` once it shows `text` (an Event reason, say).
+    pub async fn wait_describe_svc(&self, svc: &str, text: &str) -> String {
+        eventually(
+            Duration::from_secs(20),
+            &format!("{text:?} in describe svc {svc}"),
+            async || {
+                let out = self.kubectl.run(&["describe", "svc", svc]).await.ok();
+                out.contains(text).then_some(out)
+            },
+        )
+        .await
+    }
+
     /// The lab host (`n1`) whose Kubernetes name is `node`.
     pub fn host_of(&self, node: &str) -> String {
         self.lab

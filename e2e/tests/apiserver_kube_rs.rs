@@ -28,6 +28,20 @@ fn server(cap: Option<Duration>) -> (Running, kube::Client) {
     (s, c)
 }
 
+fn lease(name: &str, holder: Option<&str>) -> Lease {
+    Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: holder.map(str::to_string),
+            lease_duration_seconds: Some(3),
+            ..Default::default()
+        }),
+    }
+}
+
 fn cm(name: &str, v: &str) -> ConfigMap {
     serde_json::from_value(json!({"metadata": {"name": name}, "data": {"v": v}})).unwrap()
 }
@@ -167,17 +181,7 @@ async fn crud_round_trips_and_errors_carry_reason_and_code() {
 async fn lease_put_without_resource_version_is_invalid() {
     let (_s, client) = server(None);
     let leases: Api<Lease> = Api::namespaced(client, "default");
-    let lease = Lease {
-        metadata: kube::api::ObjectMeta {
-            name: Some("l".into()),
-            ..Default::default()
-        },
-        spec: Some(LeaseSpec {
-            holder_identity: Some("n1".into()),
-            lease_duration_seconds: Some(3),
-            ..Default::default()
-        }),
-    };
+    let lease = lease("l", Some("n1"));
     leases.create(&PostParams::default(), &lease).await.unwrap();
     assert_eq!(
         api_error(
@@ -570,16 +574,7 @@ async fn custom_resources_work_once_their_crd_exists() {
 async fn fifty_concurrent_puts_with_one_resource_version_have_exactly_one_winner() {
     let (_s, client) = server(None);
     let leases: Api<Lease> = Api::namespaced(client, "default");
-    let lease = Lease {
-        metadata: kube::api::ObjectMeta {
-            name: Some("vip".into()),
-            ..Default::default()
-        },
-        spec: Some(LeaseSpec {
-            lease_duration_seconds: Some(3),
-            ..Default::default()
-        }),
-    };
+    let lease = lease("vip", None);
     let base = leases.create(&PostParams::default(), &lease).await.unwrap();
     let tries = (0..50).map(|i| {
         let leases = leases.clone();

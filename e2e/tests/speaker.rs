@@ -101,7 +101,9 @@ async fn a_service_gets_a_pool_ip_that_exactly_one_node_answers_for() {
             "describe lease shows {want:?}:\n{lease}"
         );
     }
-    let events = tb.kubectl.run(&["describe", "svc", "web"]).await.ok();
+    let events = tb
+        .wait_describe_svc("web", &format!("{node} announces {ip} via eth0"))
+        .await;
     assert!(
         events.contains(&format!("{node} announces {ip} via eth0")),
         "the Service's events say who announces:\n{events}"
@@ -186,15 +188,7 @@ async fn hostile_requests_get_an_event_and_nothing_is_bound() {
     tb.apply(&service("fine", "", "")).await;
     tb.wait_ips("default", "fine", 1).await;
     for (svc, reason) in [("outside", "IPNotInPool"), ("nodeip", "IPIsNodeAddress")] {
-        let out = eventually(
-            Duration::from_secs(20),
-            &format!("a {reason} event on {svc}"),
-            async || {
-                let out = tb.kubectl.run(&["describe", "svc", svc]).await.ok();
-                out.contains(reason).then_some(out)
-            },
-        )
-        .await;
+        let out = tb.wait_describe_svc(svc, reason).await;
         assert!(out.contains("Warning"), "{out}");
         let ips = tb
             .kubectl
@@ -397,11 +391,7 @@ async fn hard_failure(timing: Timing) {
         "watches are timed"
     );
     let old_node = tb.lab.host(&owner).unwrap().node_name();
-    let events = eventually(Duration::from_secs(10), "a FailedOver event", async || {
-        let out = tb.kubectl.run(&["describe", "svc", "web"]).await.ok();
-        out.contains("FailedOver").then_some(out)
-    })
-    .await;
+    let events = tb.wait_describe_svc("web", "FailedOver").await;
     assert!(
         events.contains(&format!("taking over from {old_node}")),
         "{events}"

@@ -277,14 +277,8 @@ impl Lab {
             let ns = format!("{}-{name}", self.id);
             self.add_ns(&ns)?;
             let port = format!("p-{name}");
-            netns::ip(
-                &sw,
-                &[
-                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-                ],
-            )?;
-            netns::ip(&sw, &["link", "set", &port, "master", "br0", "up"])?;
-            netns::ip(&ns, &["link", "set", "eth0", "up"])?;
+            netns::veth(&sw, &port, &ns)?;
+            netns::ip(&sw, &["link", "set", &port, "master", "br0"])?;
             let (v4, v6) = (lan_v4(octet), lan_v6(octet));
             netns::ip(&ns, &["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
             netns::ip(
@@ -341,14 +335,7 @@ impl Lab {
             let pod_ns = format!("{ns}p{j}");
             self.add_ns(&pod_ns)?;
             let dev = format!("vp{j}");
-            netns::ip(
-                &ns,
-                &[
-                    "link", "add", &dev, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns,
-                ],
-            )?;
-            netns::ip(&ns, &["link", "set", &dev, "up"])?;
-            netns::ip(&pod_ns, &["link", "set", "eth0", "up"])?;
+            netns::veth(&ns, &dev, &pod_ns)?;
             let (p4, p6) = (pod_v4(i, 2 + j), pod_v6(i, 2 + j));
             // Node side: the gateway address, and a host route to the pod.
             netns::ip(&ns, &["addr", "add", &format!("{gw4}/32"), "dev", &dev])?;

@@ -32,13 +32,22 @@ fn run(cmd: &mut Command) -> Result<String, NetnsError> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| NetnsError::Spawn {
-            cmd: shown.clone(),
-            source,
-        })?;
+        .map_err(spawn_error(&shown))?;
+    stdout_of(shown, out)
+}
+
+fn spawn_error(cmd: &str) -> impl Fn(std::io::Error) -> NetnsError + '_ {
+    move |source| NetnsError::Spawn {
+        cmd: cmd.to_string(),
+        source,
+    }
+}
+
+/// The output of a finished command, or its stderr as the error.
+fn stdout_of(cmd: String, out: std::process::Output) -> Result<String, NetnsError> {
     if !out.status.success() {
         return Err(NetnsError::Command {
-            cmd: shown,
+            cmd,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
@@ -61,6 +70,19 @@ pub fn list() -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A veth pair: `name` in `ns`, its peer `eth0` in `peer_ns`, both up.
+pub fn veth(ns: &str, name: &str, peer_ns: &str) -> Result<(), NetnsError> {
+    ip(
+        ns,
+        &[
+            "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", peer_ns,
+        ],
+    )?;
+    ip(ns, &["link", "set", name, "up"])?;
+    ip(peer_ns, &["link", "set", "eth0", "up"])?;
+    Ok(())
 }
 
 /// `ip -n <ns> ARGS…`.
@@ -181,30 +203,13 @@ pub fn exec(
         Stdio::null()
     });
     let shown = format!("{program} {} (in {ns})", args.join(" "));
-    let mut child = cmd.spawn().map_err(|source| NetnsError::Spawn {
-        cmd: shown.clone(),
-        source,
-    })?;
+    let mut child = cmd.spawn().map_err(spawn_error(&shown))?;
     if let Some(text) = input {
         let mut stdin = child.stdin.take().expect("piped");
         stdin
             .write_all(text.as_bytes())
-            .map_err(|source| NetnsError::Spawn {
-                cmd: shown.clone(),
-                source,
-            })?;
+            .map_err(spawn_error(&shown))?;
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| NetnsError::Spawn {
-            cmd: shown.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(NetnsError::Command {
-            cmd: shown,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = child.wait_with_output().map_err(spawn_error(&shown))?;
+    stdout_of(shown, out)
 }
