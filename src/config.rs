@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::ownership::timing::Timing;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -76,13 +78,14 @@ pub struct Config {
     #[arg(long, env = "L2SPEAKER_NAMESPACE", default_value = "l2speaker-system")]
     pub namespace: String,
     /// Lease duration in whole seconds: how long a silent owner keeps an IP.
-    #[arg(long, env = "L2SPEAKER_LEASE_DURATION", default_value = "3", value_parser = parse_seconds)]
+    #[arg(long, env = "L2SPEAKER_LEASE_DURATION", default_value = "4", value_parser = parse_seconds)]
     pub lease_duration: Duration,
     /// How often the owner renews, in milliseconds.
     #[arg(long, env = "L2SPEAKER_RENEW_INTERVAL", default_value = "1000", value_parser = parse_millis)]
     pub renew_interval: Duration,
-    /// An owner that could not renew for this long (ms) withdraws the IP (self-fencing).
-    /// Must be below the lease duration, so it withdraws before anyone may take over.
+    /// An owner whose last successful renewal was *sent* this long ago (ms) withdraws the IP
+    /// (self-fencing). Must be below the lease duration, so it withdraws before anyone may
+    /// take over.
     #[arg(long, env = "L2SPEAKER_RENEW_DEADLINE", default_value = "2000", value_parser = parse_millis)]
     pub renew_deadline: Duration,
     /// The `spec.loadBalancerClass` this speaker serves.
@@ -138,20 +141,17 @@ impl Config {
                     .into(),
             );
         }
-        if !(self.renew_interval < self.renew_deadline && self.renew_deadline < self.lease_duration)
-        {
-            return Err(format!(
-                "need renew interval ({:?}) < renew deadline ({:?}) < lease duration ({:?})",
-                self.renew_interval, self.renew_deadline, self.lease_duration
-            ));
-        }
+        self.timing().check()?;
         Ok(())
     }
 
-    /// The valid lifetime given to a bound VIP: the renew deadline, rounded up to whole
-    /// seconds, so a dead speaker's address is gone by the time its Lease can be taken.
-    pub fn address_lifetime(&self) -> Duration {
-        Duration::from_secs(self.renew_deadline.as_millis().div_ceil(1000) as u64)
+    /// The Lease holders' timings.
+    pub fn timing(&self) -> Timing {
+        Timing {
+            lease: self.lease_duration,
+            renew_interval: self.renew_interval,
+            renew_deadline: self.renew_deadline,
+        }
     }
 }
 
@@ -168,18 +168,17 @@ mod tests {
     }
 
     #[test]
-    fn defaults_and_the_fast_profile_are_valid() {
+    fn the_defaults_are_valid_and_the_old_fast_profile_is_refused() {
         let c = parse(&["--node-name", "node-1"]).unwrap();
         assert_eq!(
             (c.lease_duration, c.renew_interval, c.renew_deadline),
             (
-                Duration::from_secs(3),
+                Duration::from_secs(4),
                 Duration::from_secs(1),
                 Duration::from_secs(2)
             )
         );
-        assert_eq!(c.address_lifetime(), Duration::from_secs(2));
-        let f = parse(&[
+        let e = parse(&[
             "--node-name",
             "n",
             "--lease-duration",
@@ -189,14 +188,25 @@ mod tests {
             "--renew-deadline",
             "750",
         ])
+        .unwrap_err();
+        assert!(e.contains("no safe address lifetime"), "{e}");
+        parse(&[
+            "--node-name",
+            "n",
+            "--lease-duration",
+            "3",
+            "--renew-interval",
+            "500",
+            "--renew-deadline",
+            "1500",
+        ])
         .unwrap();
-        assert_eq!(f.address_lifetime(), Duration::from_secs(1));
     }
 
     #[test]
     fn timings_out_of_order_or_a_missing_node_name_are_refused() {
         assert!(
-            parse(&["--node-name", "n", "--renew-deadline", "3000"])
+            parse(&["--node-name", "n", "--renew-deadline", "4000"])
                 .unwrap_err()
                 .contains("renew deadline")
         );

@@ -19,6 +19,8 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use thiserror::Error;
 use tokio::time::Instant;
 
+use crate::ownership::machine::Observed;
+
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "l2speaker";
 /// The IP, spelled as a label value (`192-0-2-200`, `2001-db8--200`).
@@ -60,68 +62,23 @@ pub fn label_value(ip: IpAddr) -> String {
     ip.to_string().replace(['.', ':'], "-")
 }
 
-/// What a speaker knows about a Lease from its watch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Seen {
-    pub holder: Option<String>,
-    pub resource_version: String,
-    pub duration: Duration,
-    /// When we saw it change last (our clock).
-    pub since: Instant,
-}
-
-impl Seen {
-    /// Fills `since`: kept if the Lease has not changed since `prev`, else `now`.
-    pub fn observe(lease: &Lease, prev: Option<&Seen>, now: Instant) -> Seen {
-        let rv = lease.metadata.resource_version.clone().unwrap_or_default();
-        let spec = lease.spec.clone().unwrap_or_default();
-        let since = match prev {
-            Some(p) if p.resource_version == rv => p.since,
-            _ => now,
-        };
-        Seen {
-            holder: spec.holder_identity.filter(|h| !h.is_empty()),
-            resource_version: rv,
-            duration: Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64),
-            since,
-        }
-    }
-
-    pub fn expires_at(&self) -> Instant {
-        self.since + self.duration
-    }
-}
-
-/// What a speaker that does not own a VIP should do next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Candidate {
-    /// Try to take the Lease now.
-    Acquire,
-    /// The Lease names us (we restarted): take it back with a CAS write now.
-    Adopt,
-    /// Nothing before this moment (unless the Lease changes).
-    WaitUntil(Instant),
-}
-
-/// The candidate's decision. `absent_since` is when the VIP was first seen without a Lease;
-/// `delay` staggers candidates by rank so the preferred one goes first.
-pub fn candidate(
-    seen: Option<&Seen>,
-    me: &str,
-    now: Instant,
-    absent_since: Instant,
-    delay: Duration,
-) -> Candidate {
-    let at = match seen {
-        None => absent_since + delay,
-        Some(s) if s.holder.as_deref() == Some(me) => return Candidate::Adopt,
-        Some(s) if s.holder.is_none() => s.since + delay,
-        Some(s) => s.expires_at() + delay,
+/// What this speaker sees of `lease`: `since` is kept from `prev` while the Lease has not
+/// changed (same resourceVersion), else it is `now`. Expiry counts from `since` on our own
+/// clock.
+pub fn observe(lease: &Lease, prev: Option<&Observed>, now: Instant) -> Observed {
+    let rv = lease.metadata.resource_version.clone().unwrap_or_default();
+    let spec = lease.spec.clone().unwrap_or_default();
+    let since = match prev {
+        Some(p) if p.resource_version == rv => p.since,
+        _ => now,
     };
-    if now >= at {
-        Candidate::Acquire
-    } else {
-        Candidate::WaitUntil(at)
+    Observed {
+        holder: spec.holder_identity.filter(|h| !h.is_empty()),
+        resource_version: rv,
+        duration: Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64),
+        since,
+        step_down: step_down_requested(lease),
+        stepped_down_from: stepped_down_from(lease).map(str::to_string),
     }
 }
 
@@ -165,6 +122,14 @@ pub struct Description {
 }
 
 impl Description {
+    /// Only the managed-by label (the allocator's Lease).
+    pub fn managed() -> Self {
+        Description {
+            labels: [(LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string())].into(),
+            annotations: BTreeMap::new(),
+        }
+    }
+
     pub fn for_vip(ip: IpAddr, service: &str, interface: &str, mac: &str) -> Self {
         Description {
             labels: [
@@ -373,15 +338,6 @@ impl Leases {
 mod tests {
     use super::*;
 
-    fn seen(holder: Option<&str>, since: Instant) -> Seen {
-        Seen {
-            holder: holder.map(str::to_string),
-            resource_version: "7".into(),
-            duration: Duration::from_secs(3),
-            since,
-        }
-    }
-
     #[test]
     fn names_and_label_values_are_valid_for_both_families() {
         assert_eq!(
@@ -395,45 +351,6 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn expiry_is_counted_from_when_we_saw_the_lease_change() {
-        let t0 = Instant::now();
-        let s = seen(Some("node-1"), t0);
-        let d = Duration::ZERO;
-        assert_eq!(
-            candidate(Some(&s), "node-2", t0, t0, d),
-            Candidate::WaitUntil(t0 + Duration::from_secs(3))
-        );
-        assert_eq!(
-            candidate(Some(&s), "node-2", t0 + Duration::from_secs(3), t0, d),
-            Candidate::Acquire
-        );
-        assert_eq!(candidate(Some(&s), "node-1", t0, t0, d), Candidate::Adopt);
-        // a staggered candidate waits its turn after expiry
-        let late = Duration::from_millis(400);
-        assert_eq!(
-            candidate(Some(&s), "node-3", t0 + Duration::from_secs(3), t0, late),
-            Candidate::WaitUntil(t0 + Duration::from_millis(3400))
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_released_or_missing_lease_is_taken_at_once_by_the_first_candidate() {
-        let t0 = Instant::now();
-        assert_eq!(
-            candidate(Some(&seen(None, t0)), "node-2", t0, t0, Duration::ZERO),
-            Candidate::Acquire
-        );
-        assert_eq!(
-            candidate(None, "node-2", t0, t0, Duration::ZERO),
-            Candidate::Acquire
-        );
-        assert_eq!(
-            candidate(None, "node-2", t0, t0, Duration::from_millis(200)),
-            Candidate::WaitUntil(t0 + Duration::from_millis(200))
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
     async fn an_unchanged_lease_keeps_its_first_sighting_and_a_renewal_resets_it() {
         let t0 = Instant::now();
         let mut lease = Lease::default();
@@ -443,16 +360,17 @@ mod tests {
             lease_duration_seconds: Some(3),
             ..Default::default()
         });
-        let first = Seen::observe(&lease, None, t0);
+        let first = observe(&lease, None, t0);
+        assert_eq!(first.expires_at(), t0 + Duration::from_secs(3));
         let later = t0 + Duration::from_secs(2);
         assert_eq!(
-            Seen::observe(&lease, Some(&first), later).since,
+            observe(&lease, Some(&first), later).since,
             t0,
             "same resourceVersion: same sighting"
         );
         lease.metadata.resource_version = Some("6".into());
         assert_eq!(
-            Seen::observe(&lease, Some(&first), later).since,
+            observe(&lease, Some(&first), later).since,
             later,
             "a renewal moves the expiry"
         );

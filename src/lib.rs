@@ -6,21 +6,30 @@
 //! - [`allocator`]: which Service gets which IP (pure);
 //! - [`lease`]: compare-and-swap Leases and expiry by local observation;
 //! - [`plan`]: eligibility, ranking and endpoints (pure);
-//! - [`election`]: one task per VIP, from candidate to owner and back;
+//! - [`ownership`]: the Lease holder as a pure state machine, its timing rule and its shell;
+//! - [`coordinator`]: per VIP, eligibility, rank and the Lease, fed to the holders;
+//! - [`allocation`], [`lease_gc`]: the elected allocator's loop and Lease clean-up;
+//! - [`announce`]: the announcement burst's schedule;
+//! - [`events`]: Kubernetes Events, posted in the background with a deadline;
 //! - [`dataplane`]: addresses, announcements and DNAT on this node;
 //! - [`cluster`]: the reflectors;
 //! - [`metrics`]: Prometheus metrics, health and readiness;
-//! - [`speaker`]: wires it all together and shuts it down cleanly;
+//! - [`speaker`]: wires it all together, keeps DNAT in step, and shuts down within bounds;
 //! - [`status`], [`drill`], [`svg`]: the operator's commands and their timeline picture.
 
+pub mod allocation;
 pub mod allocator;
+pub mod announce;
 pub mod cluster;
 pub mod config;
+pub mod coordinator;
 pub mod dataplane;
 pub mod drill;
-pub mod election;
+pub mod events;
 pub mod lease;
+pub mod lease_gc;
 pub mod metrics;
+pub mod ownership;
 pub mod plan;
 pub mod pool;
 pub mod service;

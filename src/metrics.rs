@@ -14,7 +14,6 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::dataplane::{DataplaneError, Sent};
-use crate::election::VipView;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -39,6 +38,8 @@ pub struct Metrics {
     acquisitions: Counter,
     losses: Counter,
     renew_failures: Counter,
+    fences: Counter,
+    late_actions: Family<KindLabel, Counter>,
     announcements: Family<KindLabel, Counter>,
     dataplane_errors: Family<KindLabel, Counter>,
     failover: Histogram,
@@ -77,6 +78,18 @@ impl Metrics {
             "Lease renewals that failed",
             renew_failures.clone(),
         );
+        let fences = Counter::default();
+        registry.register(
+            "self_fences",
+            "Times an owner withdrew because it could not renew within the deadline",
+            fences.clone(),
+        );
+        let late_actions = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "late_actions_dropped",
+            "Binds and announcements dropped because they would have come after the owner's fence time",
+            late_actions.clone(),
+        );
         let announcements = Family::<KindLabel, Counter>::default();
         registry.register(
             "announcements",
@@ -109,6 +122,8 @@ impl Metrics {
             acquisitions,
             losses,
             renew_failures,
+            fences,
+            late_actions,
             announcements,
             dataplane_errors,
             failover,
@@ -122,19 +137,26 @@ impl Metrics {
     }
 
     /// A Lease taken; if it was someone else's, a failover is timed to the first announcement.
-    pub fn lease_acquired(&self, ip: IpAddr, view: &VipView) {
+    pub fn lease_acquired(&self, ip: Option<IpAddr>, waited_since: Option<Instant>) {
         self.acquisitions.inc();
-        if let Some((seen, _)) = &view.lease {
-            let start = if seen.holder.is_none() {
-                seen.since
-            } else {
-                seen.expires_at()
-            };
+        if let (Some(ip), Some(start)) = (ip, waited_since) {
             self.takeovers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(ip, start);
         }
+    }
+
+    /// An owner withdrew because it could not renew in time.
+    pub fn fenced(&self) {
+        self.fences.inc();
+    }
+
+    /// An action dropped because it would have taken effect after its not-after time.
+    pub fn late_action(&self, kind: &str) {
+        self.late_actions
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
     }
 
     pub fn lease_lost(&self) {

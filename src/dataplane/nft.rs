@@ -244,7 +244,13 @@ pub enum NftError {
     Spawn(#[from] std::io::Error),
     #[error("nft rejected the ruleset: {0}")]
     Rejected(String),
+    #[error("nft did not finish within {} s", NFT_DEADLINE.as_secs())]
+    Timeout,
 }
+
+/// How long one `nft` run may take (a full replace of 1,000 Services takes ~250 ms); the
+/// process is killed after that and the table is replaced whole next time.
+pub const NFT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Applies nft scripts (a thin adapter; tests use a recording fake).
 pub trait NftApply: Send + Sync {
@@ -260,14 +266,20 @@ impl NftApply for Nft {
         use tokio::io::AsyncWriteExt;
         let mut child = tokio::process::Command::new("nft")
             .args(["-f", "-"])
+            .kill_on_drop(true)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()?;
         let mut stdin = child.stdin.take().expect("piped");
-        stdin.write_all(script.as_bytes()).await?;
-        drop(stdin);
-        let out = child.wait_with_output().await?;
+        let run = async {
+            stdin.write_all(script.as_bytes()).await?;
+            drop(stdin);
+            child.wait_with_output().await
+        };
+        let out = tokio::time::timeout(NFT_DEADLINE, run)
+            .await
+            .map_err(|_| NftError::Timeout)??;
         if out.status.success() {
             Ok(())
         } else {

@@ -1,0 +1,259 @@
+//! The coordinator: on every change of the caches, works out for each VIP whether this node
+//! is eligible, its rank among the candidates and what the Lease says, and feeds that to the
+//! VIP's holder (one task each, started and stopped here).
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::ResourceExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::dataplane::addr::{AddrOps, Interface};
+use crate::lease;
+use crate::ownership::machine::{Observed, Stop, View};
+use crate::ownership::shell::{self, Feed, Target};
+use crate::plan;
+use crate::pool::Pools;
+use crate::service::ServiceInfo;
+use crate::speaker::Shared;
+
+/// How stale the interface list may get (a lost carrier is noticed within this).
+pub const INTERFACE_REFRESH: Duration = Duration::from_millis(250);
+/// How much later each next-ranked candidate tries to take a Lease that was released or
+/// expired (a takeover: the first-ranked candidate is normally alive and goes at once).
+pub const RANK_STEP: Duration = Duration::from_millis(300);
+/// The same for a VIP that has no Lease yet (first placement: not urgent, and speakers that
+/// start together need a moment to see it, so the spread stays even).
+pub const INITIAL_RANK_STEP: Duration = Duration::from_secs(1);
+/// Extra wait before a node that already holds its fair share takes a VIP first meant for
+/// another node (that node's speaker may just be starting).
+pub const FAIR_SHARE_WAIT: Duration = Duration::from_secs(5);
+
+/// The rank delay: how long after the Lease is free this node waits before trying.
+pub fn rank_delay(
+    rank: usize,
+    has_lease: bool,
+    stepped_down_here: bool,
+    over_fair_share: bool,
+) -> Duration {
+    let r = rank as u32;
+    match (has_lease, rank) {
+        _ if stepped_down_here => FAIR_SHARE_WAIT,
+        (_, 0) => Duration::ZERO,
+        (false, _) if over_fair_share => INITIAL_RANK_STEP * r + FAIR_SHARE_WAIT,
+        (false, _) => INITIAL_RANK_STEP * r,
+        (true, _) => RANK_STEP * r,
+    }
+}
+
+struct Task {
+    feed: watch::Sender<Feed>,
+    stop: watch::Sender<Option<Stop>>,
+    handle: JoinHandle<()>,
+}
+
+pub struct Coordinator {
+    shared: Arc<Shared>,
+    tasks: HashMap<IpAddr, Task>,
+    seen: HashMap<String, Observed>,
+    absent_since: HashMap<IpAddr, Instant>,
+    interfaces: Vec<Interface>,
+    interfaces_read: Option<Instant>,
+}
+
+impl Coordinator {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Coordinator {
+            shared,
+            tasks: HashMap::new(),
+            seen: HashMap::new(),
+            absent_since: HashMap::new(),
+            interfaces: Vec::new(),
+            interfaces_read: None,
+        }
+    }
+
+    /// One pass over every VIP.
+    pub async fn pass(&mut self) {
+        let s = self.shared.clone();
+        let now = Instant::now();
+        if self
+            .interfaces_read
+            .is_none_or(|t| now - t >= INTERFACE_REFRESH)
+        {
+            match tokio::time::timeout(Duration::from_secs(1), s.dataplane.addrs.interfaces()).await
+            {
+                Ok(Ok(i)) => {
+                    self.interfaces = i;
+                    self.interfaces_read = Some(now);
+                }
+                Ok(Err(e)) => warn!(error = %e, "could not list interfaces"),
+                Err(_) => warn!("listing interfaces timed out"),
+            }
+        }
+        let pools = Pools::from_objects(&s.cluster.pools.state());
+        let services: Vec<ServiceInfo> = s
+            .services()
+            .into_iter()
+            .filter(|x| x.is_ours(&s.config.load_balancer_class, s.config.claim_unclassed))
+            .collect();
+        let vips = plan::vips(&services, &pools);
+        let slices = s.cluster.slices.state();
+        let by_service = plan::slices_by_service(&slices);
+        let nodes = s.cluster.nodes.state();
+        let me = s.config.node_name.clone();
+        let my_labels = nodes
+            .iter()
+            .find(|n| n.name_any() == me)
+            .map(|n| n.labels().clone())
+            .unwrap_or_default();
+
+        let leases: HashMap<String, Arc<Lease>> = s
+            .cluster
+            .leases
+            .state()
+            .into_iter()
+            .map(|l| (l.name_any(), l))
+            .collect();
+        self.seen.retain(|name, _| leases.contains_key(name));
+        for (name, l) in &leases {
+            let seen = lease::observe(l, self.seen.get(name), now);
+            self.seen.insert(name.clone(), seen);
+        }
+        let held_here = leases
+            .values()
+            .filter(|l| {
+                l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(me.as_str())
+            })
+            .count();
+        let fair_share = vips.len().div_ceil(nodes.len().max(1));
+        for (ip, (svc, pool)) in vips.iter() {
+            let index = pool.offset(*ip).unwrap_or(0);
+            let svc_slices = plan::slices_of(svc, &by_service);
+            let eligible = plan::node_may_announce(&me, &my_labels, pool, svc, &svc_slices)
+                .and_then(|()| plan::interface_for(*ip, pool, &self.interfaces));
+            let mut candidates: BTreeSet<String> = nodes
+                .iter()
+                .filter(|n| {
+                    plan::node_may_announce(&n.name_any(), n.labels(), pool, svc, &svc_slices)
+                        .is_ok()
+                })
+                .map(|n| n.name_any())
+                .collect();
+            if eligible.is_ok() {
+                candidates.insert(me.clone());
+            }
+            let name = lease::lease_name(*ip);
+            let observed = self.seen.get(&name).cloned();
+            let stepped_down = observed
+                .as_ref()
+                .filter(|o| o.holder.is_none())
+                .and_then(|o| o.stepped_down_from.clone());
+            let holder = observed
+                .as_ref()
+                .and_then(|o| o.holder.clone())
+                .or(stepped_down.clone());
+            let order = plan::ranking(*ip, index, &candidates, holder.as_deref());
+            let rank = order.iter().position(|n| *n == me).unwrap_or(order.len());
+            let absent_since = *self.absent_since.entry(*ip).or_insert(now);
+            let feed = Feed {
+                view: View {
+                    eligible: eligible.as_ref().map(|i| i.index).map_err(Clone::clone),
+                    delay: rank_delay(
+                        rank,
+                        observed.is_some(),
+                        stepped_down.as_deref() == Some(me.as_str()),
+                        held_here >= fair_share,
+                    ),
+                    lease: observed,
+                    absent_since,
+                },
+                lease: leases.get(&name).map(|l| (**l).clone()),
+                interface: eligible.ok(),
+                service: svc.key.clone(),
+            };
+            match self.tasks.get(ip) {
+                Some(t) if !t.handle.is_finished() => {
+                    t.feed.send_if_modified(|f| {
+                        if *f == feed {
+                            false
+                        } else {
+                            *f = feed;
+                            true
+                        }
+                    });
+                }
+                _ => {
+                    let (feed_tx, feed_rx) = watch::channel(feed);
+                    let (stop_tx, stop_rx) = watch::channel(None);
+                    let handle = tokio::spawn(shell::run(
+                        s.clone(),
+                        Target::Vip(*ip),
+                        name,
+                        feed_rx,
+                        stop_rx,
+                        None,
+                    ));
+                    self.tasks.insert(
+                        *ip,
+                        Task {
+                            feed: feed_tx,
+                            stop: stop_tx,
+                            handle,
+                        },
+                    );
+                }
+            }
+        }
+        let gone: Vec<IpAddr> = self
+            .tasks
+            .keys()
+            .filter(|ip| !vips.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            if let Some(t) = self.tasks.remove(&ip) {
+                let _ = t.stop.send(Some(Stop::Gone));
+                tokio::spawn(async move {
+                    let _ = t.handle.await;
+                });
+            }
+            self.absent_since.remove(&ip);
+        }
+    }
+
+    /// Stops every holder (owners unbind and release) and waits for them, at most `within`.
+    pub async fn stop_all(&mut self, why: Stop, within: Duration) {
+        let tasks: Vec<Task> = self.tasks.drain().map(|(_, t)| t).collect();
+        for t in &tasks {
+            let _ = t.stop.send(Some(why));
+        }
+        let all = futures::future::join_all(tasks.into_iter().map(|t| t.handle));
+        if tokio::time::timeout(within, all).await.is_err() {
+            warn!("some VIPs did not withdraw in time");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_ranked_goes_at_once_and_later_ranks_are_staggered() {
+        assert_eq!(rank_delay(0, true, false, false), Duration::ZERO);
+        assert_eq!(rank_delay(2, true, false, false), RANK_STEP * 2);
+        assert_eq!(rank_delay(1, false, false, false), INITIAL_RANK_STEP);
+        assert_eq!(
+            rank_delay(1, false, false, true),
+            INITIAL_RANK_STEP + FAIR_SHARE_WAIT
+        );
+        assert_eq!(rank_delay(0, true, true, false), FAIR_SHARE_WAIT);
+    }
+}

@@ -1,0 +1,1052 @@
+//! The Lease holder as a pure state machine: `step(input, now)` returns the actions to
+//! perform and when to be woken next. It does no I/O and reads no clock, so the same code
+//! runs in the speaker (driven by [`super::shell`]) and in the deterministic simulator.
+//!
+//! ```text
+//!  Standby ──candidate: our turn──▶ Acquiring ──written before its deadline──▶ Owner
+//!     ▲                                 │ lost / failed / deadline passed          │
+//!     └─────────────────────────────────┘                                          │
+//!     ▲   fence time passed (timer) | renewal lost | Lease moved | not eligible    │
+//!     └──────────────────────────── withdraw: unbind first ◀──────────────────────┘
+//!  Owner ──stop / step-down──▶ Leaving (unbound; release or delete in flight) ──▶ Stopped / Standby
+//! ```
+//!
+//! Safety rests on three facts (see [`super::timing`]): every write is compare-and-swap; a
+//! candidate takes over only after seeing the Lease unchanged for its duration on its own
+//! clock; and everything an owner does on the strength of a write sent at `s` carries the
+//! not-after time `s + renew_deadline`, after which the owner has withdrawn (a timer fires
+//! then, reply or not), while its address expires by `s + lease - margin` on its own.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::timing::{RELEASE_DEADLINE, Timing};
+use crate::announce;
+
+/// Identifies one API request, so a late reply to an abandoned request is ignored.
+pub type ReqId = u64;
+
+/// The Lease as this speaker's watch shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub holder: Option<String>,
+    pub resource_version: String,
+    pub duration: Duration,
+    /// When this speaker saw it change last (its own clock).
+    pub since: Instant,
+    /// Someone (a drill) asked the holder to hand the IP over.
+    pub step_down: bool,
+    /// The node that stepped down from a released Lease.
+    pub stepped_down_from: Option<String>,
+}
+
+impl Observed {
+    pub fn expires_at(&self) -> Instant {
+        self.since + self.duration
+    }
+}
+
+/// Everything the holder needs from the caches, recomputed by the coordinator on change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// The interface (index) to announce on, or why this node may not.
+    pub eligible: Result<u32, String>,
+    /// How long after the Lease becomes free this node waits (its rank).
+    pub delay: Duration,
+    pub lease: Option<Observed>,
+    /// When the VIP was first seen without a Lease.
+    pub absent_since: Instant,
+}
+
+/// Why the holder should end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The VIP left every Service: delete its Lease.
+    Gone,
+    /// The speaker shuts down: release the Lease so a standby takes over at once.
+    Shutdown,
+}
+
+/// How an API request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The write went through; the Lease's new resourceVersion.
+    Written { resource_version: String },
+    /// 409 or 404: someone else moved first.
+    Lost,
+    /// Any other error, including the request's deadline passing.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    View(View),
+    /// The wake-up time asked for has come (or any other reason to look again).
+    Tick,
+    Reply {
+        req: ReqId,
+        reply: Reply,
+    },
+    Stop(Stop),
+}
+
+/// What the shell does. Every action that makes this node answer for the VIP carries a
+/// `not_after`: the shell drops it when it would take effect later than that.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write the Lease naming us: POST when `resource_version` is None, else a CAS PUT.
+    Acquire {
+        req: ReqId,
+        resource_version: Option<String>,
+        deadline: Instant,
+    },
+    /// Renew the Lease we hold (CAS on what our last write returned).
+    Renew {
+        req: ReqId,
+        deadline: Instant,
+    },
+    /// Clear the holder (CAS); `step_down` marks it as a drill's hand-over.
+    Release {
+        req: ReqId,
+        step_down: bool,
+        deadline: Instant,
+    },
+    /// Delete the Lease (CAS): its IP left every Service.
+    Delete {
+        req: ReqId,
+        deadline: Instant,
+    },
+    /// Bind or refresh the address on `iface`, gone by `until` even if we die now.
+    Bind {
+        iface: u32,
+        until: Instant,
+        not_after: Instant,
+    },
+    Unbind {
+        iface: u32,
+    },
+    /// One round of gratuitous ARP / unsolicited NA.
+    Announce {
+        iface: u32,
+        round: usize,
+        not_after: Instant,
+    },
+    /// Whether DNAT for the VIP should be in place on this node.
+    Dnat(bool),
+    /// For Events, logs and metrics.
+    Report(Report),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// We hold the Lease now; `previous` is whom we took it from (a failover or hand-over).
+    /// `waited_since` is when the Lease became free or expired in our view.
+    Took {
+        previous: Option<String>,
+        waited_since: Option<Instant>,
+    },
+    /// We no longer answer for the VIP.
+    Withdrew {
+        reason: String,
+        fenced: bool,
+    },
+    RenewFailed(String),
+    AcquireFailed(String),
+    ReleaseFailed(String),
+}
+
+/// The output of one step.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub actions: Vec<Action>,
+    /// Call `step(Input::Tick, ..)` at this moment at the latest.
+    pub wake: Option<Instant>,
+}
+
+/// Whether the holder touches the dataplane (a VIP) or only holds the Lease (the allocator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Vip,
+    Plain,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Owned {
+    iface: u32,
+    /// The resourceVersion our last write returned.
+    resource_version: String,
+    /// The resourceVersion we took the Lease on: a stale watch may still show it.
+    taken_on: Option<String>,
+    fence_at: Instant,
+    next_renew: Instant,
+    renewing: Option<(ReqId, Instant)>,
+    burst_start: Instant,
+    burst_round: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Standby {
+        /// No new acquire before this (after a lost or failed one), unless the Lease changes.
+        retry_at: Option<(Instant, Option<String>)>,
+    },
+    Acquiring {
+        req: ReqId,
+        sent: Instant,
+        deadline: Instant,
+        on: Option<String>,
+        iface: u32,
+        previous: Option<String>,
+        waited_since: Option<Instant>,
+    },
+    Owner(Owned),
+    Leaving {
+        req: ReqId,
+        deadline: Instant,
+    },
+    Stopped,
+}
+
+/// One Lease holder (a VIP's or the allocator's).
+#[derive(Debug, Clone)]
+pub struct Holder {
+    me: String,
+    timing: Timing,
+    kind: Kind,
+    view: View,
+    phase: Phase,
+    stop: Option<Stop>,
+    next_req: ReqId,
+}
+
+/// What a speaker that does not hold a Lease should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Candidate {
+    /// Try to take the Lease now.
+    Acquire,
+    /// The Lease names us (we restarted, or fenced while our renewal still went through):
+    /// take it back with a CAS write now.
+    Adopt,
+    /// Nothing before this moment (unless the Lease changes).
+    WaitUntil(Instant),
+}
+
+/// The candidate's decision: a free Lease after `delay` from when we saw it freed, a held one
+/// `delay` after it expired in our view, a missing one `delay` after we first missed it.
+pub fn candidate(
+    seen: Option<&Observed>,
+    me: &str,
+    now: Instant,
+    absent_since: Instant,
+    delay: Duration,
+) -> Candidate {
+    let at = match seen {
+        None => absent_since + delay,
+        Some(s) if s.holder.as_deref() == Some(me) => return Candidate::Adopt,
+        Some(s) if s.holder.is_none() => s.since + delay,
+        Some(s) => s.expires_at() + delay,
+    };
+    if now >= at {
+        Candidate::Acquire
+    } else {
+        Candidate::WaitUntil(at)
+    }
+}
+
+impl Holder {
+    pub fn new(me: &str, timing: Timing, kind: Kind, view: View) -> Self {
+        Holder {
+            me: me.to_string(),
+            timing,
+            kind,
+            view,
+            phase: Phase::Standby { retry_at: None },
+            stop: None,
+            next_req: 1,
+        }
+    }
+
+    /// Until when this node may act as the holder (None: it is not the holder now).
+    pub fn holds_until(&self, now: Instant) -> Option<Instant> {
+        match &self.phase {
+            Phase::Owner(o) if now < o.fence_at => Some(o.fence_at),
+            _ => None,
+        }
+    }
+
+    /// The interface the VIP is bound to, while owned.
+    pub fn bound_iface(&self) -> Option<u32> {
+        match &self.phase {
+            Phase::Owner(o) => Some(o.iface),
+            _ => None,
+        }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.phase == Phase::Stopped
+    }
+
+    fn req(&mut self) -> ReqId {
+        self.next_req += 1;
+        self.next_req
+    }
+
+    pub fn step(&mut self, input: Input, now: Instant) -> Step {
+        let mut out = Step::default();
+        match input {
+            Input::View(v) => {
+                if let Phase::Standby { retry_at } = &mut self.phase {
+                    // A changed Lease is news: the wait after a failed attempt is over.
+                    let rv = v.lease.as_ref().map(|l| l.resource_version.clone());
+                    if retry_at.as_ref().is_some_and(|(_, seen)| *seen != rv) {
+                        *retry_at = None;
+                    }
+                }
+                self.view = v;
+            }
+            Input::Tick => {}
+            Input::Stop(s) => {
+                if self.stop.is_none() {
+                    self.stop = Some(s);
+                }
+            }
+            Input::Reply { req, reply } => self.reply(req, reply, now, &mut out),
+        }
+        self.evaluate(now, &mut out);
+        out
+    }
+
+    fn reply(&mut self, req: ReqId, reply: Reply, now: Instant, out: &mut Step) {
+        match &mut self.phase {
+            Phase::Acquiring {
+                req: r,
+                sent,
+                deadline,
+                on,
+                iface,
+                previous,
+                waited_since,
+            } if *r == req => {
+                match reply {
+                    // A reply that comes after the deadline is as good as none.
+                    Reply::Written { resource_version } if now < *deadline => {
+                        let sent = *sent;
+                        let fence_at = sent + self.timing.renew_deadline;
+                        let iface = *iface;
+                        out.actions.push(Action::Report(Report::Took {
+                            previous: previous.clone(),
+                            waited_since: *waited_since,
+                        }));
+                        let owned = Owned {
+                            iface,
+                            resource_version,
+                            taken_on: on.clone(),
+                            fence_at,
+                            next_renew: sent + self.timing.renew_interval,
+                            renewing: None,
+                            burst_start: now,
+                            burst_round: 0,
+                        };
+                        if self.kind == Kind::Vip {
+                            out.actions.push(Action::Bind {
+                                iface,
+                                until: self.timing.address_until(sent),
+                                not_after: fence_at,
+                            });
+                            out.actions.push(Action::Dnat(true));
+                        }
+                        self.phase = Phase::Owner(owned);
+                    }
+                    Reply::Written { .. } => {
+                        self.phase = Phase::Standby { retry_at: None };
+                    }
+                    Reply::Lost => self.back_off(now),
+                    Reply::Failed(e) => {
+                        out.actions.push(Action::Report(Report::AcquireFailed(e)));
+                        self.back_off(now);
+                    }
+                }
+            }
+            Phase::Owner(o) if o.renewing.is_some_and(|(r, _)| r == req) => {
+                let (_, sent) = o.renewing.take().expect("matched");
+                match reply {
+                    Reply::Written { resource_version } if now < o.fence_at => {
+                        o.resource_version = resource_version;
+                        o.taken_on = None;
+                        o.fence_at = sent + self.timing.renew_deadline;
+                        o.next_renew = (sent + self.timing.renew_interval).max(now);
+                        if self.kind == Kind::Vip {
+                            out.actions.push(Action::Bind {
+                                iface: o.iface,
+                                until: self.timing.address_until(sent),
+                                not_after: o.fence_at,
+                            });
+                        }
+                    }
+                    // Too late: the fence timer has already decided (evaluate withdraws).
+                    Reply::Written { .. } => {}
+                    Reply::Lost => {
+                        self.withdraw("the lease was taken", false, out);
+                        self.back_off(now);
+                    }
+                    Reply::Failed(e) => {
+                        out.actions.push(Action::Report(Report::RenewFailed(e)));
+                        o.next_renew = now + self.timing.renew_interval / 4;
+                    }
+                }
+            }
+            Phase::Leaving { req: r, .. } if *r == req => {
+                if let Reply::Failed(e) = reply {
+                    out.actions.push(Action::Report(Report::ReleaseFailed(e)));
+                }
+                self.phase = self.after_leaving();
+            }
+            // A reply to a request we gave up on.
+            _ => {}
+        }
+    }
+
+    fn back_off(&mut self, now: Instant) {
+        let rv = self.view.lease.as_ref().map(|l| l.resource_version.clone());
+        self.phase = Phase::Standby {
+            retry_at: Some((now + self.timing.renew_interval, rv)),
+        };
+    }
+
+    fn after_leaving(&self) -> Phase {
+        if self.stop.is_some() {
+            Phase::Stopped
+        } else {
+            Phase::Standby { retry_at: None }
+        }
+    }
+
+    /// Stop answering: unbind first, then DNAT off (not on shutdown: clients whose entry
+    /// still points here are served until the speaker removes its table last).
+    fn withdraw(&mut self, reason: &str, fenced: bool, out: &mut Step) {
+        if let Phase::Owner(o) = &self.phase {
+            if self.kind == Kind::Vip {
+                out.actions.push(Action::Unbind { iface: o.iface });
+                if self.stop != Some(Stop::Shutdown) {
+                    out.actions.push(Action::Dnat(false));
+                }
+            }
+            out.actions.push(Action::Report(Report::Withdrew {
+                reason: reason.to_string(),
+                fenced,
+            }));
+        }
+        self.phase = Phase::Standby { retry_at: None };
+    }
+
+    fn leave(&mut self, now: Instant, out: &mut Step, make: impl FnOnce(ReqId, Instant) -> Action) {
+        let req = self.req();
+        let deadline = now + RELEASE_DEADLINE;
+        out.actions.push(make(req, deadline));
+        self.phase = Phase::Leaving { req, deadline };
+    }
+
+    fn names_me(&self) -> bool {
+        self.view
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.holder.as_deref() == Some(self.me.as_str()))
+    }
+
+    fn evaluate(&mut self, now: Instant, out: &mut Step) {
+        // Each arm either settles (sets `out.wake`) or changes phase and loops once more.
+        for _ in 0..4 {
+            match self.phase.clone() {
+                Phase::Stopped => return,
+                Phase::Leaving { deadline, .. } => {
+                    if now >= deadline {
+                        out.actions.push(Action::Report(Report::ReleaseFailed(
+                            "no reply before the deadline".into(),
+                        )));
+                        self.phase = self.after_leaving();
+                        continue;
+                    }
+                    out.wake = Some(deadline);
+                    return;
+                }
+                Phase::Acquiring { deadline, .. } => {
+                    if now >= deadline {
+                        out.actions.push(Action::Report(Report::AcquireFailed(
+                            "no reply before the deadline".into(),
+                        )));
+                        self.back_off(now);
+                        continue;
+                    }
+                    if self.stop.is_some() {
+                        // The write may still land: the Lease then expires unrenewed.
+                        self.phase = Phase::Stopped;
+                        return;
+                    }
+                    out.wake = Some(deadline);
+                    return;
+                }
+                Phase::Owner(o) => {
+                    if now >= o.fence_at {
+                        self.withdraw(
+                            "could not renew within the deadline (self-fencing)",
+                            true,
+                            out,
+                        );
+                        continue;
+                    }
+                    if let Some(stop) = self.stop {
+                        self.withdraw("stopping", false, out);
+                        match stop {
+                            Stop::Shutdown => {
+                                self.leave(now, out, |req, deadline| Action::Release {
+                                    req,
+                                    step_down: false,
+                                    deadline,
+                                })
+                            }
+                            Stop::Gone => self
+                                .leave(now, out, |req, deadline| Action::Delete { req, deadline }),
+                        }
+                        continue;
+                    }
+                    match &self.view.eligible {
+                        Err(why) => {
+                            let why = format!("no longer eligible: {why}");
+                            let release = self.names_me();
+                            self.withdraw(&why, false, out);
+                            if release {
+                                self.leave(now, out, |req, deadline| Action::Release {
+                                    req,
+                                    step_down: false,
+                                    deadline,
+                                });
+                            }
+                            continue;
+                        }
+                        Ok(i) if *i != o.iface && self.kind == Kind::Vip => {
+                            self.withdraw("the interface changed", false, out);
+                            continue;
+                        }
+                        Ok(_) => {}
+                    }
+                    // The watch shows the Lease moved on from what we wrote: someone else
+                    // holds it (or it was deleted). A stale watch can only show what we took
+                    // it on, which names someone else but is not news.
+                    let moved = match &self.view.lease {
+                        Some(l) if l.holder.as_deref() == Some(self.me.as_str()) => false,
+                        Some(l) => {
+                            l.resource_version != o.resource_version
+                                && Some(&l.resource_version) != o.taken_on.as_ref()
+                        }
+                        None => o.taken_on.is_some(),
+                    };
+                    if moved {
+                        let to = self
+                            .view
+                            .lease
+                            .as_ref()
+                            .and_then(|l| l.holder.clone())
+                            .unwrap_or_else(|| "nobody".into());
+                        self.withdraw(&format!("the lease moved to {to}"), false, out);
+                        self.back_off(now);
+                        return self.settle_standby(now, out);
+                    }
+                    if self.names_me() && self.view.lease.as_ref().is_some_and(|l| l.step_down) {
+                        self.withdraw("asked to step down", false, out);
+                        self.leave(now, out, |req, deadline| Action::Release {
+                            req,
+                            step_down: true,
+                            deadline,
+                        });
+                        continue;
+                    }
+                    let Phase::Owner(o) = &mut self.phase else {
+                        unreachable!()
+                    };
+                    if o.renewing.is_none() && now >= o.next_renew {
+                        self.next_req += 1;
+                        let req = self.next_req;
+                        o.renewing = Some((req, now));
+                        out.actions.push(Action::Renew {
+                            req,
+                            deadline: o.fence_at,
+                        });
+                    }
+                    let mut wake = o.fence_at;
+                    if o.renewing.is_none() {
+                        wake = wake.min(o.next_renew);
+                    }
+                    if self.kind == Kind::Vip {
+                        while let Some(at) = announce::round_at(o.burst_start, o.burst_round) {
+                            if now < at {
+                                wake = wake.min(at);
+                                break;
+                            }
+                            out.actions.push(Action::Announce {
+                                iface: o.iface,
+                                round: o.burst_round,
+                                not_after: o.fence_at,
+                            });
+                            o.burst_round += 1;
+                        }
+                    }
+                    out.wake = Some(wake);
+                    return;
+                }
+                Phase::Standby { .. } => return self.settle_standby(now, out),
+            }
+        }
+    }
+
+    fn settle_standby(&mut self, now: Instant, out: &mut Step) {
+        let Phase::Standby { retry_at } = &self.phase else {
+            return;
+        };
+        if self.stop.is_some() {
+            self.phase = Phase::Stopped;
+            return;
+        }
+        let Ok(iface) = self.view.eligible.clone() else {
+            return;
+        };
+        if let Some((t, _)) = retry_at
+            && now < *t
+        {
+            out.wake = Some(*t);
+            return;
+        }
+        let lease = self.view.lease.clone();
+        let wake = match candidate(
+            lease.as_ref(),
+            &self.me,
+            now,
+            self.view.absent_since,
+            self.view.delay,
+        ) {
+            Candidate::WaitUntil(t) => Some(t),
+            Candidate::Acquire | Candidate::Adopt => {
+                let req = self.req();
+                let deadline = now + self.timing.renew_deadline;
+                let previous = lease.as_ref().and_then(|l| {
+                    l.holder
+                        .clone()
+                        .or_else(|| l.stepped_down_from.clone())
+                        .filter(|p| *p != self.me)
+                });
+                let waited_since = lease.as_ref().map(|l| {
+                    if l.holder.is_none() {
+                        l.since
+                    } else {
+                        l.expires_at()
+                    }
+                });
+                let on = lease.as_ref().map(|l| l.resource_version.clone());
+                out.actions.push(Action::Acquire {
+                    req,
+                    resource_version: on.clone(),
+                    deadline,
+                });
+                self.phase = Phase::Acquiring {
+                    req,
+                    sent: now,
+                    deadline,
+                    on,
+                    iface,
+                    previous,
+                    waited_since,
+                };
+                Some(deadline)
+            }
+        };
+        out.wake = wake;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: &str = "node-1";
+
+    fn timing() -> Timing {
+        Timing {
+            lease: Duration::from_secs(4),
+            renew_interval: Duration::from_secs(1),
+            renew_deadline: Duration::from_secs(2),
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn observed(holder: Option<&str>, rv: &str, since: Instant) -> Observed {
+        Observed {
+            holder: holder.map(str::to_string),
+            resource_version: rv.into(),
+            duration: Duration::from_secs(4),
+            since,
+            step_down: false,
+            stepped_down_from: None,
+        }
+    }
+
+    fn view(lease: Option<Observed>, t0: Instant) -> View {
+        View {
+            eligible: Ok(2),
+            delay: Duration::ZERO,
+            lease,
+            absent_since: t0,
+        }
+    }
+
+    fn acquire_req(s: &Step) -> ReqId {
+        s.actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Acquire { req, .. } => Some(*req),
+                _ => None,
+            })
+            .expect("an acquire")
+    }
+
+    fn renew_req(s: &Step) -> Option<ReqId> {
+        s.actions.iter().find_map(|a| match a {
+            Action::Renew { req, .. } => Some(*req),
+            _ => None,
+        })
+    }
+
+    fn written(rv: &str) -> Reply {
+        Reply::Written {
+            resource_version: rv.into(),
+        }
+    }
+
+    /// A holder that took a free Lease at t0 (request sent and answered at t0).
+    fn owner(t0: Instant) -> Holder {
+        let mut h = Holder::new(ME, timing(), Kind::Vip, view(None, t0));
+        let s = h.step(Input::Tick, t0);
+        let req = acquire_req(&s);
+        let s = h.step(
+            Input::Reply {
+                req,
+                reply: written("1"),
+            },
+            t0,
+        );
+        assert!(s.actions.contains(&Action::Dnat(true)));
+        h
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_is_counted_from_when_we_saw_the_lease_change_and_staggered_by_rank() {
+        let t0 = Instant::now();
+        let s = observed(Some("node-2"), "7", t0);
+        let z = Duration::ZERO;
+        assert_eq!(
+            candidate(Some(&s), ME, t0, t0, z),
+            Candidate::WaitUntil(t0 + Duration::from_secs(4))
+        );
+        assert_eq!(
+            candidate(Some(&s), ME, t0 + Duration::from_secs(4), t0, z),
+            Candidate::Acquire
+        );
+        assert_eq!(
+            candidate(Some(&observed(Some(ME), "7", t0)), ME, t0, t0, z),
+            Candidate::Adopt
+        );
+        assert_eq!(
+            candidate(Some(&s), ME, t0 + Duration::from_secs(4), t0, ms(300)),
+            Candidate::WaitUntil(t0 + ms(4300))
+        );
+        assert_eq!(
+            candidate(Some(&observed(None, "7", t0)), ME, t0, t0, z),
+            Candidate::Acquire
+        );
+        assert_eq!(
+            candidate(None, ME, t0, t0, ms(200)),
+            Candidate::WaitUntil(t0 + ms(200))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_taken_lease_binds_with_a_lifetime_bounded_by_the_request_not_the_reply() {
+        let t0 = Instant::now();
+        let mut h = Holder::new(ME, timing(), Kind::Vip, view(None, t0));
+        let s = h.step(Input::Tick, t0);
+        let req = acquire_req(&s);
+        assert_eq!(
+            s.wake,
+            Some(t0 + Duration::from_secs(2)),
+            "woken at the deadline"
+        );
+        // The reply comes 1.5 s later: the fence still counts from t0.
+        let s = h.step(
+            Input::Reply {
+                req,
+                reply: written("1"),
+            },
+            t0 + ms(1500),
+        );
+        assert_eq!(
+            s.actions[1],
+            Action::Bind {
+                iface: 2,
+                until: t0 + ms(3900),
+                not_after: t0 + Duration::from_secs(2)
+            }
+        );
+        assert_eq!(s.actions[2], Action::Dnat(true));
+        assert!(
+            s.actions
+                .iter()
+                .any(|a| matches!(a, Action::Announce { round: 0, .. })),
+            "{s:?}"
+        );
+        assert_eq!(
+            h.holds_until(t0 + ms(1500)),
+            Some(t0 + Duration::from_secs(2))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_acquire_reply_after_its_deadline_never_binds() {
+        let t0 = Instant::now();
+        let mut h = Holder::new(ME, timing(), Kind::Vip, view(None, t0));
+        let req = acquire_req(&h.step(Input::Tick, t0));
+        let s = h.step(Input::Tick, t0 + Duration::from_secs(2));
+        assert!(!s.actions.iter().any(|a| matches!(a, Action::Bind { .. })));
+        let s = h.step(
+            Input::Reply {
+                req,
+                reply: written("1"),
+            },
+            t0 + ms(2100),
+        );
+        assert!(
+            !s.actions.iter().any(|a| matches!(a, Action::Bind { .. })),
+            "{s:?}"
+        );
+        assert_eq!(h.holds_until(t0 + ms(2100)), None);
+        // The write did land: the Lease names us, and we take it back by CAS, anew.
+        let s = h.step(
+            Input::View(view(Some(observed(Some(ME), "1", t0 + ms(2100))), t0)),
+            t0 + ms(3200),
+        );
+        assert!(matches!(
+            s.actions[0],
+            Action::Acquire { resource_version: Some(ref rv), .. } if rv == "1"
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fence_fires_at_the_deadline_counted_from_the_renewal_request() {
+        let t0 = Instant::now();
+        let mut h = owner(t0);
+        // The first renewal is due at t0 + 1 s; its reply never comes.
+        let s = h.step(Input::Tick, t0 + Duration::from_secs(1));
+        let req = renew_req(&s).expect("a renewal");
+        assert_eq!(
+            s.actions.iter().find(|a| matches!(a, Action::Renew { .. })),
+            Some(&Action::Renew {
+                req,
+                deadline: t0 + Duration::from_secs(2)
+            })
+        );
+        assert_eq!(s.wake, Some(t0 + Duration::from_secs(2)), "the fence time");
+        let s = h.step(Input::Tick, t0 + Duration::from_secs(2));
+        assert!(s.actions.contains(&Action::Unbind { iface: 2 }));
+        assert!(s.actions.contains(&Action::Dnat(false)));
+        assert_eq!(h.holds_until(t0 + Duration::from_secs(2)), None);
+        // The renewal's reply, had it come, changes nothing now.
+        let s = h.step(
+            Input::Reply {
+                req,
+                reply: written("2"),
+            },
+            t0 + ms(2001),
+        );
+        assert!(!s.actions.iter().any(|a| matches!(a, Action::Bind { .. })));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_answered_just_before_the_deadline_moves_the_fence_by_its_send_time() {
+        let t0 = Instant::now();
+        let mut h = owner(t0);
+        let req = renew_req(&h.step(Input::Tick, t0 + ms(1000))).unwrap();
+        let s = h.step(
+            Input::Reply {
+                req,
+                reply: written("2"),
+            },
+            t0 + ms(1999),
+        );
+        assert_eq!(
+            s.actions[0],
+            Action::Bind {
+                iface: 2,
+                until: t0 + ms(4900),
+                not_after: t0 + ms(3000)
+            }
+        );
+        assert_eq!(h.holds_until(t0 + ms(1999)), Some(t0 + ms(3000)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn announcements_stop_the_moment_ownership_is_lost() {
+        let t0 = Instant::now();
+        let mut h = owner(t0);
+        // A freeze: nothing is stepped until well after the fence time.
+        let s = h.step(Input::Tick, t0 + ms(4500));
+        assert!(
+            !s.actions
+                .iter()
+                .any(|a| matches!(a, Action::Announce { .. })),
+            "{s:?}"
+        );
+        assert!(s.actions.contains(&Action::Unbind { iface: 2 }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_announcement_carries_the_fence_time() {
+        let t0 = Instant::now();
+        let mut h = owner(t0);
+        let s = h.step(Input::Tick, t0 + ms(200));
+        assert_eq!(
+            s.actions,
+            [Action::Announce {
+                iface: 2,
+                round: 1,
+                not_after: t0 + Duration::from_secs(2)
+            }]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_that_moved_is_withdrawn_at_once_but_a_stale_watch_is_not_news() {
+        let t0 = Instant::now();
+        let mut h = Holder::new(
+            ME,
+            timing(),
+            Kind::Vip,
+            view(Some(observed(Some("node-2"), "5", t0)), t0),
+        );
+        let req = acquire_req(&h.step(Input::Tick, t0 + Duration::from_secs(4)));
+        h.step(
+            Input::Reply {
+                req,
+                reply: written("6"),
+            },
+            t0 + ms(4010),
+        );
+        // The watch still shows rv 5 naming node-2: not news.
+        let s = h.step(
+            Input::View(view(Some(observed(Some("node-2"), "5", t0)), t0)),
+            t0 + ms(4020),
+        );
+        assert!(!s.actions.iter().any(|a| matches!(a, Action::Unbind { .. })));
+        // Then ours, then someone else's write: withdraw without asking.
+        h.step(
+            Input::View(view(Some(observed(Some(ME), "6", t0 + ms(4030))), t0)),
+            t0 + ms(4030),
+        );
+        let s = h.step(
+            Input::View(view(Some(observed(Some("node-3"), "9", t0 + ms(4100))), t0)),
+            t0 + ms(4100),
+        );
+        assert_eq!(s.actions[0], Action::Unbind { iface: 2 });
+        assert_eq!(h.holds_until(t0 + ms(4100)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_renewal_withdraws_and_a_failed_one_retries_before_the_fence() {
+        let t0 = Instant::now();
+        let mut h = owner(t0);
+        let req = renew_req(&h.step(Input::Tick, t0 + ms(1000))).unwrap();
+        let s = h.step(
+            Input::Reply {
+                req,
+                reply: Reply::Failed("503".into()),
+            },
+            t0 + ms(1100),
+        );
+        assert_eq!(s.wake, Some(t0 + ms(1350)));
+        let req = renew_req(&h.step(Input::Tick, t0 + ms(1350))).unwrap();
+        let s = h.step(
+            Input::Reply {
+                req,
+                reply: Reply::Lost,
+            },
+            t0 + ms(1400),
+        );
+        assert_eq!(s.actions[0], Action::Unbind { iface: 2 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_unbinds_keeps_dnat_and_releases_with_a_deadline() {
+        let t0 = Instant::now();
+        let mut h = owner(t0);
+        let s = h.step(Input::Stop(Stop::Shutdown), t0 + ms(300));
+        assert_eq!(s.actions[0], Action::Unbind { iface: 2 });
+        assert!(!s.actions.contains(&Action::Dnat(false)));
+        let Some(Action::Release {
+            req,
+            step_down: false,
+            deadline,
+        }) = s.actions.last().cloned()
+        else {
+            panic!("{s:?}")
+        };
+        assert_eq!(deadline, t0 + ms(300) + RELEASE_DEADLINE);
+        h.step(
+            Input::Reply {
+                req,
+                reply: written("2"),
+            },
+            t0 + ms(310),
+        );
+        assert!(h.is_stopped());
+        // A standby stops at once.
+        let mut idle = Holder::new("node-2", timing(), Kind::Vip, view(None, t0));
+        idle.step(Input::Stop(Stop::Shutdown), t0);
+        assert!(idle.is_stopped());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_down_request_releases_naming_us() {
+        let t0 = Instant::now();
+        let mut h = owner(t0);
+        let mut l = observed(Some(ME), "3", t0 + ms(100));
+        l.step_down = true;
+        let s = h.step(Input::View(view(Some(l), t0)), t0 + ms(100));
+        assert_eq!(s.actions[0], Action::Unbind { iface: 2 });
+        assert!(matches!(
+            s.actions.last(),
+            Some(Action::Release {
+                step_down: true,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_plain_holder_never_touches_the_dataplane() {
+        let t0 = Instant::now();
+        let mut h = Holder::new(ME, timing(), Kind::Plain, view(None, t0));
+        let req = acquire_req(&h.step(Input::Tick, t0));
+        let s = h.step(
+            Input::Reply {
+                req,
+                reply: written("1"),
+            },
+            t0,
+        );
+        assert!(
+            s.actions.iter().all(|a| matches!(a, Action::Report(_))),
+            "{s:?}"
+        );
+        assert_eq!(h.holds_until(t0), Some(t0 + Duration::from_secs(2)));
+    }
+}

@@ -1,0 +1,385 @@
+//! The async shell around a [`Holder`]: it feeds the machine views, timers, replies and
+//! stop requests, and performs the actions it returns. It makes no decisions of its own
+//! except one: an action that would take effect after its not-after time is dropped.
+//!
+//! API requests run as their own tasks, each cut off at its deadline, and report back over
+//! a channel, so a hanging request never keeps the machine from its fence timer.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::machine::{Action, Holder, Input, Kind, Reply, Report, ReqId, Stop, View};
+use super::timing;
+use crate::dataplane::addr::Interface;
+use crate::dataplane::packet::format_mac;
+use crate::lease::{Description, LeaseError};
+use crate::speaker::Shared;
+
+/// What the coordinator tells a holder: the machine's view, plus what the shell needs to
+/// perform actions (the full Lease for CAS writes, the interface, the Service).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Feed {
+    pub view: View,
+    pub lease: Option<Lease>,
+    pub interface: Option<Interface>,
+    pub service: String,
+}
+
+/// Which Lease a holder holds.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Vip(IpAddr),
+    /// The allocator's Lease: no dataplane, only "may act until".
+    Allocator,
+}
+
+impl Target {
+    fn kind(&self) -> Kind {
+        match self {
+            Target::Vip(_) => Kind::Vip,
+            Target::Allocator => Kind::Plain,
+        }
+    }
+}
+
+type Done = (ReqId, Result<Option<Lease>, LeaseError>);
+
+/// Runs one holder until it has stopped. `holds` is told until when this node may act as
+/// the holder (the allocator checks it before every write).
+pub async fn run(
+    shared: Arc<Shared>,
+    target: Target,
+    name: String,
+    mut feed: watch::Receiver<Feed>,
+    mut stop: watch::Receiver<Option<Stop>>,
+    holds: Option<watch::Sender<Option<Instant>>>,
+) {
+    let me = shared.config.node_name.clone();
+    let first = feed.borrow_and_update().clone();
+    let mut holder = Holder::new(
+        &me,
+        shared.config.timing(),
+        target.kind(),
+        first.view.clone(),
+    );
+    let mut shell = Shell {
+        shared: shared.clone(),
+        target,
+        name,
+        feed: first,
+        held: None,
+        interfaces: HashMap::new(),
+        done: mpsc::unbounded_channel(),
+    };
+    let mut input = Input::Tick;
+    loop {
+        let now = Instant::now();
+        let step = holder.step(input, now);
+        for action in step.actions {
+            shell.perform(action).await;
+        }
+        if let Some(h) = &holds {
+            h.send_if_modified(|v| {
+                let new = holder.holds_until(Instant::now());
+                let changed = *v != new;
+                *v = new;
+                changed
+            });
+        }
+        if holder.is_stopped() {
+            return;
+        }
+        let wake = step.wake.unwrap_or_else(|| now + Duration::from_secs(3600));
+        input = tokio::select! {
+            biased;
+            _ = tokio::time::sleep_until(wake) => Input::Tick,
+            Some((req, result)) = shell.done.1.recv() => shell.reply(req, result),
+            r = stop.changed() => match (r, *stop.borrow_and_update()) {
+                (Ok(()), Some(s)) => Input::Stop(s),
+                (Err(_), _) => Input::Stop(Stop::Shutdown),
+                _ => Input::Tick,
+            },
+            r = feed.changed() => {
+                if r.is_err() {
+                    Input::Stop(Stop::Shutdown)
+                } else {
+                    shell.feed = feed.borrow_and_update().clone();
+                    if let Some(i) = &shell.feed.interface {
+                        shell.interfaces.insert(i.index, i.clone());
+                    }
+                    Input::View(shell.feed.view.clone())
+                }
+            }
+        };
+    }
+}
+
+struct Shell {
+    shared: Arc<Shared>,
+    target: Target,
+    name: String,
+    feed: Feed,
+    /// What our last successful write returned (renewals and releases CAS on it).
+    held: Option<Lease>,
+    /// Interfaces by index, as last seen (an action names the one it was decided on).
+    interfaces: HashMap<u32, Interface>,
+    done: (mpsc::UnboundedSender<Done>, mpsc::UnboundedReceiver<Done>),
+}
+
+impl Shell {
+    fn ip(&self) -> Option<IpAddr> {
+        match self.target {
+            Target::Vip(ip) => Some(ip),
+            Target::Allocator => None,
+        }
+    }
+
+    fn reply(&mut self, req: ReqId, result: Result<Option<Lease>, LeaseError>) -> Input {
+        let reply = match result {
+            Ok(lease) => {
+                let resource_version = lease
+                    .as_ref()
+                    .and_then(|l| l.metadata.resource_version.clone())
+                    .unwrap_or_default();
+                if lease.is_some() {
+                    self.held = lease;
+                }
+                Reply::Written { resource_version }
+            }
+            Err(LeaseError::Lost(_)) => Reply::Lost,
+            Err(e) => Reply::Failed(e.to_string()),
+        };
+        Input::Reply { req, reply }
+    }
+
+    /// Runs an API request as its own task, cut off at `deadline`.
+    fn request<F>(&self, req: ReqId, deadline: Instant, f: F)
+    where
+        F: Future<Output = Result<Option<Lease>, LeaseError>> + Send + 'static,
+    {
+        let tx = self.done.0.clone();
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            let result = tokio::time::timeout_at(deadline, f)
+                .await
+                .unwrap_or(Err(LeaseError::Timeout(name)));
+            let _ = tx.send((req, result));
+        });
+    }
+
+    fn interface(&self, index: u32) -> Option<Interface> {
+        self.interfaces
+            .get(&index)
+            .cloned()
+            .or_else(|| self.feed.interface.clone().filter(|i| i.index == index))
+    }
+
+    fn description(&self, index: u32) -> Description {
+        match self.ip() {
+            Some(ip) => {
+                let iface = self.interface(index);
+                let mac = iface
+                    .as_ref()
+                    .and_then(|i| i.mac)
+                    .map(|m| format_mac(&m))
+                    .unwrap_or_default();
+                let iname = iface.map(|i| i.name).unwrap_or_default();
+                Description::for_vip(ip, &self.feed.service, &iname, &mac)
+            }
+            None => Description::managed(),
+        }
+    }
+
+    async fn perform(&mut self, action: Action) {
+        let s = self.shared.clone();
+        let leases = s.leases.clone();
+        let name = self.name.clone();
+        match action {
+            Action::Acquire {
+                req,
+                resource_version,
+                deadline,
+            } => {
+                // CAS on exactly what the machine decided on.
+                let current = resource_version.map(|rv| {
+                    let mut l = self.feed.lease.clone().unwrap_or_default();
+                    l.metadata.resource_version = Some(rv);
+                    l
+                });
+                let index = match &self.feed.view.eligible {
+                    Ok(i) => *i,
+                    Err(_) => 0,
+                };
+                let desc = self.description(index);
+                self.request(req, deadline, async move {
+                    leases
+                        .acquire(&name, current.as_ref(), &desc)
+                        .await
+                        .map(Some)
+                });
+            }
+            Action::Renew { req, deadline } => {
+                let held = self.held.clone().unwrap_or_default();
+                self.request(req, deadline, async move {
+                    leases.renew(&name, &held).await.map(Some)
+                });
+            }
+            Action::Release {
+                req,
+                step_down,
+                deadline,
+            } => {
+                let held = self.held.clone().unwrap_or_default();
+                self.request(req, deadline, async move {
+                    if step_down {
+                        leases.step_down(&name, &held).await.map(|_| None)
+                    } else {
+                        leases.release(&name, &held).await.map(|_| None)
+                    }
+                });
+            }
+            Action::Delete { req, deadline } => {
+                let rv = self
+                    .held
+                    .as_ref()
+                    .and_then(|l| l.metadata.resource_version.clone())
+                    .unwrap_or_default();
+                if let Some(ip) = self.ip() {
+                    info!(ip = %ip, lease = %name, "the IP left every Service: deleting its lease");
+                }
+                self.request(req, deadline, async move {
+                    leases.delete(&name, &rv).await.map(|_| None)
+                });
+            }
+            Action::Bind {
+                iface,
+                until,
+                not_after,
+            } => {
+                let (Some(ip), Some(i)) = (self.ip(), self.interface(iface)) else {
+                    return;
+                };
+                let now = Instant::now();
+                if now >= not_after {
+                    s.metrics.late_action("bind");
+                    warn!(ip = %ip, "dropped a bind decided too long ago");
+                    return;
+                }
+                // The lifetime is computed at the last moment, from the absolute bound.
+                let Some(valid) = timing::lifetime(now, until, Duration::ZERO) else {
+                    s.metrics.late_action("bind");
+                    warn!(ip = %ip, "no safe address lifetime left: not refreshing");
+                    return;
+                };
+                match tokio::time::timeout_at(not_after, s.dataplane.bind(&i, ip, valid)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        s.metrics.dataplane_error(&e);
+                        warn!(ip = %ip, interface = %i.name, error = %e, "could not bind");
+                    }
+                    Err(_) => warn!(ip = %ip, interface = %i.name, "binding timed out"),
+                }
+            }
+            Action::Unbind { iface } => {
+                let (Some(ip), Some(i)) = (self.ip(), self.interface(iface)) else {
+                    return;
+                };
+                let unbind =
+                    tokio::time::timeout(Duration::from_secs(1), s.dataplane.unbind(&i, ip));
+                match unbind.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        s.metrics.dataplane_error(&e);
+                        warn!(ip = %ip, error = %e, "could not unbind (the address expires on its own)");
+                    }
+                    Err(_) => {
+                        warn!(ip = %ip, "unbinding timed out (the address expires on its own)")
+                    }
+                }
+            }
+            Action::Announce {
+                iface,
+                round,
+                not_after,
+            } => {
+                let (Some(ip), Some(i)) = (self.ip(), self.interface(iface)) else {
+                    return;
+                };
+                if Instant::now() >= not_after {
+                    s.metrics.late_action("announce");
+                    return;
+                }
+                let router = crate::dataplane::forwards_v6(&i.name);
+                match s.dataplane.announce(&i, ip, router) {
+                    Ok(sent) => s.metrics.announced(ip, sent, round == 0),
+                    Err(e) => {
+                        s.metrics.dataplane_error(&e);
+                        warn!(ip = %ip, interface = %i.name, error = %e, "could not announce");
+                    }
+                }
+            }
+            Action::Dnat(on) => {
+                let Some(ip) = self.ip() else { return };
+                if on {
+                    s.own(ip, &self.feed.service);
+                } else {
+                    s.disown(ip);
+                }
+            }
+            Action::Report(r) => self.report(r),
+        }
+    }
+
+    fn report(&self, r: Report) {
+        let s = &self.shared;
+        let what = match self.ip() {
+            Some(ip) => ip.to_string(),
+            None => "allocator".to_string(),
+        };
+        match r {
+            Report::Took {
+                previous,
+                waited_since,
+            } => {
+                s.metrics.lease_acquired(self.ip(), waited_since);
+                match self.ip() {
+                    Some(ip) => {
+                        let iface = self.feed.interface.clone();
+                        info!(ip = %ip, service = %self.feed.service, interface = ?iface.as_ref().map(|i| &i.name), "owner: bound and announcing");
+                        if let Some(iface) = iface {
+                            s.events
+                                .announced(ip, &self.feed.service, &iface, previous.as_deref());
+                        }
+                    }
+                    None => info!("this speaker is the allocator"),
+                }
+            }
+            Report::Withdrew { reason, fenced } => {
+                if fenced {
+                    s.metrics.fenced();
+                }
+                if reason.contains("taken") || reason.contains("moved") {
+                    s.metrics.lease_lost();
+                }
+                info!(lease = %self.name, what = %what, reason = %reason, "withdrawn");
+            }
+            Report::RenewFailed(e) => {
+                s.metrics.renew_failed();
+                warn!(lease = %self.name, error = %e, "could not renew");
+            }
+            Report::AcquireFailed(e) => {
+                warn!(lease = %self.name, error = %e, "could not take the lease")
+            }
+            Report::ReleaseFailed(e) => {
+                warn!(lease = %self.name, error = %e, "could not release the lease; it will expire")
+            }
+        }
+    }
+}
