@@ -7,4 +7,5 @@
 pub mod apiserver;
 pub mod kubectl;
 pub mod lab;
+pub mod sim;
 pub mod testbed;

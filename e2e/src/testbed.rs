@@ -37,15 +37,17 @@ pub struct Timing {
 }
 
 impl Timing {
+    /// The speaker's defaults.
     pub const DEFAULT: Timing = Timing {
-        lease_seconds: 3,
+        lease_seconds: 4,
         renew_ms: 1000,
         deadline_ms: 2000,
     };
-    pub const FAST: Timing = Timing {
-        lease_seconds: 1,
-        renew_ms: 250,
-        deadline_ms: 750,
+    /// The shortest lease the start-up timing check accepts.
+    pub const SHORT: Timing = Timing {
+        lease_seconds: 3,
+        renew_ms: 500,
+        deadline_ms: 1500,
     };
 }
 

@@ -279,8 +279,8 @@ async fn hard_failure_moves_the_ip_to_another_node_and_traffic_resumes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hard_failure_with_the_fast_profile_moves_the_ip_too() {
-    hard_failure(Timing::FAST).await;
+async fn hard_failure_with_the_short_profile_moves_the_ip_too() {
+    hard_failure(Timing::SHORT).await;
 }
 
 /// A sample's value from a speaker's /metrics (0 when absent).
@@ -841,7 +841,7 @@ async fn status_and_drill_show_owners_and_measure_planned_handovers_from_the_cli
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_left_by_a_dead_owner_of_a_deleted_service_is_cleaned_up() {
-    let tb = Testbed::new(vec![1, 1, 0], Timing::FAST).await;
+    let tb = Testbed::new(vec![1, 1, 0], Timing::SHORT).await;
     let (ip, owner) = web(&tb, "web").await;
     tb.lab.cut_link(&owner).unwrap();
     tb.speaker(&owner).kill();

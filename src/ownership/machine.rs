@@ -176,8 +176,10 @@ struct Owned {
     iface: u32,
     /// The resourceVersion our last write returned.
     resource_version: String,
-    /// The resourceVersion we took the Lease on: a stale watch may still show it.
-    taken_on: Option<String>,
+    /// What a lagging watch may still show until it shows the Lease naming us: the Lease as
+    /// we took it over (Some(Some(rv))), or no Lease (Some(None)) when we created it. None
+    /// once caught up. A watch can lag for as long as it is broken.
+    stale: Option<Option<String>>,
     fence_at: Instant,
     next_renew: Instant,
     renewing: Option<(ReqId, Instant)>,
@@ -283,6 +285,11 @@ impl Holder {
         }
     }
 
+    /// Whether it was told to stop (it may still be releasing).
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_some()
+    }
+
     pub fn is_stopped(&self) -> bool {
         self.phase == Phase::Stopped
     }
@@ -341,7 +348,7 @@ impl Holder {
                         let owned = Owned {
                             iface,
                             resource_version,
-                            taken_on: on.clone(),
+                            stale: Some(on.clone()),
                             fence_at,
                             next_renew: sent + self.timing.renew_interval,
                             renewing: None,
@@ -373,7 +380,6 @@ impl Holder {
                 match reply {
                     Reply::Written { resource_version } if now < o.fence_at => {
                         o.resource_version = resource_version;
-                        o.taken_on = None;
                         o.fence_at = sent + self.timing.renew_deadline;
                         o.next_renew = (sent + self.timing.renew_interval).max(now);
                         if self.kind == Kind::Vip {
@@ -533,13 +539,20 @@ impl Holder {
                     // The watch shows the Lease moved on from what we wrote: someone else
                     // holds it (or it was deleted). A stale watch can only show what we took
                     // it on, which names someone else but is not news.
+                    let caught_up = self
+                        .view
+                        .lease
+                        .as_ref()
+                        .is_some_and(|l| l.holder.as_deref() == Some(self.me.as_str()));
+                    if caught_up && let Phase::Owner(o) = &mut self.phase {
+                        // The watch has delivered a write naming us: from here on, a Lease
+                        // naming anyone else is news (a watch delivers in order).
+                        o.stale = None;
+                    }
                     let moved = match &self.view.lease {
                         Some(l) if l.holder.as_deref() == Some(self.me.as_str()) => false,
-                        Some(l) => {
-                            l.resource_version != o.resource_version
-                                && Some(&l.resource_version) != o.taken_on.as_ref()
-                        }
-                        None => o.taken_on.is_some(),
+                        Some(l) => o.stale != Some(Some(l.resource_version.clone())),
+                        None => o.stale != Some(None),
                     };
                     if moved {
                         let to = self
@@ -958,6 +971,49 @@ mod tests {
         );
         assert_eq!(s.actions[0], Action::Unbind { iface: 2 });
         assert_eq!(h.holds_until(t0 + ms(4100)), None);
+    }
+
+    /// Found by the simulator (a broken watch on the new owner): the stale view lasts across
+    /// renewals, and must not make the owner give the IP up.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_that_lags_across_renewals_is_not_news_and_a_deletion_after_it_is() {
+        let t0 = Instant::now();
+        let old = || view(Some(observed(Some("node-2"), "5", t0)), t0);
+        let mut h = Holder::new(ME, timing(), Kind::Vip, old());
+        let req = acquire_req(&h.step(Input::Tick, t0 + Duration::from_secs(4)));
+        h.step(
+            Input::Reply {
+                req,
+                reply: written("6"),
+            },
+            t0 + ms(4010),
+        );
+        for k in 1..5u64 {
+            let at = t0 + ms(4010 + 1000 * k);
+            let req = renew_req(&h.step(Input::Tick, at)).expect("renewing");
+            let s = h.step(
+                Input::Reply {
+                    req,
+                    reply: written(&format!("{}", 6 + k)),
+                },
+                at + ms(5),
+            );
+            assert!(
+                !s.actions.iter().any(|a| matches!(a, Action::Unbind { .. })),
+                "{s:?}"
+            );
+            let s = h.step(Input::View(old()), at + ms(6));
+            assert!(
+                !s.actions.iter().any(|a| matches!(a, Action::Unbind { .. })),
+                "{s:?}"
+            );
+        }
+        h.step(
+            Input::View(view(Some(observed(Some(ME), "10", t0 + ms(8100))), t0)),
+            t0 + ms(8100),
+        );
+        let s = h.step(Input::View(view(None, t0)), t0 + ms(8200));
+        assert_eq!(s.actions[0], Action::Unbind { iface: 2 }, "deleted: news");
     }
 
     #[tokio::test(start_paused = true)]

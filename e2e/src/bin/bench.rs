@@ -472,7 +472,7 @@ async fn main() {
     });
     if want("failover") {
         results["failover"] = json!({
-            "hard_fast": failover("hard", Timing::FAST, args.drills, &args.out).await,
+            "hard_short": failover("hard", Timing::SHORT, args.drills, &args.out).await,
             "hard_default": failover("hard", Timing::DEFAULT, args.drills, &args.out).await,
             "graceful": failover("graceful", Timing::DEFAULT, args.drills, &args.out).await,
         });
