@@ -3,7 +3,7 @@
 //! API say about each VIP.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -263,6 +263,45 @@ impl Testbed {
             .collect()
     }
 
+    /// Starts sampling who answers for `ips` every 5 ms: ARP from the client, and every
+    /// node's kernel address list.
+    pub fn sample(&self, ips: &[IpAddr]) -> crate::lab::sampler::Sampler {
+        let nodes: Vec<(String, String)> = self
+            .lab
+            .nodes()
+            .map(|h| (h.name.clone(), h.ns.clone()))
+            .collect();
+        crate::lab::sampler::Sampler::start(
+            &self.lab.client().ns,
+            &nodes,
+            ips,
+            Duration::from_millis(5),
+        )
+        .expect("the sampler starts")
+    }
+
+    /// Adds a fault rule to the test API server (see `apiserver::faults`).
+    pub fn api_fault(&self, rule: serde_json::Value) {
+        let cp = self.lab.host("cp").unwrap();
+        let addr = SocketAddr::new(IpAddr::V4(cp.ipv4), crate::lab::API_PORT);
+        let (code, body) = self
+            .lab
+            .http("cp", "POST", addr, "/_test/faults", &rule.to_string())
+            .unwrap();
+        assert_eq!(code, 201, "fault rule refused: {body}");
+    }
+
+    /// Removes every fault rule.
+    pub fn clear_api_faults(&self) {
+        let cp = self.lab.host("cp").unwrap();
+        let addr = SocketAddr::new(IpAddr::V4(cp.ipv4), crate::lab::API_PORT);
+        let (code, _) = self
+            .lab
+            .http("cp", "DELETE", addr, "/_test/faults", "")
+            .unwrap();
+        assert_eq!(code, 200);
+    }
+
     /// The MACs answering ARP for `ip`, asked from the client.
     pub fn arp_answers(&self, ip: Ipv4Addr) -> Vec<String> {
         let c = self.lab.client();
@@ -272,7 +311,7 @@ impl Testbed {
     /// The Lease of `ip`, if any.
     pub async fn lease(&self, ip: IpAddr) -> Option<Lease> {
         let api: Api<Lease> = Api::namespaced(self.client.clone(), NAMESPACE);
-        api.get_opt(&format!("vip-{}", ip.to_string().replace(['.', ':'], "-")))
+        api.get_opt(&l2speaker::lease::lease_name(ip))
             .await
             .unwrap()
     }

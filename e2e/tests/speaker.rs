@@ -84,7 +84,7 @@ async fn a_service_gets_a_pool_ip_that_exactly_one_node_answers_for() {
             "lease",
             "-n",
             "l2speaker-system",
-            &format!("vip-{}", ip.to_string().replace('.', "-")),
+            &l2speaker::lease::lease_name(ip),
         ])
         .await
         .ok();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::Response;
 use serde_json::{Value, json};
@@ -45,6 +45,8 @@ pub struct Server {
     pub config: Config,
     /// `"<verb> <resource>"` pairs answered 403 Forbidden, as RBAC would (tests of refusals).
     pub forbidden: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Injected faults (see [`super::faults`]).
+    pub faults: super::faults::Faults,
 }
 
 impl Server {
@@ -53,6 +55,7 @@ impl Server {
             store: Store::new(),
             config,
             forbidden: Default::default(),
+            faults: Default::default(),
         }
     }
 
@@ -98,8 +101,60 @@ struct Target {
     status: bool,
 }
 
+/// Applies an injected fault, if one matches, around [`serve_request`].
 async fn handle(
     State(s): State<Arc<Server>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    use super::faults::{Action, Phase};
+    let watching = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    let shown = if watching { "WATCH" } else { method.as_str() };
+    let rule = if uri.path().starts_with("/_test/") {
+        None
+    } else {
+        s.faults.take(shown, uri.path(), Some(peer.ip()))
+    };
+    let Some(rule) = rule else {
+        return serve_request(s, method, uri, headers, body).await;
+    };
+    let hold = Duration::from_millis(rule.ms);
+    match (rule.action, rule.phase) {
+        (Action::Blackhole, _) => std::future::pending().await,
+        (Action::Fail, _) => {
+            let code = rule.code.unwrap_or(503);
+            let mut r = error_response(&ApiError::injected(code));
+            if let Some(secs) = rule.retry_after {
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    header::HeaderValue::from_str(&secs.to_string()).expect("digits"),
+                );
+            }
+            r
+        }
+        (Action::Delay, Phase::Before) => {
+            tokio::time::sleep(hold).await;
+            serve_request(s, method, uri, headers, body).await
+        }
+        (Action::Delay, Phase::After) => {
+            let r = serve_request(s, method, uri, headers, body).await;
+            tokio::time::sleep(hold).await;
+            r
+        }
+        (Action::Hang, _) => {
+            let _served = serve_request(s, method, uri, headers, body).await;
+            std::future::pending().await
+        }
+    }
+}
+
+async fn serve_request(
+    s: Arc<Server>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -151,6 +206,20 @@ async fn handle(
                 200,
                 &json!({"resourceVersion": s.store.resource_version().to_string()}),
             )
+        }
+        (Method::GET, ["_test", "faults"]) => json_response(200, &json!(s.faults.list())),
+        (Method::DELETE, ["_test", "faults"]) => {
+            s.faults.clear();
+            json_response(200, &json!({}))
+        }
+        (Method::POST, ["_test", "faults"]) => {
+            match serde_json::from_slice::<super::faults::Rule>(&body) {
+                Ok(rule) => {
+                    s.faults.add(rule);
+                    json_response(201, &json!(s.faults.list()))
+                }
+                Err(e) => error_response(&ApiError::bad_request(&format!("fault rule: {e}"))),
+            }
         }
         (Method::POST, ["_test", "end-watches"]) => {
             s.store.end_watches();

@@ -4,9 +4,11 @@
 //! - [`resources`]: the kinds served, built-in and CRD-defined;
 //! - [`store`]: objects, the resourceVersion counter, history and live changes;
 //! - [`http`]: paths, verbs, discovery and watch streams;
-//! - [`patch`], [`selector`], [`events`], [`status`]: the pieces of the API's semantics.
+//! - [`patch`], [`selector`], [`events`], [`status`]: the pieces of the API's semantics;
+//! - [`faults`]: injected delays, errors, hangs and black holes, set over HTTP.
 
 pub mod events;
+pub mod faults;
 pub mod http;
 pub mod patch;
 pub mod resources;
@@ -51,7 +53,8 @@ pub fn serve(config: Config, listeners: Vec<std::net::TcpListener>) -> std::io::
         l.set_nonblocking(true)?;
         addrs.push(l.local_addr()?);
         let l = tokio::net::TcpListener::from_std(l)?;
-        let app = http::router(server.clone());
+        let app = http::router(server.clone())
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(l, app).await {
                 tracing::error!(error = %e, "test API server stopped");

@@ -42,6 +42,29 @@ impl ApiError {
     }
 
     /// A path that names no resource this server serves.
+    /// An injected failure, shaped as kube-apiserver answers it.
+    pub fn injected(code: u16) -> Self {
+        let (reason, message) = match code {
+            429 => (
+                "TooManyRequests",
+                "the server has received too many requests and has asked us to try again later",
+            ),
+            500 => (
+                "InternalError",
+                "an error on the server (\"injected\") has prevented the request from succeeding",
+            ),
+            504 => (
+                "Timeout",
+                "the server was unable to return a response in the time allotted",
+            ),
+            _ => (
+                "ServiceUnavailable",
+                "the server is currently unable to handle the request",
+            ),
+        };
+        Self::new(code, reason, message)
+    }
+
     pub fn no_route(path: &str) -> Self {
         Self::new(
             404,

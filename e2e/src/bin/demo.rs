@@ -64,7 +64,7 @@ async fn main() -> std::process::ExitCode {
             "lease",
             "-n",
             "l2speaker-system",
-            &format!("vip-{}", ip.to_string().replace('.', "-")),
+            &l2speaker::lease::lease_name(ip),
         ],
     )
     .await;

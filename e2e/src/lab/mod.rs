@@ -25,6 +25,7 @@ pub mod echo;
 pub mod netns;
 pub mod probe;
 pub mod process;
+pub mod sampler;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -639,14 +640,30 @@ impl Lab {
         addr: SocketAddr,
         path: &str,
     ) -> Result<(u16, String), LabError> {
+        self.http(host, "GET", addr, path, "")
+    }
+
+    /// A plain HTTP/1.0 request from `host` with a JSON body: status code and body.
+    pub fn http(
+        &self,
+        host: &str,
+        method: &str,
+        addr: SocketAddr,
+        path: &str,
+        body: &str,
+    ) -> Result<(u16, String), LabError> {
         use std::io::{Read, Write};
         let ns = self.host(host)?.ns.clone();
-        let path = path.to_string();
-        let what = format!("GET http://{addr}{path} from {host}");
+        let (path, body, method) = (path.to_string(), body.to_string(), method.to_string());
+        let what = format!("{method} http://{addr}{path} from {host}");
         let raw = netns::run_in(&ns, move || -> std::io::Result<String> {
             let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+            write!(
+                s,
+                "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
             let mut out = String::new();
             s.read_to_string(&mut out)?;
             Ok(out)

@@ -195,6 +195,8 @@ pub struct Sim {
     frozen_requests: Vec<Ev>,
     slow_all: Duration,
     holder_since: Vec<T>,
+    /// Whether each VIP is in a Service now (the truth; nodes learn it with a delay).
+    present: Vec<bool>,
     vip_disturbed: Vec<Vec<(T, T)>>,
     global_disturbed: Vec<(T, T)>,
     next_slot: u64,
@@ -280,6 +282,7 @@ impl Sim {
             frozen_requests: vec![],
             slow_all: Duration::ZERO,
             holder_since: vec![T::ZERO; s.vips],
+            present: vec![true; s.vips],
             vip_disturbed: vec![vec![]; s.vips],
             global_disturbed: vec![],
             next_slot: 0,
@@ -1031,6 +1034,7 @@ impl Sim {
                     n.alive = true;
                     n.kernel = vec![None; self.s.vips];
                     n.dnat = vec![false; self.s.vips];
+                    n.present = self.present.clone();
                     n.seen = vec![None; self.s.vips];
                     n.watch_ok = true;
                     let inc = n.inc;
@@ -1136,6 +1140,7 @@ impl Sim {
             }
             FaultKind::ServiceGone { vip } => {
                 self.vip_disturbed[vip].push((f.at, f.at + f.duration + tail));
+                self.present[vip] = !start;
                 for node in 0..self.nodes.len() {
                     let d = self.rng.ms(1, 40);
                     self.at(
@@ -1193,7 +1198,7 @@ impl Sim {
         }
         let now = self.instant(self.now);
         for vip in 0..self.s.vips {
-            let present = self.nodes.iter().all(|n| n.present[vip]);
+            let present = self.present[vip];
             let holder = self.api[vip].as_ref().and_then(|o| o.holder.clone());
             let bound: Vec<String> = self
                 .nodes
