@@ -42,6 +42,15 @@ pub enum DrillError {
     Api { what: String, source: kube::Error },
     #[error("{0}")]
     Timeout(String),
+    #[error(
+        "{ip} moved from {from} to {to} but did not answer again within 10 s: an outage of at least {outage_ms} ms that had not ended"
+    )]
+    NotRecovered {
+        ip: IpAddr,
+        from: String,
+        to: String,
+        outage_ms: u64,
+    },
 }
 
 fn api_err(what: impl Into<String>, namespace: &str) -> impl FnOnce(kube::Error) -> DrillError {
@@ -105,7 +114,16 @@ pub fn summarize(drills: &[Drill]) -> Summary {
     }
 }
 
-/// The longest run of failures that started at or after `after` and ended in a success.
+/// Whether the last attempt answered (an outage still going on has not ended).
+pub fn recovered(samples: &[(Duration, bool)]) -> bool {
+    samples
+        .iter()
+        .max_by_key(|(t, _)| *t)
+        .is_some_and(|(_, ok)| *ok)
+}
+
+/// The longest run of failures that started at or after `after`: to the next success, or to
+/// the last attempt for one that never ended (see [`recovered`]).
 pub fn outage(samples: &[(Duration, bool)], after: Duration) -> Duration {
     let mut s: Vec<(Duration, bool)> = samples
         .iter()
@@ -113,7 +131,7 @@ pub fn outage(samples: &[(Duration, bool)], after: Duration) -> Duration {
         .filter(|(t, _)| *t >= after)
         .collect();
     s.sort_by_key(|(t, _)| *t);
-    let (mut worst, mut start) = (Duration::ZERO, None);
+    let (mut worst, mut start, mut last) = (Duration::ZERO, None, Duration::ZERO);
     for (t, ok) in s {
         match (ok, start) {
             (false, None) => start = Some(t),
@@ -123,6 +141,10 @@ pub fn outage(samples: &[(Duration, bool)], after: Duration) -> Duration {
             }
             _ => {}
         }
+        last = t;
+    }
+    if let Some(st) = start {
+        worst = worst.max(last - st);
     }
     worst
 }
@@ -408,6 +430,14 @@ async fn one(leases: &Api<Lease>, ns: &str, ip: IpAddr, how: Probe) -> Result<Dr
     }
     finish(stop_tx, prober).await;
     let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if !recovered(&samples) {
+        return Err(DrillError::NotRecovered {
+            ip,
+            from,
+            to,
+            outage_ms: outage(&samples, asked).as_millis() as u64,
+        });
+    }
     Ok(Drill {
         ip,
         outage_ms: outage(&samples, asked).as_millis() as u64,
@@ -453,8 +483,18 @@ mod tests {
         assert_eq!(
             outage(&s, ms(15)),
             ms(30),
-            "the failure before the request and the unfinished one at the end do not count"
+            "the failure before the request does not count"
         );
         assert_eq!(outage(&s[..2], ms(5)), Duration::ZERO);
+        assert!(!recovered(&s), "the last attempt failed");
+        assert!(recovered(&s[..5]));
+        // An outage that never ends counts to the last attempt, not as zero.
+        let never = [
+            (ms(0), true),
+            (ms(10), false),
+            (ms(20), false),
+            (ms(90), false),
+        ];
+        assert_eq!(outage(&never, ms(5)), ms(80));
     }
 }

@@ -172,6 +172,11 @@ impl Testbed {
 
     /// Starts (or restarts) the speaker on lab host `host`.
     pub fn start_speaker(&self, host: &str) -> Arc<Proc> {
+        self.start_speaker_with(host, &[])
+    }
+
+    /// The same, with extra flags (`--dnat=false`).
+    pub fn start_speaker_with(&self, host: &str, extra: &[&str]) -> Arc<Proc> {
         let h = self.lab.host(host).unwrap().clone();
         let t = self.timing;
         let (lease, renew, deadline) = (
@@ -188,13 +193,17 @@ impl Testbed {
                 &format!("speaker-{host}-{n}"),
                 &self.speaker_bin,
                 &[
-                    "--lease-duration",
-                    &lease,
-                    "--renew-interval",
-                    &renew,
-                    "--renew-deadline",
-                    &deadline,
-                ],
+                    &[
+                        "--lease-duration",
+                        lease.as_str(),
+                        "--renew-interval",
+                        renew.as_str(),
+                        "--renew-deadline",
+                        deadline.as_str(),
+                    ],
+                    extra,
+                ]
+                .concat(),
                 &[
                     ("NODE_NAME", &h.node_name()),
                     ("KUBECONFIG", &kubeconfig),
@@ -266,18 +275,18 @@ impl Testbed {
     /// Starts sampling who answers for `ips` every 5 ms: ARP from the client, and every
     /// node's kernel address list.
     pub fn sample(&self, ips: &[IpAddr]) -> crate::lab::sampler::Sampler {
+        self.sample_every(ips, Duration::from_millis(5))
+    }
+
+    /// The same, every `every`.
+    pub fn sample_every(&self, ips: &[IpAddr], every: Duration) -> crate::lab::sampler::Sampler {
         let nodes: Vec<(String, String)> = self
             .lab
             .nodes()
             .map(|h| (h.name.clone(), h.ns.clone()))
             .collect();
-        crate::lab::sampler::Sampler::start(
-            &self.lab.client().ns,
-            &nodes,
-            ips,
-            Duration::from_millis(5),
-        )
-        .expect("the sampler starts")
+        crate::lab::sampler::Sampler::start(&self.lab.client().ns, &nodes, ips, every)
+            .expect("the sampler starts")
     }
 
     /// Adds a fault rule to the test API server (see `apiserver::faults`).

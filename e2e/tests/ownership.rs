@@ -258,3 +258,144 @@ async fn a_hanging_event_post_never_flaps_an_ip() {
         "no further moves"
     );
 }
+
+/// The owner's carrier goes down while its speaker keeps running: it withdraws on its own
+/// (the interface is no longer eligible), another node takes over once the Lease expires,
+/// and when the link comes back the old owner does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carrier_loss_withdraws_the_owner_before_another_node_takes_over() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    let (ip, owner) = web(&tb, "web").await;
+    let sampler = tb.sample(&[ip]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cut = sampler.now();
+    tb.lab.cut_link(&owner).unwrap();
+    let new_owner = tb.wait_new_owner(ip, &owner).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tb.lab.heal_link(&owner).unwrap();
+    let healed = sampler.now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = sampler.stop().unwrap();
+    assert_never_two("carrier loss of the owner", &s);
+    let one = s.of(ip);
+    let unbound = one.kernels[&owner]
+        .iter()
+        .find(|r| r.at > cut && !r.bound)
+        .map(|r| r.at - cut)
+        .expect("the old owner unbound");
+    let taken = one.kernels[&new_owner]
+        .iter()
+        .find(|r| r.at > cut && r.bound)
+        .map(|r| r.at - cut)
+        .expect("the new owner bound");
+    println!(
+        "{owner} unbound {} ms after losing carrier; {new_owner} bound after {} ms",
+        unbound.as_millis(),
+        taken.as_millis()
+    );
+    assert!(unbound < taken);
+    let old_mac = tb.lab.mac(&owner).unwrap();
+    assert!(
+        one.rounds
+            .iter()
+            .filter(|r| r.at > healed)
+            .all(|r| !r.macs.contains(&old_mac)),
+        "{owner} does not answer after its link is back"
+    );
+    assert!(
+        speaker_running(&tb, &owner),
+        "the speaker kept running through it"
+    );
+}
+
+fn speaker_running(tb: &Testbed, host: &str) -> bool {
+    tb.speaker(host).is_running()
+}
+
+/// IPv6: after a hard failover the client's neighbour entry for the VIP moves to the new
+/// owner's MAC (an unsolicited NA with Override) and never back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_failover_moves_the_clients_neighbour_entry_to_the_new_owner() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    tb.apply(&endpoints("v6", &pods(&tb))).await;
+    tb.apply(&service(
+        "v6",
+        "  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n",
+        "",
+    ))
+    .await;
+    let ip = tb.wait_ips("default", "v6", 1).await[0];
+    assert!(ip.is_ipv6());
+    let owner = tb.wait_owner(ip).await;
+    let sampler = tb.sample(&[ip]);
+    let prober = tb.probe(ip).unwrap();
+    let fault = prober.now();
+    tb.lab.cut_link(&owner).unwrap();
+    tb.speaker(&owner).kill();
+    let new_owner = tb.wait_new_owner(ip, &owner).await;
+    prober
+        .wait_for(Duration::from_secs(20), "answers after the failover", |t| {
+            t.successes_after(fault) >= 20
+        })
+        .unwrap();
+    let t = prober.stop();
+    let s = sampler.stop().unwrap();
+    assert_never_two("IPv6 hard failover", &s);
+    let (old_mac, new_mac) = (tb.lab.mac(&owner).unwrap(), tb.lab.mac(&new_owner).unwrap());
+    let after: Vec<_> = t.neighbors.iter().filter(|n| n.at > fault).collect();
+    println!(
+        "outage {} ms; neighbour changes after the fault: {after:?}",
+        t.outage_after(fault).as_millis()
+    );
+    let first_new = after
+        .iter()
+        .position(|n| n.mac.as_deref() == Some(new_mac.as_str()))
+        .expect("the client's entry moved to the new owner");
+    assert!(
+        after[first_new..]
+            .iter()
+            .all(|n| n.mac.as_deref() != Some(old_mac.as_str())),
+        "the entry never points back at {owner}"
+    );
+    assert_eq!(
+        after.last().and_then(|n| n.mac.clone()),
+        Some(new_mac),
+        "it ends on {new_owner}"
+    );
+}
+
+/// `--dnat=false`: the owner binds and announces, and leaves the forwarding to another
+/// component (no nft table of ours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_dnat_the_owner_binds_and_announces_and_installs_no_rules() {
+    let tb = Testbed::without_speakers(vec![1, 1, 0], Timing::DEFAULT).await;
+    for n in tb.node_names() {
+        tb.start_speaker_with(&n, &["--dnat=false"]);
+    }
+    let (ip, owner) = web(&tb, "web").await;
+    let IpAddr::V4(v4) = ip else { panic!("IPv4") };
+    assert_eq!(tb.arp_answers(v4), vec![tb.lab.mac(&owner).unwrap()]);
+    for n in tb.node_names() {
+        assert_eq!(tb.rules(&n), "", "{n} has no l2speaker table");
+    }
+}
+
+/// A speaker that owns nothing exits promptly on SIGTERM (a rolling update pays this per
+/// node); the time is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_speaker_that_owns_nothing_exits_promptly_on_sigterm() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    let (_ip, owner) = web(&tb, "web").await;
+    let idle = tb.node_names().into_iter().find(|n| *n != owner).unwrap();
+    let p = tb.speaker(&idle);
+    let t0 = std::time::Instant::now();
+    p.signal(Signal::SIGTERM).unwrap();
+    let status = p
+        .wait_timeout(Duration::from_secs(3))
+        .expect("exits within 3 s of SIGTERM");
+    println!(
+        "{idle} (owning nothing) exited {} ms after SIGTERM",
+        t0.elapsed().as_millis()
+    );
+    assert!(status.success(), "{status:?}");
+}

@@ -485,81 +485,57 @@ async fn three_speakers_started_at_once_never_share_an_ip_and_spread_twenty_serv
         })
         .collect();
     tb.apply(&yaml.join("---\n")).await;
+    // Every pool address, sampled every 10 ms from before the speakers start: ARP from the
+    // client and every node's address list, so every change of ownership is recorded.
+    let pool: Vec<IpAddr> = (200..=250u8)
+        .map(|o| IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, o)))
+        .collect();
+    let sampler = tb.sample_every(&pool, Duration::from_millis(10));
     for n in tb.node_names() {
         tb.start_speaker(&n);
     }
+    let mut ips = Vec::new();
+    for i in 0..20 {
+        ips.push(tb.wait_ips("default", &format!("race-{i}"), 1).await[0]);
+    }
+    let mut owners: std::collections::BTreeMap<String, usize> = Default::default();
+    for ip in &ips {
+        assert!(pool.contains(ip), "{ip} is from the pool");
+        *owners.entry(tb.wait_owner(*ip).await).or_default() += 1;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = sampler.stop().unwrap();
+    let v = s.violations();
+    assert!(v.is_empty(), "two nodes answered:\n{}", v.join("\n"));
     let macs: std::collections::BTreeMap<String, String> = tb
         .node_names()
         .into_iter()
         .map(|n| (tb.lab.mac(&n).unwrap(), n))
         .collect();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut samples = 0;
-    let mut settled_samples = 0;
-    loop {
-        let mut ips = Vec::new();
-        for i in 0..20 {
-            let api: kube::Api<k8s_openapi::api::core::v1::Service> =
-                kube::Api::namespaced(tb.client.clone(), "default");
-            let s = api.get(&format!("race-{i}")).await.unwrap();
-            if let Some(ip) = s
-                .status
-                .and_then(|s| s.load_balancer?.ingress?.first()?.ip.clone())
-            {
-                ips.push(ip.parse::<IpAddr>().unwrap());
-            }
-        }
-        let mut owners: std::collections::BTreeMap<String, usize> = Default::default();
-        let mut all_owned = ips.len() == 20;
-        for ip in &ips {
-            let bound = tb.bound_on(*ip);
-            assert!(
-                bound.len() <= 1,
-                "sample {samples}: {ip} is bound on {bound:?}"
-            );
-            let IpAddr::V4(v4) = ip else { unreachable!() };
-            let answers = tb.arp_answers(*v4);
-            assert!(
-                answers.len() <= 1,
-                "sample {samples}: {ip} answered by {answers:?}"
-            );
-            if let Some(b) = bound.first() {
-                let holder = tb.holder(*ip).await.map(|h| tb.host_of(&h));
-                assert_eq!(
-                    holder.as_deref(),
-                    Some(b.as_str()),
-                    "sample {samples}: {ip} bound on {b} but its lease says {holder:?}"
-                );
-                if let Some(m) = answers.first() {
-                    assert_eq!(
-                        macs.get(m),
-                        Some(b),
-                        "sample {samples}: {ip} answered by {m}, bound on {b}"
-                    );
-                }
-                *owners.entry(b.clone()).or_default() += 1;
-            } else {
-                all_owned = false;
-            }
-        }
-        samples += 1;
-        if all_owned {
-            settled_samples += 1;
-            if settled_samples >= 3 {
-                println!("{samples} samples; owners per node: {owners:?}");
-                assert!(
-                    owners.values().all(|n| *n <= 9),
-                    "ownership is spread: {owners:?}"
-                );
-                break;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not every IP got an owner: {} IPs, owners {owners:?}",
-            ips.len()
+    let mut changes = 0;
+    for ip in &ips {
+        let one = s.of(*ip);
+        // The answering node only ever changes to the Lease's holder: the last MAC heard is
+        // the owner's, and the kernels agree.
+        let owner = tb.wait_owner(*ip).await;
+        let last = one.rounds.iter().rev().find(|r| !r.macs.is_empty());
+        assert_eq!(
+            last.and_then(|r| macs.get(&r.macs[0])),
+            Some(&owner),
+            "{ip}: the last ARP answer comes from its owner"
         );
+        changes += one.answerers().len();
+        assert!(one.answered() > 0, "{ip} answered");
     }
+    println!(
+        "{} ARP rounds per IP; {changes} answering nodes over 20 IPs; owners per node: {owners:?}",
+        s.of(ips[0]).rounds.len()
+    );
+    assert_eq!(owners.values().sum::<usize>(), 20);
+    assert!(
+        owners.values().all(|n| *n <= 9),
+        "ownership is spread: {owners:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

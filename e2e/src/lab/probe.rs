@@ -119,10 +119,23 @@ impl Timeline {
         out
     }
 
-    /// The longest outage that ended after `t` (a fault at `t`); zero if none.
+    /// The outage still going on at the last attempt: from its first failure to that attempt.
+    pub fn unfinished(&self) -> Option<Outage> {
+        let s = self.sorted();
+        let last = s.last().filter(|l| !l.ok)?;
+        let start = s.iter().rev().take_while(|x| !x.ok).last()?.at;
+        Some(Outage {
+            start,
+            end: last.at,
+        })
+    }
+
+    /// The longest outage that ended after `t` (a fault at `t`), counting one that has not
+    /// ended up to the last attempt; zero if none.
     pub fn outage_after(&self, t: Duration) -> Duration {
         self.outages()
             .into_iter()
+            .chain(self.unfinished())
             .filter(|o| o.end > t)
             .map(|o| o.duration())
             .max()
@@ -379,5 +392,18 @@ mod tests {
         assert!(t.failing_now());
         assert_eq!(t.pods(), BTreeSet::from(["n1-p0".to_string()]));
         assert_eq!(t.samples[0].seen_client(), Some("192.0.2.100"));
+    }
+
+    #[test]
+    fn an_outage_that_never_ends_counts_to_the_last_attempt() {
+        let t = Timeline {
+            samples: vec![s(0, true), s(10, false), s(20, false), s(70, false)],
+            neighbors: vec![],
+        };
+        assert!(t.outages().is_empty(), "it has not ended");
+        assert_eq!(
+            t.outage_after(Duration::from_millis(5)),
+            Duration::from_millis(60)
+        );
     }
 }
