@@ -218,7 +218,7 @@ async fn serve_request(
                     s.faults.add(rule);
                     json_response(201, &json!(s.faults.list()))
                 }
-                Err(e) => error_response(&ApiError::bad_request(&format!("fault rule: {e}"))),
+                Err(e) => error_response(&ApiError::bad_request(format!("fault rule: {e}"))),
             }
         }
         (Method::POST, ["_test", "end-watches"]) => {

@@ -832,7 +832,12 @@ impl Sim {
             Some(Outage::Hang) => return,
             Some(Outage::Refuse) => {
                 let lat = self.latency();
-                self.reply(node, inc, slot, req, Reply::Failed("503".into()), None, lat);
+                self.reply(
+                    (node, inc, slot, req),
+                    Reply::Failed("503".into()),
+                    None,
+                    lat,
+                );
                 return;
             }
             Some(Outage::Frozen) => {
@@ -893,19 +898,18 @@ impl Sim {
             Err(()) => (Reply::Lost, None),
         };
         let lat = self.latency();
-        self.reply(node, inc, slot, req, reply, rv, lat);
+        self.reply((node, inc, slot, req), reply, rv, lat);
     }
 
+    /// Sends `reply` back to the request `to` = (node, incarnation, holder, request).
     fn reply(
         &mut self,
-        node: usize,
-        inc: u32,
-        slot: u64,
-        req: ReqId,
+        to: (usize, u32, u64, ReqId),
         reply: Reply,
         rv: Option<u64>,
         lat: Duration,
     ) {
+        let (node, inc, slot, req) = to;
         let n = &self.nodes[node];
         if !n.link_up || !n.api_in || n.lost_replies {
             return;
