@@ -17,10 +17,10 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::allocator;
+use crate::context::Shared;
 use crate::ownership::machine::{Stop, View};
 use crate::ownership::shell::{self, Feed, Target};
 use crate::pool::Pools;
-use crate::speaker::Shared;
 
 /// The allocator's own Lease: one speaker assigns IPs at a time.
 pub const ALLOCATOR_LEASE: &str = "l2speaker-allocator";

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::warn;
 
+use crate::context::Shared;
 use crate::dataplane::addr::{AddrOps, Interface};
 use crate::lease;
 use crate::ownership::machine::{Observed, Stop, View};
@@ -21,7 +22,6 @@ use crate::ownership::shell::{self, Feed, Target};
 use crate::plan;
 use crate::pool::Pools;
 use crate::service::ServiceInfo;
-use crate::speaker::Shared;
 
 /// How stale the interface list may get (a lost carrier is noticed within this).
 pub const INTERFACE_REFRESH: Duration = Duration::from_millis(250);

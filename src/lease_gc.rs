@@ -9,11 +9,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::info;
 
+use crate::context::Shared;
 use crate::lease;
 use crate::plan;
 use crate::pool::Pools;
 use crate::service::ServiceInfo;
-use crate::speaker::Shared;
 
 /// Whether a Lease of an IP no Service has is garbage: free, or not renewed for twice its
 /// duration by the wall clock (it is garbage either way; staleness only decides when).

@@ -1,6 +1,7 @@
 //! l2speaker: floating IPs for Kubernetes LoadBalancer Services on L2 networks.
 //!
 //! - [`config`]: flags and their environment twins;
+//! - [`context`]: what the speaker's loops share;
 //! - [`pool`]: the `IPPool` resource and the validated address set;
 //! - [`service`]: what the speaker reads from a Service;
 //! - [`allocator`]: which Service gets which IP (pure);
@@ -22,6 +23,7 @@ pub mod allocator;
 pub mod announce;
 pub mod cluster;
 pub mod config;
+pub mod context;
 pub mod coordinator;
 pub mod dataplane;
 pub mod drill;

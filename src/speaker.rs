@@ -2,7 +2,6 @@
 //! loops, and a bounded shutdown.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,9 +13,10 @@ use tracing::{error, info, warn};
 
 use crate::cluster::Cluster;
 use crate::config::Config;
+pub use crate::context::Shared;
 use crate::coordinator::Coordinator;
 use crate::dataplane::addr::Netlink;
-use crate::dataplane::nft::{Dnat, Nft};
+use crate::dataplane::nft::Nft;
 use crate::dataplane::sink::Pnet;
 use crate::dataplane::{self, Dataplane};
 use crate::events::Events;
@@ -24,76 +24,12 @@ use crate::lease::Leases;
 use crate::metrics::Metrics;
 use crate::ownership::machine::Stop;
 use crate::ownership::timing::RELEASE_DEADLINE;
-use crate::plan;
-use crate::service::ServiceInfo;
 
 pub use crate::allocation::ALLOCATOR_LEASE;
 pub use crate::coordinator::{FAIR_SHARE_WAIT, INITIAL_RANK_STEP, INTERFACE_REFRESH, RANK_STEP};
 
 /// Passes over all VIPs are at least this far apart.
 pub const PASS_SPACING: Duration = Duration::from_millis(20);
-
-pub struct Shared {
-    pub config: Config,
-    pub client: Client,
-    pub cluster: Cluster,
-    pub leases: Leases,
-    pub dataplane: Dataplane<Netlink, Nft, Pnet>,
-    pub metrics: Arc<Metrics>,
-    pub events: Events,
-    /// VIPs whose DNAT should be in place here, with their Service key.
-    owned: Mutex<BTreeMap<IpAddr, String>>,
-    /// Moves when `owned` changes: the DNAT task wakes up.
-    dnat_wake: watch::Sender<u64>,
-}
-
-impl Shared {
-    pub fn own(&self, ip: IpAddr, service: &str) {
-        let mut o = self.owned.lock().unwrap_or_else(|e| e.into_inner());
-        o.insert(ip, service.to_string());
-        self.metrics.set_owned(o.len());
-        self.dnat_wake.send_modify(|n| *n += 1);
-    }
-
-    pub fn disown(&self, ip: IpAddr) {
-        let mut o = self.owned.lock().unwrap_or_else(|e| e.into_inner());
-        o.remove(&ip);
-        self.metrics.set_owned(o.len());
-        self.dnat_wake.send_modify(|n| *n += 1);
-    }
-
-    pub fn services(&self) -> Vec<ServiceInfo> {
-        self.cluster
-            .services
-            .state()
-            .iter()
-            .map(|s| ServiceInfo::from_service(s))
-            .collect()
-    }
-
-    /// Programs DNAT for the VIPs owned now, from the current Services and EndpointSlices.
-    async fn sync_dnat(&self) {
-        let owned = self.owned.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let services = self.services();
-        let slices = self.cluster.slices.state();
-        let by_service = plan::slices_by_service(&slices);
-        let entries: Vec<Dnat> = owned
-            .iter()
-            .filter_map(|(ip, key)| {
-                let svc = services.iter().find(|s| &s.key == key)?;
-                let mine = plan::slices_of(svc, &by_service);
-                Some(Dnat {
-                    vip: *ip,
-                    ports: plan::port_maps(*ip, svc, &mine, &self.config.node_name),
-                })
-            })
-            .collect();
-        if let Err(e) = self.dataplane.program(&entries).await {
-            self.metrics.dataplane_error(&e);
-            error!(error = %e, "could not program DNAT");
-        }
-    }
-}
 
 /// Keeps DNAT in step with ownership and endpoints, apart from the holders: a slow `nft`
 /// never delays a holder's decisions.

@@ -17,10 +17,10 @@ use tracing::{info, warn};
 
 use super::machine::{Action, Holder, Input, Kind, Reply, Report, ReqId, Stop, View};
 use super::timing;
+use crate::context::Shared;
 use crate::dataplane::addr::Interface;
 use crate::dataplane::packet::format_mac;
 use crate::lease::{Description, LeaseError};
-use crate::speaker::Shared;
 
 /// What the coordinator tells a holder: the machine's view, plus what the shell needs to
 /// perform actions (the full Lease for CAS writes, the interface, the Service).
