@@ -2,7 +2,7 @@
 //! the same state machine as a VIP's Lease) assigns pool IPs to Services and writes their
 //! status; the assignment itself is the pure [`crate::allocator::allocate`].
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::allocator;
 use crate::context::Shared;
+use crate::node_lease;
 use crate::ownership::machine::{Stop, View};
 use crate::ownership::shell::{self, Feed, Target};
 use crate::pool::Pools;
@@ -118,19 +119,21 @@ async fn allocate_once(
         }
     }
     let services = shared.services();
-    let node_ips: BTreeSet<IpAddr> = shared
-        .cluster
-        .nodes
-        .state()
-        .iter()
-        .flat_map(|n| {
-            n.status
-                .iter()
-                .flat_map(|s| s.addresses.iter().flatten())
-                .filter_map(|a| a.address.parse().ok())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    // Never assigned: the Nodes' addresses, and what each node's speaker refuses locally.
+    let mut reserved: BTreeMap<IpAddr, String> = BTreeMap::new();
+    for l in shared.cluster.leases.state() {
+        if l.name_any().starts_with(node_lease::PREFIX) {
+            reserved.extend(node_lease::refused(&l));
+        }
+    }
+    for n in shared.cluster.nodes.state() {
+        let name = n.name_any();
+        for a in n.status.iter().flat_map(|s| s.addresses.iter().flatten()) {
+            if let Ok(ip) = a.address.parse::<IpAddr>() {
+                reserved.insert(ip, format!("{name}'s own address ({})", a.type_));
+            }
+        }
+    }
     let (class, unclassed) = (
         shared.config.load_balancer_class.clone(),
         shared.config.claim_unclassed,
@@ -139,7 +142,7 @@ async fn allocate_once(
         &services,
         |s| s.is_ours(&class, unclassed),
         &pools,
-        &node_ips,
+        &reserved,
     );
     for r in &alloc.refusals {
         if reported.insert((r.service.clone(), r.message.clone())) {

@@ -1,5 +1,6 @@
 //! Which Service gets which pool IP: a pure function of the Services, the pools and the
-//! nodes' own addresses. The elected allocator writes its result to
+//! addresses reserved by nodes (their own addresses, and what the speakers refuse locally:
+//! other addresses on their interfaces and their gateways). The elected allocator writes its result to
 //! `status.loadBalancer.ingress` and turns its refusals into Warning Events.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,12 +26,13 @@ pub struct Allocation {
     pub refusals: Vec<Refusal>,
 }
 
-/// Computes the assignment. `ours` filters the Services this allocator handles.
+/// Computes the assignment. `ours` filters the Services this allocator handles; `reserved`
+/// maps addresses that are never assigned to what they are (`node-1's own address`).
 pub fn allocate(
     services: &[ServiceInfo],
     ours: impl Fn(&ServiceInfo) -> bool,
     pools: &Pools,
-    node_ips: &BTreeSet<IpAddr>,
+    reserved: &BTreeMap<IpAddr, String>,
 ) -> Allocation {
     let mut out = Allocation::default();
     let mut svcs: Vec<&ServiceInfo> = services.iter().collect();
@@ -52,9 +54,20 @@ pub fn allocate(
     let handled: Vec<&ServiceInfo> = svcs.into_iter().filter(|s| ours(s)).collect();
 
     // Who claims which IP: a Service that already has it beats a newcomer; then the older.
-    let usable = |ip: &IpAddr| pools.pool_of(*ip).is_some() && !node_ips.contains(ip);
+    let usable = |ip: &IpAddr| pools.pool_of(*ip).is_some() && !reserved.contains_key(ip);
     let mut claims: Vec<(bool, usize, IpAddr)> = Vec::new();
     for (i, s) in handled.iter().enumerate() {
+        // An IP a Service has that a node now reserves is taken away, and the Service told.
+        for ip in s.assigned.iter().filter(|ip| pools.pool_of(**ip).is_some()) {
+            if let Some(why) = reserved.get(ip) {
+                refuse(
+                    &mut out,
+                    s,
+                    "IPIsNodeAddress",
+                    format!("{ip} is {why}; it is withdrawn from this Service"),
+                );
+            }
+        }
         let wanted: Vec<IpAddr> = if s.requested.is_empty() && s.bad_requests.is_empty() {
             s.assigned
                 .iter()
@@ -87,12 +100,12 @@ pub fn allocate(
                 format!("{ip} is in no IPPool; it will not be assigned"),
             );
             failed.insert(*i);
-        } else if requested && node_ips.contains(ip) {
+        } else if let Some(why) = reserved.get(ip).filter(|_| requested) {
             refuse(
                 &mut out,
                 s,
                 "IPIsNodeAddress",
-                format!("{ip} is a node's own address; it will not be assigned"),
+                format!("{ip} is {why}; it will not be assigned"),
             );
             failed.insert(*i);
         } else if let Some(&other) = owner.get(ip) {
@@ -167,7 +180,7 @@ pub fn allocate(
                     .flat_map(|p| p.ranges.iter())
                     .filter(|r| r.first.is_ipv4() == v4)
                     .flat_map(|r| r.iter())
-                    .find(|ip| !owner.contains_key(ip) && !node_ips.contains(ip));
+                    .find(|ip| !owner.contains_key(ip) && !reserved.contains_key(ip));
                 match free {
                     Some(ip) => {
                         owner.insert(ip, i);
@@ -233,12 +246,16 @@ mod tests {
     }
 
     fn run(svcs: &[ServiceInfo], p: &Pools, node_ips: &[&str]) -> Allocation {
-        allocate(svcs, |_| true, p, &node_ips.iter().map(|s| ip(s)).collect())
+        let reserved = node_ips
+            .iter()
+            .map(|s| (ip(s), "node-1's own address".to_string()))
+            .collect();
+        allocate(svcs, |_| true, p, &reserved)
     }
 
     #[test]
     fn assigns_the_first_free_address_in_age_order_and_keeps_existing_ones() {
-        let p = pools(&[("lan", &["192.0.2.200/30"], true)]);
+        let p = pools(&[("lan", &["192.0.2.200-192.0.2.203"], true)]);
         let mut old = svc("old", "1");
         old.assigned = vec![ip("192.0.2.202")];
         let a = run(&[svc("b", "3"), old, svc("a", "2")], &p, &["192.0.2.200"]);
@@ -254,7 +271,7 @@ mod tests {
 
     #[test]
     fn wanted_ips_outside_pools_taken_or_of_a_node_are_refused_and_never_assigned() {
-        let p = pools(&[("lan", &["192.0.2.200/30"], true)]);
+        let p = pools(&[("lan", &["192.0.2.200-192.0.2.203"], true)]);
         let mut holder = svc("holder", "1");
         holder.assigned = vec![ip("192.0.2.200")];
         let mut outside = svc("outside", "2");
@@ -321,11 +338,11 @@ mod tests {
 
     #[test]
     fn a_service_that_stops_being_a_load_balancer_gives_its_ip_back() {
-        let p = pools(&[("lan", &["192.0.2.200/30"], true)]);
+        let p = pools(&[("lan", &["192.0.2.200-192.0.2.203"], true)]);
         let mut s = svc("was", "1");
         s.load_balancer = false;
         s.assigned = vec![ip("192.0.2.200")];
-        let a = allocate(&[s], |s| s.load_balancer, &p, &BTreeSet::new());
+        let a = allocate(&[s], |s| s.load_balancer, &p, &BTreeMap::new());
         assert_eq!(a.desired["default/was"], Vec::<IpAddr>::new());
     }
 }

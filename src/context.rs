@@ -30,6 +30,8 @@ pub struct Shared {
     pub dataplane: Dataplane<Netlink, Nft, Pnet>,
     pub metrics: std::sync::Arc<Metrics>,
     pub events: Events,
+    /// The API server's address, when the kubeconfig names it by IP: never bound.
+    pub api_server: Option<IpAddr>,
     /// VIPs whose DNAT should be in place here, with their Service key.
     pub(crate) owned: Mutex<BTreeMap<IpAddr, String>>,
     /// Moves when `owned` changes: the DNAT task wakes up.

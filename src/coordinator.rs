@@ -2,13 +2,15 @@
 //! is eligible, its rank among the candidates and what the Lease says, and feeds that to the
 //! VIP's holder (one task each, started and stopped here).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::ResourceExt;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -17,10 +19,11 @@ use tracing::warn;
 use crate::context::Shared;
 use crate::dataplane::addr::{AddrOps, Interface};
 use crate::lease;
+use crate::node_lease;
 use crate::ownership::machine::{Observed, Stop, View};
 use crate::ownership::shell::{self, Feed, Target};
 use crate::plan;
-use crate::pool::Pools;
+use crate::pool::{self, Pools};
 use crate::service::ServiceInfo;
 
 /// How stale the interface list may get (a lost carrier is noticed within this).
@@ -64,7 +67,13 @@ pub struct Coordinator {
     seen: HashMap<String, Observed>,
     absent_since: HashMap<IpAddr, Instant>,
     interfaces: Vec<Interface>,
+    gateways: Vec<IpAddr>,
     interfaces_read: Option<Instant>,
+    /// What this node's Lease publishes now (None: not yet, or the last write failed).
+    published: Option<BTreeMap<IpAddr, String>>,
+    publishing: Option<JoinHandle<bool>>,
+    /// (Service, IP) pairs already told that this node refuses the IP.
+    reported: HashSet<(String, IpAddr)>,
 }
 
 impl Coordinator {
@@ -75,7 +84,11 @@ impl Coordinator {
             seen: HashMap::new(),
             absent_since: HashMap::new(),
             interfaces: Vec::new(),
+            gateways: Vec::new(),
             interfaces_read: None,
+            published: None,
+            publishing: None,
+            reported: HashSet::new(),
         }
     }
 
@@ -87,17 +100,37 @@ impl Coordinator {
             .interfaces_read
             .is_none_or(|t| now - t >= INTERFACE_REFRESH)
         {
-            match tokio::time::timeout(Duration::from_secs(1), s.dataplane.addrs.interfaces()).await
-            {
-                Ok(Ok(i)) => {
+            let read = async {
+                let i = s.dataplane.addrs.interfaces().await?;
+                let g = s.dataplane.addrs.gateways().await?;
+                Ok::<_, crate::dataplane::addr::AddrError>((i, g))
+            };
+            match tokio::time::timeout(Duration::from_secs(1), read).await {
+                Ok(Ok((i, g))) => {
                     self.interfaces = i;
+                    self.gateways = g;
                     self.interfaces_read = Some(now);
                 }
-                Ok(Err(e)) => warn!(error = %e, "could not list interfaces"),
-                Err(_) => warn!("listing interfaces timed out"),
+                Ok(Err(e)) => warn!(error = %e, "could not list interfaces and routes"),
+                Err(_) => warn!("listing interfaces and routes timed out"),
             }
         }
         let pools = Pools::from_objects(&s.cluster.pools.state());
+        let me = s.config.node_name.clone();
+        // Addresses this node refuses to bind, published on its Lease (pools or not, so a
+        // pool created later never hands them out first).
+        let mut refusals = plan::local_refusals(&me, &self.interfaces, &self.gateways);
+        if let Some(a) = s.api_server {
+            refusals
+                .entry(a)
+                .or_insert_with(|| "the API server's address".to_string());
+        }
+        let published: BTreeMap<IpAddr, String> = refusals
+            .iter()
+            .filter(|(ip, _)| pool::assignable(**ip))
+            .map(|(ip, why)| (*ip, why.clone()))
+            .collect();
+        self.publish(&published);
         let services: Vec<ServiceInfo> = s
             .services()
             .into_iter()
@@ -107,7 +140,6 @@ impl Coordinator {
         let slices = s.cluster.slices.state();
         let by_service = plan::slices_by_service(&slices);
         let nodes = s.cluster.nodes.state();
-        let me = s.config.node_name.clone();
         let my_labels = nodes
             .iter()
             .find(|n| n.name_any() == me)
@@ -136,7 +168,23 @@ impl Coordinator {
         for (ip, (svc, pool)) in vips.iter() {
             let index = pool.offset(*ip).unwrap_or(0);
             let svc_slices = plan::slices_of(svc, &by_service);
+            let refused = refusals.get(ip).map(|why| format!("{ip} is {why}"));
+            if let Some(why) = &refused
+                && self.reported.insert((svc.key.clone(), *ip))
+            {
+                warn!(ip = %ip, service = %svc.key, reason = %why, "refusing to bind");
+                if let Some(r) = s.events.service_ref(&svc.key) {
+                    s.events.post(
+                        r,
+                        EventType::Warning,
+                        "IPRefused",
+                        format!("{me} will not bind {why}"),
+                        "Bind",
+                    );
+                }
+            }
             let eligible = plan::node_may_announce(&me, &my_labels, pool, svc, &svc_slices)
+                .and_then(|()| refused.map_or(Ok(()), Err))
                 .and_then(|()| plan::interface_for(*ip, pool, &self.interfaces));
             let mut candidates: BTreeSet<String> = nodes
                 .iter()
@@ -226,6 +274,42 @@ impl Coordinator {
             }
             self.absent_since.remove(&ip);
         }
+    }
+
+    /// Writes this node's refused addresses to its Lease when they changed (in the
+    /// background, with a deadline; retried on the next pass after a failure).
+    fn publish(&mut self, refused: &BTreeMap<IpAddr, String>) {
+        if let Some(h) = &self.publishing {
+            if !h.is_finished() {
+                return;
+            }
+            if let Some(h) = self.publishing.take()
+                && h.now_or_never().and_then(Result::ok) != Some(true)
+            {
+                self.published = None;
+            }
+        }
+        if self.published.as_ref() == Some(refused) {
+            return;
+        }
+        self.published = Some(refused.clone());
+        let s = self.shared.clone();
+        let refused = refused.clone();
+        self.publishing = Some(tokio::spawn(async move {
+            let api: Api<Lease> = Api::namespaced(s.client.clone(), &s.config.namespace);
+            let write = node_lease::publish(&api, &s.config.node_name, &refused);
+            match tokio::time::timeout(Duration::from_secs(5), write).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "could not publish this node's refused addresses");
+                    false
+                }
+                Err(_) => {
+                    warn!("publishing this node's refused addresses timed out");
+                    false
+                }
+            }
+        }));
     }
 
     /// Stops every holder (owners unbind and release) and waits for them, at most `within`.

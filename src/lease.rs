@@ -58,8 +58,47 @@ pub fn lease_name(ip: IpAddr) -> String {
     format!("vip-{}", label_value(ip))
 }
 
+/// The IP spelled with `-` for `.` and `:` (`192-0-2-200`, `2001-db8--200`): a valid label
+/// value and name part for every address. Where that spelling would start or end with `-`
+/// (`::1`, `2001:db8::`, `::ffff:192.0.2.1`), a `0` is added on that side (`0--1`,
+/// `2001-db8--0`): a canonical address never prints as `0::…` or `…::0`, so the mapping stays
+/// one-to-one, and every name that was valid before is unchanged (a rolling upgrade never
+/// sees two Leases for one IP).
 pub fn label_value(ip: IpAddr) -> String {
-    ip.to_string().replace(['.', ':'], "-")
+    let mut v = ip.to_string().replace(['.', ':'], "-");
+    if v.starts_with('-') {
+        v.insert(0, '0');
+    }
+    if v.ends_with('-') {
+        v.push('0');
+    }
+    v
+}
+
+/// Whether `s` is a valid label value: at most 63 characters of `[A-Za-z0-9._-]`, starting
+/// and ending with an alphanumeric (empty is valid).
+pub fn is_label_value(s: &str) -> bool {
+    s.is_empty()
+        || (s.len() <= 63
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric()))
+}
+
+/// Whether `s` is a valid DNS-1123 subdomain (object names such as a Lease's): at most 253
+/// characters, dot-separated labels of lowercase alphanumerics and `-`, each starting and
+/// ending with an alphanumeric.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
 }
 
 /// What this speaker sees of `lease`: `since` is kept from `prev` while the Lease has not
@@ -340,14 +379,62 @@ mod tests {
 
     #[test]
     fn names_and_label_values_are_valid_for_both_families() {
-        assert_eq!(
-            lease_name("192.0.2.200".parse().unwrap()),
-            "vip-192-0-2-200"
-        );
-        assert_eq!(
-            lease_name("2001:db8::200".parse().unwrap()),
-            "vip-2001-db8--200"
-        );
+        let name = |s: &str| lease_name(s.parse().unwrap());
+        // Unchanged where they were valid before.
+        assert_eq!(name("192.0.2.200"), "vip-192-0-2-200");
+        assert_eq!(name("2001:db8::200"), "vip-2001-db8--200");
+        assert_eq!(name("192.0.2.0"), "vip-192-0-2-0");
+        // Fixed where they were not.
+        assert_eq!(name("2001:db8::"), "vip-2001-db8--0");
+        assert_eq!(name("::"), "vip-0--0");
+        assert_eq!(name("::1"), "vip-0--1");
+        assert_eq!(name("::ffff:192.0.2.1"), "vip-0--ffff-192-0-2-1");
+        for ip in [
+            "2001:db8::",
+            "::",
+            "::1",
+            "::ffff:192.0.2.1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "255.255.255.255",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(is_dns1123_subdomain(&lease_name(ip)), "{ip}");
+            assert!(is_label_value(&label_value(ip)), "{ip}");
+        }
+    }
+
+    /// Every address, of either family, gets a valid Lease name and label value, and no two
+    /// addresses share one.
+    #[test]
+    fn random_addresses_get_valid_distinct_names() {
+        let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut seen = std::collections::HashMap::new();
+        for i in 0..200_000u32 {
+            let r = (u128::from(next()) << 64) | u128::from(next());
+            // Mostly zero-heavy addresses, where `::` compression makes edge cases.
+            let mask = match i % 4 {
+                0 => u128::MAX,
+                1 => u128::from(u32::MAX),
+                2 => 0xffff_u128 << (16 * (next() % 8)),
+                _ => (u128::MAX << (next() % 128)) & r.rotate_left(64),
+            };
+            let ip = match i % 3 {
+                0 => IpAddr::V4(std::net::Ipv4Addr::from((r & u128::from(u32::MAX)) as u32)),
+                _ => IpAddr::V6(std::net::Ipv6Addr::from(r & mask)),
+            };
+            let (n, l) = (lease_name(ip), label_value(ip));
+            assert!(is_dns1123_subdomain(&n), "{ip}: {n}");
+            assert!(is_label_value(&l), "{ip}: {l}");
+            if let Some(other) = seen.insert(n.clone(), ip) {
+                assert_eq!(other, ip, "{n} names both {other} and {ip}");
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]

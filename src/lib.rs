@@ -12,6 +12,7 @@
 //! - [`allocation`], [`lease_gc`]: the elected allocator's loop and Lease clean-up;
 //! - [`announce`]: the announcement burst's schedule;
 //! - [`events`]: Kubernetes Events, posted in the background with a deadline;
+//! - [`node_lease`]: what a node's speaker publishes about the node (addresses it refuses);
 //! - [`dataplane`]: addresses, announcements and DNAT on this node;
 //! - [`cluster`]: the reflectors;
 //! - [`metrics`]: Prometheus metrics, health and readiness;
@@ -31,6 +32,7 @@ pub mod events;
 pub mod lease;
 pub mod lease_gc;
 pub mod metrics;
+pub mod node_lease;
 pub mod ownership;
 pub mod plan;
 pub mod pool;

@@ -58,6 +58,34 @@ pub fn interface_for(ip: IpAddr, pool: &Pool, ifaces: &[Interface]) -> Result<In
     Ok(found.clone())
 }
 
+/// Addresses this node must never bind, with what they are: every address on its interfaces
+/// that l2speaker did not add (`ifaces` list only those), and its gateways.
+pub fn local_refusals(
+    node: &str,
+    ifaces: &[Interface],
+    gateways: &[IpAddr],
+) -> BTreeMap<IpAddr, String> {
+    let mut out = BTreeMap::new();
+    for g in gateways {
+        out.insert(*g, format!("a gateway of {node}"));
+    }
+    for i in ifaces {
+        for n in &i.nets {
+            out.entry(n.addr()).or_insert_with(|| {
+                format!(
+                    "an address on {node}'s {} that l2speaker did not add",
+                    i.name
+                )
+            });
+        }
+        if let Some(ll) = i.link_local {
+            out.entry(IpAddr::V6(ll))
+                .or_insert_with(|| format!("{node}'s link-local address on {}", i.name));
+        }
+    }
+    out
+}
+
 /// Whether a node may announce the IPs of `pool` for `svc` (its labels; for
 /// `externalTrafficPolicy: Local`, a ready endpoint on it).
 pub fn node_may_announce(
@@ -359,6 +387,19 @@ mod tests {
             .is_empty(),
             "no IPv6 slice"
         );
+    }
+
+    #[test]
+    fn a_nodes_own_addresses_and_gateways_are_refused_with_what_they_are() {
+        let ifaces = [iface("eth0", "192.0.2.11/24", true)];
+        let gw: IpAddr = "192.0.2.1".parse().unwrap();
+        let r = local_refusals("node-1", &ifaces, &[gw]);
+        assert_eq!(r[&gw], "a gateway of node-1");
+        assert_eq!(
+            r[&"192.0.2.11".parse::<IpAddr>().unwrap()],
+            "an address on node-1's eth0 that l2speaker did not add"
+        );
+        assert!(!r.contains_key(&"192.0.2.200".parse::<IpAddr>().unwrap()));
     }
 
     #[test]

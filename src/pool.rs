@@ -33,6 +33,54 @@ pub struct IPPoolSpec {
     /// Hand out addresses to Services that did not ask for one. Default: true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_assign: Option<bool>,
+    /// Leave out each CIDR's first address (IPv4: the network address; IPv6: the
+    /// subnet-router anycast address) and, for IPv4, its last (the broadcast address), as many
+    /// clients and routers treat them specially. Ranges (`a-b`) are used as written, and /31,
+    /// /32, /127 and /128 whole. Default: true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avoid_network_and_broadcast: Option<bool>,
+}
+
+/// Address blocks a pool may never include, with what they are.
+const SPECIAL: &[(&str, &str)] = &[
+    (
+        "0.0.0.0/8",
+        "\"this network\" (0.0.0.0/8, with the unspecified address)",
+    ),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("224.0.0.0/4", "multicast"),
+    (
+        "240.0.0.0/4",
+        "reserved (240.0.0.0/4, with the broadcast address)",
+    ),
+    ("::/128", "the unspecified address"),
+    ("::1/128", "loopback"),
+    ("::ffff:0:0/96", "IPv4-mapped"),
+    ("fe80::/10", "link-local"),
+    ("ff00::/8", "multicast"),
+];
+
+/// Whether a pool may contain `ip` at all (it is in none of the special blocks).
+pub fn assignable(ip: IpAddr) -> bool {
+    special(&Range {
+        first: ip,
+        last: ip,
+    })
+    .is_none()
+}
+
+/// Why `r` may not be in a pool, if it includes a special block.
+fn special(r: &Range) -> Option<String> {
+    SPECIAL.iter().find_map(|(cidr, what)| {
+        let net: IpNet = cidr.parse().expect("static CIDR");
+        let block = Range {
+            first: net.network(),
+            last: net.broadcast(),
+        };
+        r.overlaps(&block)
+            .then(|| format!("{what} addresses ({cidr})"))
+    })
 }
 
 /// An inclusive range of addresses of one family.
@@ -75,8 +123,14 @@ impl Range {
     }
 }
 
-/// Parses one entry of `spec.addresses`.
+/// Parses one entry of `spec.addresses` (CIDRs whole).
 pub fn parse_range(s: &str) -> Result<Range, String> {
+    parse_entry(s, false)
+}
+
+/// Parses one entry of `spec.addresses`; `avoid_ends` leaves out a CIDR's network (and, for
+/// IPv4, broadcast) address.
+pub fn parse_entry(s: &str, avoid_ends: bool) -> Result<Range, String> {
     let s = s.trim();
     if let Some((a, b)) = s.split_once('-') {
         let first: IpAddr = a
@@ -106,9 +160,16 @@ pub fn parse_range(s: &str) -> Result<Range, String> {
             net.trunc()
         ));
     }
+    let (mut first, mut last) = (to_u128(net.network()), to_u128(net.broadcast()));
+    if avoid_ends && net.prefix_len() + 1 < net.max_prefix_len() {
+        first += 1;
+        if net.network().is_ipv4() {
+            last -= 1;
+        }
+    }
     Ok(Range {
-        first: net.network(),
-        last: net.broadcast(),
+        first: from_u128(net.network(), first),
+        last: from_u128(net.network(), last),
     })
 }
 
@@ -133,9 +194,9 @@ impl Pool {
         let mut before: u128 = 0;
         for r in &self.ranges {
             if r.contains(ip) {
-                return Some(before + (to_u128(ip) - to_u128(r.first)));
+                return Some(before.saturating_add(to_u128(ip) - to_u128(r.first)));
             }
-            before = before.wrapping_add(to_u128(r.last) - to_u128(r.first) + 1);
+            before = before.saturating_add((to_u128(r.last) - to_u128(r.first)).saturating_add(1));
         }
         None
     }
@@ -220,8 +281,12 @@ fn validate(p: &PoolInput<'_>, older: &[Pool]) -> Result<Pool, String> {
         return Err("spec.addresses is empty".into());
     }
     let mut ranges = Vec::new();
+    let avoid_ends = p.spec.avoid_network_and_broadcast.unwrap_or(true);
     for a in &p.spec.addresses {
-        let r = parse_range(a)?;
+        let r = parse_entry(a, avoid_ends)?;
+        if let Some(what) = special(&r) {
+            return Err(format!("{a:?} includes {what}, which are never assigned"));
+        }
         if let Some(prev) = ranges.iter().find(|x: &&Range| x.overlaps(&r)) {
             return Err(format!(
                 "{a:?} overlaps {}-{} of the same pool",
@@ -346,6 +411,87 @@ mod tests {
         assert_eq!(
             pools.pool_of("192.0.2.205".parse().unwrap()).unwrap().name,
             "old"
+        );
+    }
+
+    #[test]
+    fn cidrs_leave_out_their_network_and_broadcast_addresses_unless_told_not_to() {
+        let first_last = |p: &Pools| {
+            let r = p.pools[0].ranges[0];
+            (r.first.to_string(), r.last.to_string())
+        };
+        let p = build(&[("p", "1", spec(&["192.0.2.0/28"]))]);
+        assert_eq!(first_last(&p), ("192.0.2.1".into(), "192.0.2.14".into()));
+        let p = build(&[("p", "1", spec(&["2001:db8::/64"]))]);
+        assert_eq!(
+            first_last(&p),
+            ("2001:db8::1".into(), "2001:db8::ffff:ffff:ffff:ffff".into())
+        );
+        // Ranges as written; /31 and /32 whole.
+        let p = build(&[("p", "1", spec(&["192.0.2.0-192.0.2.3", "198.51.100.0/31"]))]);
+        assert_eq!(p.pools[0].ranges[0].first.to_string(), "192.0.2.0");
+        assert_eq!(p.pools[0].ranges[1].iter().count(), 2);
+        let mut whole = spec(&["192.0.2.0/30"]);
+        whole.avoid_network_and_broadcast = Some(false);
+        let p = build(&[("p", "1", whole)]);
+        assert_eq!(first_last(&p), ("192.0.2.0".into(), "192.0.2.3".into()));
+    }
+
+    #[test]
+    fn special_addresses_are_refused_with_what_they_are() {
+        for (entry, what) in [
+            ("127.0.0.0/8", "loopback"),
+            ("127.0.0.1-127.0.0.9", "loopback"),
+            ("224.0.0.0/4", "multicast"),
+            ("239.1.1.1/32", "multicast"),
+            ("169.254.0.0/24", "link-local"),
+            ("0.0.0.0/32", "this network"),
+            ("255.255.255.255/32", "broadcast"),
+            ("::/0", "loopback"),
+            ("::/128", "unspecified"),
+            ("::1/128", "loopback"),
+            ("fe80::/64", "link-local"),
+            ("ff02::1/128", "multicast"),
+            ("::ffff:192.0.2.0/120", "IPv4-mapped"),
+            ("0.0.0.0/0", "this network"),
+        ] {
+            let p = build(&[("p", "1", spec(&[entry]))]);
+            assert!(p.pools.is_empty(), "{entry} refused");
+            assert!(
+                p.rejected[0].reason.contains(what),
+                "{entry}: {}",
+                p.rejected[0].reason
+            );
+        }
+    }
+
+    #[test]
+    fn offsets_never_overflow() {
+        let mut s = spec(&["2001:db8::/32", "2001:db9::/32"]);
+        s.avoid_network_and_broadcast = Some(false);
+        let p = build(&[("p", "1", s)]);
+        let far: IpAddr = "2001:db9::5".parse().unwrap();
+        assert_eq!(p.pools[0].offset(far), Some((1u128 << 96) + 5));
+        let whole = Pool {
+            name: "all".into(),
+            ranges: vec![
+                Range {
+                    first: "::".parse().unwrap(),
+                    last: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap(),
+                },
+                Range {
+                    first: "192.0.2.0".parse().unwrap(),
+                    last: "192.0.2.9".parse().unwrap(),
+                },
+            ],
+            interface: None,
+            node_selector: BTreeMap::new(),
+            auto_assign: true,
+        };
+        assert_eq!(
+            whole.offset("192.0.2.3".parse().unwrap()),
+            Some(u128::MAX),
+            "saturates instead of overflowing"
         );
     }
 

@@ -55,6 +55,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    let api_server = kube_config
+        .cluster_url
+        .host()
+        .and_then(|h| h.trim_matches(['[', ']']).parse().ok());
     // Every API request is timed into l2speaker_api_request_duration_seconds.
     let client: Client = kube::client::ClientBuilder::try_from(kube_config)?
         .with_layer(&crate::metrics::TimedLayer(metrics.clone()))
@@ -83,6 +87,7 @@ pub async fn run(
         dataplane,
         metrics,
         events,
+        api_server,
         owned: Mutex::new(BTreeMap::new()),
         dnat_wake,
     });

@@ -62,8 +62,12 @@ pub struct Testbed {
 }
 
 /// The `l2speaker` binary next to the test binaries (`scripts/test.sh` builds the whole
-/// workspace first).
+/// workspace first), or the one `L2S_SPEAKER_BIN` names (to run the lab against another
+/// build, such as a previous release).
 pub fn speaker_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("L2S_SPEAKER_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("the test binary's path");
     let dir = exe
         .parent()
@@ -85,7 +89,14 @@ pub fn speaker_bin() -> PathBuf {
 }
 
 pub fn lab_bin() -> PathBuf {
-    speaker_bin().with_file_name("l2s-lab")
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe.parent().expect("a target dir");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("a target dir")
+    } else {
+        dir
+    };
+    dir.join("l2s-lab")
 }
 
 /// Polls `f` every 20 ms until it returns Some, or panics after `timeout` naming `what`.

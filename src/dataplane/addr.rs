@@ -32,6 +32,9 @@ pub enum AddrError {
     },
     #[error("opening a netlink socket: {0}")]
     Connect(std::io::Error),
+    /// The address exists on this node and l2speaker did not add it: it is left alone.
+    #[error("{ip} is already on interface {index} and was not added by l2speaker: left alone")]
+    NotOurs { ip: IpAddr, index: u32 },
 }
 
 /// A local interface, as the speaker needs it.
@@ -71,14 +74,19 @@ pub struct KernelAddr {
 pub trait AddrOps: Send + Sync {
     fn interfaces(&self) -> impl Future<Output = Result<Vec<Interface>, AddrError>> + Send;
     fn addresses(&self) -> impl Future<Output = Result<Vec<KernelAddr>, AddrError>> + Send;
-    /// Adds or refreshes (replace) `ip` as a host address on `index`, valid for `valid`.
+    /// The gateways of this node's routes (next hops), both families.
+    fn gateways(&self) -> impl Future<Output = Result<Vec<IpAddr>, AddrError>> + Send;
+    /// Adds or refreshes (replace) `ip` as a host address on `index`, valid for `valid` —
+    /// refused with [`AddrError::NotOurs`] when the node already has `ip` and l2speaker did
+    /// not add it (IFA_PROTO), so a node's own address is never rewritten.
     fn bind(
         &self,
         index: u32,
         ip: IpAddr,
         valid: Duration,
     ) -> impl Future<Output = Result<(), AddrError>> + Send;
-    /// Removes `ip` from `index`; a missing address is not an error.
+    /// Removes `ip` from `index` if l2speaker added it; a missing address is not an error,
+    /// and an address someone else added is never removed ([`AddrError::NotOurs`]).
     fn unbind(&self, index: u32, ip: IpAddr) -> impl Future<Output = Result<(), AddrError>> + Send;
 }
 
@@ -191,7 +199,47 @@ impl AddrOps for Netlink {
         Ok(out)
     }
 
+    async fn gateways(&self) -> Result<Vec<IpAddr>, AddrError> {
+        use rtnetlink::RouteMessageBuilder;
+        use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+        let mut out = Vec::new();
+        for msg in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let mut routes = self.handle.route().get(msg).execute();
+            while let Some(r) = routes
+                .try_next()
+                .await
+                .map_err(|source| AddrError::Netlink {
+                    what: "listing routes".into(),
+                    source,
+                })?
+            {
+                for a in &r.attributes {
+                    let gw = match a {
+                        RouteAttribute::Gateway(RouteAddress::Inet(v4)) => IpAddr::V4(*v4),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(v6)) => IpAddr::V6(*v6),
+                        _ => continue,
+                    };
+                    if !out.contains(&gw) {
+                        out.push(gw);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn bind(&self, index: u32, ip: IpAddr, valid: Duration) -> Result<(), AddrError> {
+        if let Some(a) = self
+            .addresses()
+            .await?
+            .into_iter()
+            .find(|a| a.ip == ip && !a.ours)
+        {
+            return Err(AddrError::NotOurs { ip, index: a.index });
+        }
         let mut req = self
             .handle
             .address()
@@ -225,17 +273,37 @@ impl AddrOps for Netlink {
             .set_link_index_filter(index)
             .set_address_filter(ip)
             .execute();
-        let found = match req.try_next().await {
-            Ok(m) => m,
-            Err(e) if is_missing(&e) => None,
-            Err(source) => {
-                return Err(AddrError::Netlink {
-                    what: format!("looking up {ip} on interface {index}"),
-                    source,
-                });
+        let mut found = None;
+        let mut foreign = false;
+        loop {
+            match req.try_next().await {
+                Ok(Some(m)) => {
+                    let ours = m.attributes.iter().any(|a| {
+                        matches!(a, AddressAttribute::Protocol(AddressProtocol::Other(p)) if *p == PROTO)
+                    });
+                    if ours && m.header.prefix_len == host_prefix(ip) {
+                        found = Some(m);
+                    } else {
+                        foreign = true;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) if is_missing(&e) => break,
+                Err(source) => {
+                    return Err(AddrError::Netlink {
+                        what: format!("looking up {ip} on interface {index}"),
+                        source,
+                    });
+                }
             }
+        }
+        let Some(m) = found else {
+            return if foreign {
+                Err(AddrError::NotOurs { ip, index })
+            } else {
+                Ok(())
+            };
         };
-        let Some(m) = found else { return Ok(()) };
         match self.handle.address().del(m).execute().await {
             Ok(()) => Ok(()),
             Err(e) if is_missing(&e) => Ok(()),

@@ -224,6 +224,9 @@ pub mod fake {
         async fn addresses(&self) -> Result<Vec<KernelAddr>, AddrError> {
             Ok(self.addrs.lock().unwrap().clone())
         }
+        async fn gateways(&self) -> Result<Vec<IpAddr>, AddrError> {
+            Ok(vec![])
+        }
         async fn bind(&self, index: u32, ip: IpAddr, valid: Duration) -> Result<(), AddrError> {
             self.log
                 .lock()

@@ -504,10 +504,12 @@ impl Holder {
                     if let Some(stop) = self.stop {
                         self.withdraw("stopping", false, out);
                         match stop {
+                            // Released naming us, so the others rank us out and the first
+                            // of them takes it at once.
                             Stop::Shutdown => {
                                 self.leave(now, out, |req, deadline| Action::Release {
                                     req,
-                                    step_down: false,
+                                    step_down: true,
                                     deadline,
                                 })
                             }
@@ -1049,7 +1051,7 @@ mod tests {
         assert!(!s.actions.contains(&Action::Dnat(false)));
         let Some(Action::Release {
             req,
-            step_down: false,
+            step_down: true,
             deadline,
         }) = s.actions.last().cloned()
         else {

@@ -30,7 +30,7 @@ struct Args {
     /// IP counts for the API-load runs.
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
     ips: Vec<usize>,
-    /// Only these parts (failover, api, dnat); all by default.
+    /// Only these parts (failover, shutdown, api, dnat); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -460,6 +460,30 @@ fn dnat() -> Value {
     r
 }
 
+/// Time from SIGTERM to exit: of a speaker that owns nothing, and of the owner (which
+/// unbinds and releases first). The speaker is started again between runs.
+async fn shutdown(n: usize) -> Value {
+    let (tb, ip) = drill_bed(Timing::DEFAULT).await;
+    let mut idle = Vec::new();
+    let mut owner_ms = Vec::new();
+    for _ in 0..n {
+        let owner = tb.wait_owner(ip).await;
+        let spare = tb.host_of("node-3");
+        for (host, out) in [(spare, &mut idle), (owner, &mut owner_ms)] {
+            let p = tb.speaker(&host);
+            let t0 = std::time::Instant::now();
+            p.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+            p.wait_timeout(Duration::from_secs(30))
+                .expect("the speaker exits");
+            out.push(t0.elapsed().as_millis() as u64);
+            tb.start_speaker(&host);
+        }
+        tb.wait_owner(ip).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    json!({"idle_exit_ms": stats(&idle), "owner_exit_ms": stats(&owner_ms)})
+}
+
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
@@ -476,6 +500,9 @@ async fn main() {
             "hard_default": failover("hard", Timing::DEFAULT, args.drills, &args.out).await,
             "graceful": failover("graceful", Timing::DEFAULT, args.drills, &args.out).await,
         });
+    }
+    if want("shutdown") {
+        results["shutdown"] = shutdown(args.drills.min(10)).await;
     }
     if want("dnat") {
         results["dnat"] = tokio::task::spawn_blocking(dnat).await.unwrap();

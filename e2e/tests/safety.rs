@@ -1,0 +1,181 @@
+//! Addresses someone else uses, in the lab (needs root): a pool that covers a node's gateway,
+//! the API server and a node's own address; an address a person adds to a node by hand.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use l2speaker_e2e::lab::{Pod, netns};
+use l2speaker_e2e::testbed::{Testbed, Timing, endpoints, eventually, service};
+
+fn pods(tb: &Testbed) -> Vec<Pod> {
+    tb.lab.pods().cloned().collect()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+async fn refused_by(tb: &Testbed, node: &str, addr: IpAddr) {
+    let name = l2speaker::node_lease::name(node);
+    eventually(
+        Duration::from_secs(10),
+        &format!("{node} publishes {addr} as refused"),
+        async || {
+            let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+                kube::Api::namespaced(tb.client.clone(), "l2speaker-system");
+            let l = api.get_opt(&name).await.ok()??;
+            l2speaker::node_lease::refused(&l)
+                .contains_key(&addr)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+async fn status_ips(tb: &Testbed, svc: &str) -> Vec<String> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Service> =
+        kube::Api::namespaced(tb.client.clone(), "default");
+    api.get(svc)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.load_balancer?.ingress)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|i| i.ip)
+        .collect()
+}
+
+/// The typo: a second pool `192.0.2.0/28` over the LAN, with Services asking for the
+/// gateway of n1, the API server's address and n1's own address. None is assigned or bound;
+/// each Service is told why; a Service without a wish gets a harmless address; the Service on
+/// the main pool keeps working throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_over_the_gateway_the_api_server_and_a_node_binds_none_of_them() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    tb.apply(&endpoints("web", &pods(&tb))).await;
+    tb.apply(&service("web", "", "")).await;
+    let web_ip = tb.wait_ips("default", "web", 1).await[0];
+    tb.wait_owner(web_ip).await;
+    let prober = tb.probe(web_ip).unwrap();
+    let n1 = tb.lab.host("n1").unwrap();
+    netns::ip(&n1.ns, &["route", "add", "default", "via", "192.0.2.1"]).unwrap();
+    refused_by(&tb, &n1.node_name(), ip("192.0.2.1")).await;
+    let cp = tb.lab.host("cp").unwrap().ipv4;
+    refused_by(&tb, &n1.node_name(), IpAddr::V4(cp)).await;
+
+    let watched = [
+        ip("192.0.2.0"),
+        ip("192.0.2.1"),
+        IpAddr::V4(cp),
+        IpAddr::V4(n1.ipv4),
+    ];
+    let sampler = tb.sample(&watched);
+    tb.apply(
+        "apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: typo\nspec:\n  addresses: [192.0.2.0/28]\n  autoAssign: false\n",
+    )
+    .await;
+    let asks = [
+        ("gw", "192.0.2.1", "a gateway of node-1"),
+        ("api", &cp.to_string(), "the API server's address"),
+        ("node", &n1.ipv4.to_string(), "node-1's own address"),
+    ];
+    for (name, addr, _) in &asks {
+        tb.apply(&endpoints(name, &pods(&tb))).await;
+        tb.apply(&service(
+            name,
+            "",
+            &format!("l2speaker.io/load-balancer-ips: \"{addr}\""),
+        ))
+        .await;
+    }
+    tb.apply(&endpoints("auto", &pods(&tb))).await;
+    tb.apply(&service("auto", "", "l2speaker.io/pool: typo"))
+        .await;
+    let auto = tb.wait_ips("default", "auto", 1).await[0];
+    let forbidden = [
+        ip("192.0.2.0"),
+        ip("192.0.2.1"),
+        IpAddr::V4(cp),
+        ip("192.0.2.15"),
+    ];
+    assert!(
+        !forbidden.contains(&auto) && !tb.lab.nodes().any(|h| IpAddr::V4(h.ipv4) == auto),
+        "the Service without a wish got {auto}"
+    );
+    for (name, addr, why) in &asks {
+        let events = tb.wait_describe_svc(name, "IPIsNodeAddress").await;
+        assert!(
+            events.contains(why),
+            "{name} ({addr}) is told it is {why}: {events}"
+        );
+        assert!(status_ips(&tb, name).await.is_empty(), "{name} got no IP");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = sampler.stop().unwrap();
+    for addr in &watched {
+        for (node, reads) in &s.of(*addr).kernels {
+            // n1's own address is on n1 from the start: l2speaker never touched it.
+            let own = *addr == IpAddr::V4(n1.ipv4) && *node == "n1";
+            assert!(
+                reads.iter().all(|r| r.bound == own),
+                "{addr} on {node}: bound {}",
+                !own
+            );
+        }
+    }
+    let t = prober.stop();
+    assert_eq!(t.failures(), 0, "the Service on the main pool kept working");
+}
+
+/// Someone adds the VIP of a Service to another node by hand: that node refuses it, the
+/// Service is told and gets a new IP, the owner gives the old one up, and the hand-made
+/// address is left exactly as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_added_by_hand_is_never_touched_and_the_service_moves_off_it() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    tb.apply(&endpoints("web", &pods(&tb))).await;
+    tb.apply(&service("web", "", "")).await;
+    let old = tb.wait_ips("default", "web", 1).await[0];
+    let owner = tb.wait_owner(old).await;
+    let other = tb.node_names().into_iter().find(|n| *n != owner).unwrap();
+    let other_ns = tb.lab.host(&other).unwrap().ns.clone();
+    netns::ip(
+        &other_ns,
+        &[
+            "addr",
+            "add",
+            &format!("{old}/32"),
+            "dev",
+            "eth0",
+            "valid_lft",
+            "forever",
+        ],
+    )
+    .unwrap();
+    let events = tb.wait_describe_svc("web", "withdrawn").await;
+    assert!(events.contains(&old.to_string()), "{events}");
+    let new = eventually(Duration::from_secs(20), "a new IP for web", async || {
+        let ips = status_ips(&tb, "web").await;
+        ips.first().map(|s| ip(s)).filter(|ip| *ip != old)
+    })
+    .await;
+    tb.wait_owner(new).await;
+    eventually(
+        Duration::from_secs(10),
+        "the owner gave the old IP up",
+        async || (tb.bound_on(old) == [other.clone()]).then_some(()),
+    )
+    .await;
+    let out = netns::ip(&other_ns, &["-o", "addr", "show", "dev", "eth0"]).unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("{old}/32")))
+        .expect("the hand-made address is still there");
+    assert!(
+        line.contains("valid_lft forever")
+            && !line.contains("proto 0x4c")
+            && !line.contains("proto 76"),
+        "untouched: {line}"
+    );
+}
