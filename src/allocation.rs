@@ -21,7 +21,7 @@ use crate::context::Shared;
 use crate::node_lease;
 use crate::ownership::machine::{Stop, View};
 use crate::ownership::shell::{self, Feed, Target};
-use crate::pool::Pools;
+use crate::pool::{IPPool, IPPoolSpec, IPPoolStatus, PoolCondition, Pools};
 
 /// The allocator's own Lease: one speaker assigns IPs at a time.
 pub const ALLOCATOR_LEASE: &str = "l2speaker-allocator";
@@ -101,23 +101,42 @@ async fn allocate_once(
 ) {
     let pool_objs = shared.cluster.pools.state();
     let pools = Pools::from_objects(&pool_objs);
-    for r in &pools.rejected {
+    for (r, kept) in pools
+        .rejected
+        .iter()
+        .map(|r| (r, false))
+        .chain(pools.degraded.iter().map(|r| (r, true)))
+    {
         if reported.insert((format!("pool/{}", r.name), r.reason.clone())) {
-            warn!(pool = %r.name, reason = %r.reason, "IPPool rejected");
+            warn!(pool = %r.name, reason = %r.reason, kept, "IPPool spec not in effect");
             if let Some(p) = pool_objs
                 .iter()
                 .find(|p| p.metadata.name.as_deref() == Some(r.name.as_str()))
             {
+                let note = if kept {
+                    let last = p
+                        .status
+                        .as_ref()
+                        .map(|s| s.addresses.join(", "))
+                        .unwrap_or_default();
+                    format!(
+                        "{}; the last valid addresses stay in effect: {last}",
+                        r.reason
+                    )
+                } else {
+                    format!("IPPool ignored: {}", r.reason)
+                };
                 shared.events.post(
                     p.object_ref(&()),
                     EventType::Warning,
                     "InvalidPool",
-                    format!("IPPool ignored: {}", r.reason),
+                    note,
                     "Validate",
                 );
             }
         }
     }
+    write_pool_statuses(shared, &pool_objs, &pools, holds).await;
     let services = shared.services();
     // Never assigned: the Nodes' addresses, and what each node's speaker refuses locally.
     let mut reserved: BTreeMap<IpAddr, String> = BTreeMap::new();
@@ -218,4 +237,130 @@ async fn allocate_once(
         }
     }
     crate::lease_gc::collect(shared, &services, &pools, holds).await;
+}
+
+/// Each pool's status: the addresses and interface in effect, and the `Valid` condition,
+/// written when they change (merge patch of `/status`, only while holding the allocator's
+/// Lease and before its fence time).
+async fn write_pool_statuses(
+    shared: &Arc<Shared>,
+    objects: &[Arc<IPPool>],
+    pools: &Pools,
+    holds: &watch::Receiver<Option<Instant>>,
+) {
+    let api: Api<IPPool> = Api::all(shared.client.clone());
+    for p in objects {
+        let name = p.name_any();
+        let old = p.status.clone().unwrap_or_default();
+        let problem = pools
+            .rejected
+            .iter()
+            .chain(&pools.degraded)
+            .find(|r| r.name == name);
+        let want = pool_status(
+            &p.spec,
+            &old,
+            p.metadata.generation,
+            problem.map(|r| r.reason.as_str()),
+            &k8s_openapi::jiff::Timestamp::now().to_string(),
+        );
+        if want == old {
+            continue;
+        }
+        let Some(until) = *holds.borrow() else { return };
+        let patch = Patch::Merge(json!({ "status": want }));
+        let pp = PatchParams::default();
+        match tokio::time::timeout_at(until, api.patch_status(&name, &pp, &patch)).await {
+            Ok(Ok(_)) => info!(pool = %name, valid = problem.is_none(), "pool status written"),
+            Ok(Err(e)) => warn!(pool = %name, error = %e, "could not write the pool's status"),
+            Err(_) => return,
+        }
+    }
+}
+
+/// The status a pool should have: with no `problem` its spec is in effect; otherwise the
+/// addresses in `old` stay (the last valid ones) and the condition says why.
+pub fn pool_status(
+    spec: &IPPoolSpec,
+    old: &IPPoolStatus,
+    generation: Option<i64>,
+    problem: Option<&str>,
+    now: &str,
+) -> IPPoolStatus {
+    let (addresses, interface, status, reason, message) = match problem {
+        None => (
+            spec.addresses.clone(),
+            spec.interface.clone(),
+            "True",
+            "Valid",
+            "the spec is in effect".to_string(),
+        ),
+        Some(why) if !old.addresses.is_empty() => (
+            old.addresses.clone(),
+            old.interface.clone(),
+            "False",
+            "InvalidSpec",
+            format!("{why}; the addresses in status.addresses stay in effect"),
+        ),
+        Some(why) => (
+            vec![],
+            None,
+            "False",
+            "InvalidSpec",
+            format!("{why}; no address of this pool is in effect"),
+        ),
+    };
+    let previous = old.conditions.iter().find(|c| c.type_ == "Valid");
+    let since = previous
+        .filter(|c| c.status == status)
+        .and_then(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.to_string());
+    IPPoolStatus {
+        observed_generation: generation,
+        addresses,
+        interface,
+        conditions: vec![PoolCondition {
+            type_: "Valid".into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: generation,
+            last_transition_time: Some(since),
+        }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_valid_spec_is_recorded_and_an_invalid_edit_keeps_the_last_valid_addresses() {
+        let good = IPPoolSpec {
+            addresses: vec!["192.0.2.200-192.0.2.209".into()],
+            ..Default::default()
+        };
+        let s1 = pool_status(&good, &IPPoolStatus::default(), Some(1), None, "t1");
+        assert_eq!(s1.addresses, good.addresses);
+        assert_eq!(s1.conditions[0].status, "True");
+        assert_eq!(s1.conditions[0].last_transition_time.as_deref(), Some("t1"));
+        // Unchanged: the same status (nothing to write), transition time kept.
+        assert_eq!(pool_status(&good, &s1, Some(1), None, "t2"), s1);
+        let bad = IPPoolSpec {
+            addresses: vec!["192.0.2.300".into()],
+            ..Default::default()
+        };
+        let s2 = pool_status(
+            &bad,
+            &s1,
+            Some(2),
+            Some("\"192.0.2.300\" is neither a CIDR nor a range"),
+            "t3",
+        );
+        assert_eq!(s2.addresses, good.addresses, "still in effect");
+        assert_eq!(s2.observed_generation, Some(2));
+        assert_eq!(s2.conditions[0].status, "False");
+        assert!(s2.conditions[0].message.contains("192.0.2.300"));
+        assert_eq!(s2.conditions[0].last_transition_time.as_deref(), Some("t3"));
+    }
 }

@@ -14,7 +14,7 @@ use crate::service::ServiceInfo;
 pub struct Refusal {
     pub service: String,
     /// An Event reason: `IPNotInPool`, `IPInUse`, `IPIsNodeAddress`, `InvalidIP`,
-    /// `PoolExhausted`, `UnknownPool`.
+    /// `PoolExhausted`, `NoPool`, `UnknownPool`, `IPLeftPool`.
     pub reason: &'static str,
     pub message: String,
 }
@@ -57,6 +57,19 @@ pub fn allocate(
     let usable = |ip: &IpAddr| pools.pool_of(*ip).is_some() && !reserved.contains_key(ip);
     let mut claims: Vec<(bool, usize, IpAddr)> = Vec::new();
     for (i, s) in handled.iter().enumerate() {
+        // An IP that left every pool (shrunk, deleted) is taken away, and the Service told.
+        if s.requested.is_empty() {
+            for ip in s.assigned.iter().filter(|ip| pools.pool_of(**ip).is_none()) {
+                refuse(
+                    &mut out,
+                    s,
+                    "IPLeftPool",
+                    format!(
+                        "{ip} is no longer in a valid IPPool; it is withdrawn from this Service"
+                    ),
+                );
+            }
+        }
         // An IP a Service has that a node now reserves is taken away, and the Service told.
         for ip in s.assigned.iter().filter(|ip| pools.pool_of(**ip).is_some()) {
             if let Some(why) = reserved.get(ip) {
@@ -172,11 +185,16 @@ pub fn allocate(
                 if !want || ips.iter().any(|ip| ip.is_ipv4() == v4) {
                     continue;
                 }
-                let candidates = pools.pools.iter().filter(|p| match &s.pool {
-                    Some(name) => &p.name == name,
-                    None => p.auto_assign,
-                });
-                let free = candidates
+                let candidates = || {
+                    pools.pools.iter().filter(|p| match &s.pool {
+                        Some(name) => &p.name == name,
+                        None => p.auto_assign,
+                    })
+                };
+                let offered = candidates()
+                    .flat_map(|p| p.ranges.iter())
+                    .any(|r| r.first.is_ipv4() == v4);
+                let free = candidates()
                     .flat_map(|p| p.ranges.iter())
                     .filter(|r| r.first.is_ipv4() == v4)
                     .flat_map(|r| r.iter())
@@ -188,12 +206,32 @@ pub fn allocate(
                     }
                     None if s.pool.as_ref().is_none_or(|p| pools.get(p).is_some()) => {
                         let fam = if v4 { "IPv4" } else { "IPv6" };
-                        refuse(
-                            &mut out,
-                            s,
-                            "PoolExhausted",
-                            format!("no free {fam} address in the pools"),
-                        );
+                        if offered {
+                            refuse(
+                                &mut out,
+                                s,
+                                "PoolExhausted",
+                                format!("no free {fam} address in the pools"),
+                            );
+                        } else {
+                            let ignored: Vec<String> = pools
+                                .rejected
+                                .iter()
+                                .map(|r| format!("{}: {}", r.name, r.reason))
+                                .collect();
+                            let why = if ignored.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (ignored as invalid: {})", ignored.join("; "))
+                            };
+                            let what = match &s.pool {
+                                Some(p) => format!("IPPool {p:?} has no {fam} addresses"),
+                                None => format!(
+                                    "no valid IPPool assigns {fam} addresses automatically{why}"
+                                ),
+                            };
+                            refuse(&mut out, s, "NoPool", what);
+                        }
                     }
                     None => {}
                 }
@@ -208,6 +246,30 @@ pub fn allocate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_invalid_pool_is_not_called_exhausted_and_an_ip_that_left_its_pool_is_named() {
+        let bad = pools(&[("lan", &["192.0.2.300"], true)]);
+        let a = run(&[svc("web", "1")], &bad, &[]);
+        let r = &a.refusals[0];
+        assert_eq!(r.reason, "NoPool", "{r:?}");
+        assert!(
+            r.message.contains("lan: ") && r.message.contains("192.0.2.300"),
+            "{r:?}"
+        );
+        let p = pools(&[("lan", &["192.0.2.200-192.0.2.201"], true)]);
+        let mut web = svc("web", "1");
+        web.assigned = vec![ip("198.51.100.7")];
+        let a = run(&[web], &p, &[]);
+        assert!(
+            a.refusals
+                .iter()
+                .any(|r| r.reason == "IPLeftPool" && r.message.contains("198.51.100.7")),
+            "{:?}",
+            a.refusals
+        );
+        assert_eq!(a.desired["default/web"], vec![ip("192.0.2.200")]);
+    }
     use crate::pool::{IPPoolSpec, PoolInput};
 
     fn pools(specs: &[(&str, &[&str], bool)]) -> Pools {
@@ -232,6 +294,7 @@ mod tests {
                     name: n,
                     age_key: i.to_string(),
                     spec: s,
+                    last_valid: None,
                 })
                 .collect(),
         )
@@ -332,8 +395,14 @@ mod tests {
         named.pool = Some("manual".into());
         let a = run(&[svc("auto", "0"), named], &p, &[]);
         assert_eq!(a.desired["default/auto"], Vec::<IpAddr>::new());
-        assert_eq!(a.refusals[0].reason, "PoolExhausted");
+        assert_eq!(a.refusals[0].reason, "NoPool", "not exhausted: not offered");
         assert_eq!(a.desired["default/named"], vec![ip("192.0.2.210")]);
+        let mut second = svc("second", "2");
+        second.pool = Some("manual".into());
+        let mut named = svc("named", "1");
+        named.pool = Some("manual".into());
+        let a = run(&[named, second], &p, &[]);
+        assert_eq!(a.refusals[0].reason, "PoolExhausted");
     }
 
     #[test]

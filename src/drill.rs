@@ -272,6 +272,10 @@ async fn targets(
                 name: pool,
                 age_key: String::new(),
                 spec: &p.spec,
+                last_valid: p
+                    .status
+                    .as_ref()
+                    .map(|s| (s.addresses.clone(), s.interface.clone())),
             }]);
             let svcs: Api<Service> = Api::all(client.clone());
             let list = svcs

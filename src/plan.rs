@@ -244,6 +244,7 @@ mod tests {
             name: "lan",
             age_key: "1".into(),
             spec: &s,
+            last_valid: None,
         }])
     }
 

@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
     kind = "IPPool",
     plural = "ippools",
     shortname = "ipp",
+    status = "IPPoolStatus",
+    printcolumn = r#"{"name":"Valid","type":"string","jsonPath":".status.conditions[?(@.type==\"Valid\")].status"}"#,
+    printcolumn = r#"{"name":"In effect","type":"string","jsonPath":".status.addresses"}"#,
     doc = "A pool of floating IPs that l2speaker assigns to LoadBalancer Services and announces on L2"
 )]
 #[serde(rename_all = "camelCase")]
@@ -39,6 +42,41 @@ pub struct IPPoolSpec {
     /// /32, /127 and /128 whole. Default: true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avoid_network_and_broadcast: Option<bool>,
+}
+
+/// What the allocator last found of a pool. While the spec is invalid, the addresses (and
+/// interface) last found valid stay in effect, so a bad edit never takes working IPs away.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IPPoolStatus {
+    /// The `metadata.generation` these fields describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The addresses in effect: the spec's when valid, else the last valid ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// The interface in effect with those addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// `Valid`: whether the spec as written is in effect, and if not, why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<PoolCondition>,
+}
+
+/// A condition, shaped as Kubernetes' `metav1.Condition`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
 }
 
 /// Address blocks a pool may never include, with what they are.
@@ -216,19 +254,24 @@ pub struct Rejected {
     pub reason: String,
 }
 
-/// The valid pools, in order of age; the rest are rejected whole, never half-used.
+/// The valid pools, in order of age; the rest are rejected whole, never half-used. A pool
+/// whose spec is invalid but whose status holds addresses last found valid is in `pools` with
+/// those, and in `degraded` with the reason its spec is not in effect.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Pools {
     pub pools: Vec<Pool>,
     pub rejected: Vec<Rejected>,
+    pub degraded: Vec<Rejected>,
 }
 
-/// One pool as read from the API: name, creation order key, spec.
+/// One pool as read from the API: name, creation order key, spec, and the last valid
+/// addresses and interface from its status.
 pub struct PoolInput<'a> {
     pub name: &'a str,
     /// Sorts older pools first (`creationTimestamp`, then name).
     pub age_key: String,
     pub spec: &'a IPPoolSpec,
+    pub last_valid: Option<(Vec<String>, Option<String>)>,
 }
 
 impl Pools {
@@ -237,12 +280,29 @@ impl Pools {
         inputs.sort_by(|a, b| (&a.age_key, a.name).cmp(&(&b.age_key, b.name)));
         let mut out = Pools::default();
         for p in inputs {
-            match validate(&p, &out.pools) {
+            match validate(p.name, p.spec, &out.pools) {
                 Ok(pool) => out.pools.push(pool),
-                Err(reason) => out.rejected.push(Rejected {
-                    name: p.name.to_string(),
-                    reason,
-                }),
+                Err(reason) => {
+                    let fallback = p.last_valid.as_ref().and_then(|(addresses, interface)| {
+                        let spec = IPPoolSpec {
+                            addresses: addresses.clone(),
+                            interface: interface.clone(),
+                            ..p.spec.clone()
+                        };
+                        validate(p.name, &spec, &out.pools).ok()
+                    });
+                    let r = Rejected {
+                        name: p.name.to_string(),
+                        reason,
+                    };
+                    match fallback {
+                        Some(pool) if !pool.ranges.is_empty() => {
+                            out.pools.push(pool);
+                            out.degraded.push(r);
+                        }
+                        _ => out.rejected.push(r),
+                    }
+                }
             }
         }
         out
@@ -262,6 +322,11 @@ impl Pools {
                         .map(|t| t.0.to_string())
                         .unwrap_or_default(),
                     spec: &p.spec,
+                    last_valid: p
+                        .status
+                        .as_ref()
+                        .filter(|s| !s.addresses.is_empty())
+                        .map(|s| (s.addresses.clone(), s.interface.clone())),
                 })
                 .collect(),
         )
@@ -276,13 +341,13 @@ impl Pools {
     }
 }
 
-fn validate(p: &PoolInput<'_>, older: &[Pool]) -> Result<Pool, String> {
-    if p.spec.addresses.is_empty() {
+fn validate(name: &str, spec: &IPPoolSpec, older: &[Pool]) -> Result<Pool, String> {
+    if spec.addresses.is_empty() {
         return Err("spec.addresses is empty".into());
     }
     let mut ranges = Vec::new();
-    let avoid_ends = p.spec.avoid_network_and_broadcast.unwrap_or(true);
-    for a in &p.spec.addresses {
+    let avoid_ends = spec.avoid_network_and_broadcast.unwrap_or(true);
+    for a in &spec.addresses {
         let r = parse_entry(a, avoid_ends)?;
         if let Some(what) = special(&r) {
             return Err(format!("{a:?} includes {what}, which are never assigned"));
@@ -305,17 +370,17 @@ fn validate(p: &PoolInput<'_>, older: &[Pool]) -> Result<Pool, String> {
             }
         }
     }
-    if let Some(i) = &p.spec.interface
+    if let Some(i) = &spec.interface
         && (i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace))
     {
         return Err(format!("spec.interface {i:?} is not an interface name"));
     }
     Ok(Pool {
-        name: p.name.to_string(),
+        name: name.to_string(),
         ranges,
-        interface: p.spec.interface.clone(),
-        node_selector: p.spec.node_selector.clone().unwrap_or_default(),
-        auto_assign: p.spec.auto_assign.unwrap_or(true),
+        interface: spec.interface.clone(),
+        node_selector: spec.node_selector.clone().unwrap_or_default(),
+        auto_assign: spec.auto_assign.unwrap_or(true),
     })
 }
 
@@ -338,6 +403,7 @@ mod tests {
                     name: n,
                     age_key: age.to_string(),
                     spec: s,
+                    last_valid: None,
                 })
                 .collect(),
         )
@@ -493,6 +559,35 @@ mod tests {
             Some(u128::MAX),
             "saturates instead of overflowing"
         );
+    }
+
+    #[test]
+    fn an_invalid_edit_keeps_the_last_valid_addresses_in_effect() {
+        let bad = spec(&["192.0.2.200-192.0.2.209", "192.0.2.300"]);
+        let p = Pools::build(vec![PoolInput {
+            name: "lan",
+            age_key: "1".into(),
+            spec: &bad,
+            last_valid: Some((vec!["192.0.2.200-192.0.2.209".into()], None)),
+        }]);
+        assert_eq!(p.pools.len(), 1, "still serving");
+        assert!(p.pool_of("192.0.2.205".parse().unwrap()).is_some());
+        assert!(p.rejected.is_empty());
+        assert_eq!(p.degraded[0].name, "lan");
+        assert!(
+            p.degraded[0].reason.contains("192.0.2.300"),
+            "{:?}",
+            p.degraded
+        );
+        // Without a last valid state there is nothing to keep.
+        let p = Pools::build(vec![PoolInput {
+            name: "lan",
+            age_key: "1".into(),
+            spec: &bad,
+            last_valid: None,
+        }]);
+        assert!(p.pools.is_empty());
+        assert!(p.rejected[0].reason.contains("192.0.2.300"));
     }
 
     #[test]

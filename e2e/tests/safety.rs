@@ -179,3 +179,99 @@ async fn an_address_added_by_hand_is_never_touched_and_the_service_moves_off_it(
         "untouched: {line}"
     );
 }
+
+async fn pool_condition(tb: &Testbed, path: &str) -> String {
+    tb.kubectl
+        .run(&["get", "ippool", "lan", "-o", &format!("jsonpath={path}")])
+        .await
+        .stdout
+}
+
+/// A pool edited into an invalid state while in use keeps serving its last valid addresses:
+/// no outage, the IP does not change, and the pool's status and a Warning Event name the bad
+/// entry. Shrinking the pool under a Service's IP tells the Service which IP leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_edited_into_an_invalid_state_keeps_serving_and_says_why() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    tb.apply(&endpoints("web", &pods(&tb))).await;
+    tb.apply(&service("web", "", "")).await;
+    let ip = tb.wait_ips("default", "web", 1).await[0];
+    tb.wait_owner(ip).await;
+    eventually(Duration::from_secs(10), "the pool is Valid", async || {
+        (pool_condition(&tb, "{.status.conditions[0].status}").await == "True").then_some(())
+    })
+    .await;
+    let prober = tb.probe(ip).unwrap();
+    let edited = prober.now();
+    tb.apply(
+        "apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: lan\nspec:\n  addresses:\n  - 192.0.2.200-192.0.2.250\n  - 2001:db8::200/120\n  - 192.0.2.300\n",
+    )
+    .await;
+    let message = eventually(
+        Duration::from_secs(10),
+        "the pool says it is invalid",
+        async || {
+            let m = pool_condition(&tb, "{.status.conditions[0].message}").await;
+            m.contains("192.0.2.300").then_some(m)
+        },
+    )
+    .await;
+    assert!(message.contains("stay in effect"), "{message}");
+    assert_eq!(
+        pool_condition(&tb, "{.status.conditions[0].status}").await,
+        "False"
+    );
+    let generation = pool_condition(&tb, "{.metadata.generation}").await;
+    assert_eq!(
+        pool_condition(&tb, "{.status.observedGeneration}").await,
+        generation
+    );
+    let events = tb
+        .kubectl
+        .run(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=lan",
+            "-o",
+            "yaml",
+        ])
+        .await
+        .stdout;
+    assert!(
+        events.contains("InvalidPool") && events.contains("192.0.2.300"),
+        "{events}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        status_ips(&tb, "web").await,
+        [ip.to_string()],
+        "the IP stays"
+    );
+    let t = prober.stop();
+    assert_eq!(t.failures_after(edited), 0, "no outage");
+
+    // Shrunk under the Service's IP: the Service is told which IP leaves, and gets another.
+    tb.apply(
+        "apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: lan\nspec:\n  addresses:\n  - 192.0.2.230-192.0.2.250\n  - 2001:db8::200/120\n",
+    )
+    .await;
+    let events = tb.wait_describe_svc("web", "IPLeftPool").await;
+    assert!(events.contains(&ip.to_string()), "{events}");
+    eventually(
+        Duration::from_secs(20),
+        "a new IP from the shrunk pool",
+        async || {
+            status_ips(&tb, "web")
+                .await
+                .first()
+                .filter(|s| s.as_str() != ip.to_string() && s.starts_with("192.0.2.2"))
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(
+        pool_condition(&tb, "{.status.conditions[0].status}").await,
+        "True"
+    );
+}
