@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct IPPoolSpec {
-    /// CIDRs (`192.0.2.200/29`, `2001:db8::200/125`) and inclusive ranges
-    /// (`192.0.2.210-192.0.2.215`), IPv4 and IPv6.
+    /// CIDRs (`192.0.2.200/29`, `2001:db8::200/125`), inclusive ranges
+    /// (`192.0.2.210-192.0.2.215`) and single addresses, IPv4 and IPv6.
+    #[schemars(inner(pattern(ADDRESS_PATTERN)))]
     pub addresses: Vec<String>,
     /// The interface to announce on. Default: the interface whose subnet holds the IP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,6 +122,19 @@ fn special(r: &Range) -> Option<String> {
     })
 }
 
+/// The shape of one `spec.addresses` entry, checked at admission by the CRD's schema: an
+/// IPv4 or IPv6 address with an optional prefix length, or two addresses joined by `-`.
+/// (Host bits, reversed ranges and overlaps need more than a pattern: they are reported in
+/// the pool's status.)
+pub const ADDRESS_PATTERN: &str = concat!(
+    r"^ *(",
+    r"((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(/([0-9]|[12][0-9]|3[0-2]))?",
+    r"|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]) *- *((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])",
+    r"|([0-9A-Fa-f]{0,4}:){2,7}([0-9A-Fa-f]{0,4}|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))(/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8]))?",
+    r"|([0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4} *- *([0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}",
+    r") *$"
+);
+
 /// An inclusive range of addresses of one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Range {
@@ -189,9 +203,15 @@ pub fn parse_entry(s: &str, avoid_ends: bool) -> Result<Range, String> {
         }
         return Ok(Range { first, last });
     }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(Range {
+            first: ip,
+            last: ip,
+        });
+    }
     let net: IpNet = s
         .parse()
-        .map_err(|_| format!("{s:?} is neither a CIDR nor a range"))?;
+        .map_err(|_| format!("{s:?} is neither an address, a CIDR nor a range"))?;
     if net.trunc() != net {
         return Err(format!(
             "{s:?} has host bits set (did you mean {}?)",
@@ -428,7 +448,7 @@ mod tests {
         assert!(
             parse_range("192.0.2.300/32")
                 .unwrap_err()
-                .contains("neither a CIDR nor a range")
+                .contains("neither an address, a CIDR nor a range")
         );
         assert!(
             parse_range("192.0.2.20-192.0.2.10")

@@ -601,3 +601,80 @@ async fn fifty_concurrent_puts_with_one_resource_version_have_exactly_one_winner
         "the stored holder is the winner"
     );
 }
+
+/// Names, labels and custom resources are checked as kube-apiserver checks them: 422 with the
+/// field and kube-apiserver's wording, so a test catches what a real cluster would refuse.
+#[tokio::test]
+async fn invalid_names_labels_and_custom_resources_get_422_with_the_field() {
+    let (_s, client) = server(None);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let e = leases
+        .create(&PostParams::default(), &lease("vip-2001-db8--", Some("n")))
+        .await
+        .unwrap_err();
+    let kube::Error::Api(st) = e else {
+        panic!("an API error")
+    };
+    assert_eq!((st.code, st.reason.as_str()), (422, "Invalid"));
+    assert!(
+        st.message
+            .starts_with("Lease.coordination.k8s.io \"vip-2001-db8--\" is invalid: metadata.name: Invalid value: \"vip-2001-db8--\": a lowercase RFC 1123 subdomain"),
+        "{}",
+        st.message
+    );
+    let mut labelled = lease("ok", Some("n"));
+    labelled.metadata.labels = Some([("l2speaker.io/ip".to_string(), "--1".to_string())].into());
+    let (code, _) = api_error(
+        leases
+            .create(&PostParams::default(), &labelled)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422);
+
+    // A CRD with a schema; an object breaking it is refused, naming every field.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "metadata": {"name": "widgets.example.io"},
+        "spec": {"group": "example.io", "scope": "Namespaced",
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+            "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {
+                "type": "object", "properties": {"spec": {"type": "object", "required": ["size"], "properties": {
+                    "size": {"type": "integer"},
+                    "color": {"type": "string", "enum": ["red", "blue"]},
+                    "tags": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]+$"}}}}}}}}]}
+    }))
+    .unwrap();
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("example.io", "v1", "Widget"),
+        "widgets",
+    );
+    let widgets: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ar);
+    let bad: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "example.io/v1", "kind": "Widget", "metadata": {"name": "w"},
+        "spec": {"color": "green", "tags": ["ok", "NOT"]}
+    }))
+    .unwrap();
+    let kube::Error::Api(st) = widgets
+        .create(&PostParams::default(), &bad)
+        .await
+        .unwrap_err()
+    else {
+        panic!("an API error")
+    };
+    assert_eq!(st.code, 422);
+    for part in [
+        "spec.size: Required value",
+        "spec.color: Unsupported value: \"green\": supported values: \"red\", \"blue\"",
+        "spec.tags[1]: Invalid value: \"NOT\": spec.tags[1] in body should match '^[a-z]+$'",
+    ] {
+        assert!(st.message.contains(part), "{part} in {}", st.message);
+    }
+    let good: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "example.io/v1", "kind": "Widget", "metadata": {"name": "w"},
+        "spec": {"size": 3, "color": "red", "tags": ["a"]}
+    }))
+    .unwrap();
+    widgets.create(&PostParams::default(), &good).await.unwrap();
+}

@@ -203,8 +203,24 @@ async fn a_pool_edited_into_an_invalid_state_keeps_serving_and_says_why() {
     .await;
     let prober = tb.probe(ip).unwrap();
     let edited = prober.now();
+    // A malformed entry is refused at admission, as kubectl shows it.
+    let out = tb
+        .kubectl
+        .run_with_stdin(
+            &["apply", "-f", "-"],
+            Some("apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: lan\nspec:\n  addresses:\n  - 192.0.2.200-192.0.2.250\n  - 2001:db8::200/120\n  - 192.0.2.300\n"),
+        )
+        .await;
+    assert!(!out.success, "refused: {}", out.stdout);
+    assert!(
+        out.stderr
+            .contains("spec.addresses[2]: Invalid value: \"192.0.2.300\""),
+        "{}",
+        out.stderr
+    );
+    // A well-formed but invalid one (host bits set) gets in, and the status says why.
     tb.apply(
-        "apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: lan\nspec:\n  addresses:\n  - 192.0.2.200-192.0.2.250\n  - 2001:db8::200/120\n  - 192.0.2.300\n",
+        "apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: lan\nspec:\n  addresses:\n  - 192.0.2.200-192.0.2.250\n  - 2001:db8::200/120\n  - 198.51.100.1/24\n",
     )
     .await;
     let message = eventually(
@@ -212,10 +228,11 @@ async fn a_pool_edited_into_an_invalid_state_keeps_serving_and_says_why() {
         "the pool says it is invalid",
         async || {
             let m = pool_condition(&tb, "{.status.conditions[0].message}").await;
-            m.contains("192.0.2.300").then_some(m)
+            m.contains("198.51.100.1/24").then_some(m)
         },
     )
     .await;
+    assert!(message.contains("host bits"), "{message}");
     assert!(message.contains("stay in effect"), "{message}");
     assert_eq!(
         pool_condition(&tb, "{.status.conditions[0].status}").await,
@@ -239,7 +256,7 @@ async fn a_pool_edited_into_an_invalid_state_keeps_serving_and_says_why() {
         .await
         .stdout;
     assert!(
-        events.contains("InvalidPool") && events.contains("192.0.2.300"),
+        events.contains("InvalidPool") && events.contains("198.51.100.1/24"),
         "{events}"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -5,7 +5,8 @@
 //! - [`store`]: objects, the resourceVersion counter, history and live changes;
 //! - [`http`]: paths, verbs, discovery and watch streams;
 //! - [`patch`], [`selector`], [`events`], [`status`]: the pieces of the API's semantics;
-//! - [`faults`]: injected delays, errors, hangs and black holes, set over HTTP.
+//! - [`faults`]: injected delays, errors, hangs and black holes, set over HTTP;
+//! - [`validation`]: names, labels, annotations and custom resources checked as kube-apiserver does.
 
 pub mod events;
 pub mod faults;
@@ -16,6 +17,7 @@ pub mod selector;
 pub mod status;
 pub mod store;
 pub mod table;
+pub mod validation;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

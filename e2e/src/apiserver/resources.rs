@@ -22,6 +22,8 @@ pub struct ResourceType {
     pub custom: bool,
     /// Where objects live: kinds that share one store (core and events.k8s.io Events) share it.
     pub store: String,
+    /// A custom resource's OpenAPI v3 schema (from its CRD), checked on every write.
+    pub schema: Option<Value>,
 }
 
 impl ResourceType {
@@ -45,6 +47,7 @@ impl ResourceType {
             conditional_update: false,
             custom: false,
             store: store_key(group, plural),
+            schema: None,
         }
     }
 
@@ -249,6 +252,7 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceType>, String> {
             conditional_update: true,
             custom: true,
             store: store_key(&group, &plural),
+            schema: v.pointer("/schema/openAPIV3Schema").cloned(),
         });
     }
     Ok(out)

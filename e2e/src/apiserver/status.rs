@@ -106,6 +106,36 @@ impl ApiError {
     }
 
     /// 422: the object is not acceptable; `field` and `detail` say why.
+    /// 422 with every cause, worded as kube-apiserver does (`is invalid: [a, b]` for more
+    /// than one).
+    pub fn invalid_causes(
+        rt: &ResourceType,
+        name: &str,
+        causes: &[super::validation::Cause],
+    ) -> Self {
+        let parts: Vec<String> = causes
+            .iter()
+            .map(|(_, field, detail)| format!("{field}: {detail}"))
+            .collect();
+        let all = if parts.len() == 1 {
+            parts[0].clone()
+        } else {
+            format!("[{}]", parts.join(", "))
+        };
+        ApiError {
+            code: 422,
+            reason: "Invalid",
+            message: format!("{} \"{name}\" is invalid: {all}", rt.qualified_kind()),
+            details: Some(json!({
+                "name": name, "group": rt.group, "kind": rt.kind,
+                "causes": causes
+                    .iter()
+                    .map(|(reason, field, detail)| json!({"reason": reason, "message": detail, "field": field}))
+                    .collect::<Vec<_>>(),
+            })),
+        }
+    }
+
     pub fn invalid(rt: &ResourceType, name: &str, field: &str, detail: &str) -> Self {
         let message = format!(
             "{} \"{name}\" is invalid: {field}: {detail}",

@@ -16,6 +16,7 @@ use super::patch::{self, PatchError, PatchType};
 use super::resources::{self, EVENTS_STORE, ResourceType};
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
+use super::validation;
 
 /// How many changes are kept for watch replay.
 const HISTORY: usize = 10_000;
@@ -267,6 +268,13 @@ impl Store {
     }
 
     fn validate(rt: &ResourceType, name: &str, obj: &Value) -> Result<(), ApiError> {
+        let mut causes = validation::metadata(obj, rt.store == "/namespaces");
+        if let Some(schema) = &rt.schema {
+            causes.extend(validation::custom_resource(schema, obj));
+        }
+        if !causes.is_empty() {
+            return Err(ApiError::invalid_causes(rt, name, &causes));
+        }
         if rt.store == "coordination.k8s.io/leases"
             && let Some(d) = obj.pointer("/spec/leaseDurationSeconds")
             && d.as_i64().is_none_or(|d| d <= 0)
