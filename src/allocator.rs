@@ -141,7 +141,12 @@ pub fn allocate(
                 &mut out,
                 s,
                 "InvalidIP",
-                format!("{bad:?} is not an IP address"),
+                // An entry never holds a space; a sentence is the reader's own refusal.
+                if bad.contains(' ') {
+                    bad.clone()
+                } else {
+                    format!("{bad:?} is not an IP address")
+                },
             );
             failed.insert(i);
         }
@@ -168,6 +173,7 @@ pub fn allocate(
     }
 
     // Fresh addresses for the families still missing.
+    let mut scanned: BTreeMap<crate::pool::Range, IpAddr> = BTreeMap::new();
     for (i, s) in handled.iter().enumerate() {
         let mut ips = has.remove(&i).unwrap_or_default();
         if s.requested.is_empty() && s.bad_requests.is_empty() {
@@ -194,11 +200,28 @@ pub fn allocate(
                 let offered = candidates()
                     .flat_map(|p| p.ranges.iter())
                     .any(|r| r.first.is_ipv4() == v4);
-                let free = candidates()
+                // Within one pass addresses are only taken, never freed, so each range is
+                // scanned from where the last search in it stopped: linear, not quadratic.
+                let mut free = None;
+                for r in candidates()
                     .flat_map(|p| p.ranges.iter())
                     .filter(|r| r.first.is_ipv4() == v4)
-                    .flat_map(|r| r.iter())
-                    .find(|ip| !owner.contains_key(ip) && !reserved.contains_key(ip));
+                {
+                    let from = scanned.get(r).copied().unwrap_or(r.first);
+                    let found = r
+                        .iter_from(from)
+                        .find(|ip| !owner.contains_key(ip) && !reserved.contains_key(ip));
+                    match found {
+                        Some(ip) => {
+                            scanned.insert(*r, ip);
+                            free = Some(ip);
+                            break;
+                        }
+                        None => {
+                            scanned.insert(*r, r.last);
+                        }
+                    }
+                }
                 match free {
                     Some(ip) => {
                         owner.insert(ip, i);
@@ -246,6 +269,47 @@ pub fn allocate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hostile amounts stay bounded: a /8 pool, 10,000 Services, and a Service listing
+    /// 10,000 wanted IPs (one Event, not 10,000). Prints the time it took.
+    #[test]
+    fn hostile_amounts_are_refused_or_served_in_bounded_work() {
+        let p = pools(&[("big", &["10.0.0.0/8"], true)]);
+        let mut svcs: Vec<ServiceInfo> = (0..10_000)
+            .map(|i| svc(&format!("s{i}"), &format!("{i:06}")))
+            .collect();
+        let many: String = (0..10_000)
+            .map(|i| format!("10.1.{}.{}", i / 256, i % 256))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut greedy: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "greedy", "namespace": "default", "annotations": {crate::service::ANNOTATION_IPS: many}},
+            "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        greedy.metadata.creation_timestamp = None;
+        svcs.push(ServiceInfo::from_service(&greedy));
+        let t0 = std::time::Instant::now();
+        let a = run(&svcs, &p, &[]);
+        println!(
+            "10,000 Services over a /8 and one listing 10,000 IPs: {:?}",
+            t0.elapsed()
+        );
+        let given: BTreeSet<&IpAddr> = a.desired.values().flatten().collect();
+        assert_eq!(given.len(), 10_000, "every Service got its own address");
+        let greedy_refusals: Vec<&Refusal> = a
+            .refusals
+            .iter()
+            .filter(|r| r.service == "default/greedy")
+            .collect();
+        assert_eq!(greedy_refusals.len(), 1, "{greedy_refusals:?}");
+        assert!(
+            greedy_refusals[0]
+                .message
+                .contains("10000 addresses listed")
+        );
+        assert!(a.desired["default/greedy"].is_empty());
+    }
 
     #[test]
     fn an_invalid_pool_is_not_called_exhausted_and_an_ip_that_left_its_pool_is_named() {

@@ -1,26 +1,65 @@
 //! Kubernetes Events, posted in the background with a deadline: a slow or hanging Event
 //! POST never holds up a decision (an Event is for people; losing one is acceptable).
+//! Repeats of one Event are aggregated into a series by kube's recorder (one PATCH with a
+//! count), and each object's Events are rate-limited as client-go's spam filter does (a burst
+//! of 25, then one per 5 minutes), so hostile amounts never flood the API server.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::dataplane::addr::Interface;
 use crate::dataplane::packet::format_mac;
 
 /// How long an Event POST may take before it is dropped.
 pub const EVENT_DEADLINE: Duration = Duration::from_secs(5);
+/// client-go's spam filter: per object, a burst of 25 Events, then one per 5 minutes.
+pub const SPAM_BURST: f64 = 25.0;
+pub const SPAM_REFILL: Duration = Duration::from_secs(300);
+
+/// A token bucket per object.
+#[derive(Debug, Default)]
+pub struct SpamFilter {
+    buckets: HashMap<String, (f64, Instant)>,
+}
+
+impl SpamFilter {
+    /// Whether an Event on `object` may be posted at `now`.
+    pub fn allow(&mut self, object: &str, now: Instant) -> bool {
+        if self.buckets.len() > 10_000 {
+            // Forget objects whose bucket has refilled anyway.
+            self.buckets
+                .retain(|_, (_, t)| now.duration_since(*t) < SPAM_REFILL.mul_f64(SPAM_BURST));
+        }
+        let (tokens, last) = self
+            .buckets
+            .entry(object.to_string())
+            .or_insert((SPAM_BURST, now));
+        let refill = now.duration_since(*last).as_secs_f64() / SPAM_REFILL.as_secs_f64();
+        *tokens = (*tokens + refill).min(SPAM_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Events {
     recorder: Recorder,
     services: Store<Service>,
     node: String,
+    spam: Arc<Mutex<SpamFilter>>,
 }
 
 impl Events {
@@ -35,6 +74,7 @@ impl Events {
             ),
             services,
             node: node.to_string(),
+            spam: Arc::default(),
         }
     }
 
@@ -58,6 +98,21 @@ impl Events {
         note: String,
         action: &str,
     ) {
+        let object = format!(
+            "{}/{}/{}",
+            reference.kind.as_deref().unwrap_or(""),
+            reference.namespace.as_deref().unwrap_or(""),
+            reference.name.as_deref().unwrap_or("")
+        );
+        if !self
+            .spam
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allow(&object, Instant::now())
+        {
+            debug!(object, reason, "event dropped by the rate limit");
+            return;
+        }
         let ev = Event {
             type_,
             reason: reason.into(),
@@ -92,5 +147,24 @@ impl Events {
             None => "Announcing",
         };
         self.post(r, EventType::Normal, reason, note, "Announce");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_object_gets_a_burst_of_25_then_one_per_five_minutes() {
+        let mut f = SpamFilter::default();
+        let t0 = Instant::now();
+        let allowed = (0..100)
+            .filter(|_| f.allow("Service/default/web", t0))
+            .count();
+        assert_eq!(allowed, 25);
+        assert!(f.allow("Service/default/other", t0), "per object");
+        assert!(!f.allow("Service/default/web", t0 + Duration::from_secs(299)));
+        assert!(f.allow("Service/default/web", t0 + Duration::from_secs(300)));
+        assert!(!f.allow("Service/default/web", t0 + Duration::from_secs(301)));
     }
 }

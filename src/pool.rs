@@ -171,7 +171,13 @@ impl Range {
 
     /// The addresses of the range, in order.
     pub fn iter(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        (to_u128(self.first)..=to_u128(self.last)).map(|n| from_u128(self.first, n))
+        self.iter_from(self.first)
+    }
+
+    /// The addresses of the range from `from` on (the whole range if `from` is before it).
+    pub fn iter_from(&self, from: IpAddr) -> impl Iterator<Item = IpAddr> + '_ {
+        let start = to_u128(from).max(to_u128(self.first));
+        (start..=to_u128(self.last)).map(|n| from_u128(self.first, n))
     }
 }
 

@@ -9,6 +9,9 @@ use kube::ResourceExt;
 /// Lists wanted IPs, one per family, comma-separated (needed for dual-stack, where the
 /// single-valued `spec.loadBalancerIP` cannot say it).
 pub const ANNOTATION_IPS: &str = "l2speaker.io/load-balancer-ips";
+/// At most this many wanted IPs are read from a Service (only one per family is allowed, but a
+/// short list gets an Event per bad entry); a longer list is refused whole with one Event.
+pub const MAX_WANTED: usize = 16;
 /// Names the pool to take an address from.
 pub const ANNOTATION_POOL: &str = "l2speaker.io/pool";
 
@@ -83,10 +86,18 @@ impl ServiceInfo {
                     .cloned()
                     .collect()
             });
-        for w in wanted {
-            match w.parse::<IpAddr>() {
-                Ok(ip) => requested.push(ip),
-                Err(_) => bad_requests.push(w),
+        if wanted.len() > MAX_WANTED {
+            // One refusal for the lot, not one per entry (an annotation can list thousands).
+            bad_requests.push(format!(
+                "{} addresses listed; at most one per family is allowed",
+                wanted.len()
+            ));
+        } else {
+            for w in wanted {
+                match w.parse::<IpAddr>() {
+                    Ok(ip) => requested.push(ip),
+                    Err(_) => bad_requests.push(w.chars().take(64).collect()),
+                }
             }
         }
         let families = spec.ip_families.clone().unwrap_or_default();
