@@ -39,6 +39,8 @@ pub struct Metrics {
     losses: Counter,
     renew_failures: Counter,
     fences: Counter,
+    conflicts: Counter,
+    probe_seconds: Histogram,
     late_actions: Family<KindLabel, Counter>,
     announcements: Family<KindLabel, Counter>,
     dataplane_errors: Family<KindLabel, Counter>,
@@ -84,6 +86,18 @@ impl Metrics {
             "Times an owner withdrew because it could not renew within the deadline",
             fences.clone(),
         );
+        let conflicts = Counter::default();
+        registry.register(
+            "ip_conflicts",
+            "Probes before a bind that another host answered (the IP was not bound)",
+            conflicts.clone(),
+        );
+        let probe_seconds = Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25]);
+        registry.register(
+            "probe_seconds",
+            "ARP/DAD probes before binding an IP, from start to answer or timeout",
+            probe_seconds.clone(),
+        );
         let late_actions = Family::<KindLabel, Counter>::default();
         registry.register(
             "late_actions_dropped",
@@ -123,6 +137,8 @@ impl Metrics {
             losses,
             renew_failures,
             fences,
+            conflicts,
+            probe_seconds,
             late_actions,
             announcements,
             dataplane_errors,
@@ -150,6 +166,15 @@ impl Metrics {
     /// An owner withdrew because it could not renew in time.
     pub fn fenced(&self) {
         self.fences.inc();
+    }
+
+    /// Another host answered a probe before a bind.
+    pub fn conflict(&self) {
+        self.conflicts.inc();
+    }
+
+    pub fn probed(&self, took: std::time::Duration) {
+        self.probe_seconds.observe(took.as_secs_f64());
     }
 
     /// An action dropped because it would have taken effect after its not-after time.

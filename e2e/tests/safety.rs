@@ -292,3 +292,79 @@ async fn a_pool_edited_into_an_invalid_state_keeps_serving_and_says_why() {
         "True"
     );
 }
+
+/// Another host on the LAN already uses a pool IP: every speaker's probe before binding is
+/// answered, so none binds it; the Service is told who answers (IPConflict with the MAC), the
+/// metric counts it, and once the host lets the address go a speaker takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ip_another_host_uses_is_never_bound_and_the_service_is_told() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    let client = tb.lab.client().clone();
+    let taken = ip("192.0.2.220");
+    netns::ip(
+        &client.ns,
+        &["addr", "add", "192.0.2.220/32", "dev", "eth0"],
+    )
+    .unwrap();
+    let sampler = tb.sample(&[taken]);
+    tb.apply(&endpoints("web", &pods(&tb))).await;
+    tb.apply(&service(
+        "web",
+        "",
+        "l2speaker.io/load-balancer-ips: \"192.0.2.220\"",
+    ))
+    .await;
+    let events = tb.wait_describe_svc("web", "IPConflict").await;
+    let client_mac = tb.lab.mac("client").unwrap();
+    assert!(
+        events.contains(&client_mac),
+        "the Event names the MAC: {events}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = sampler.stop().unwrap();
+    for (node, reads) in &s.of(taken).kernels {
+        assert!(reads.iter().all(|r| !r.bound), "{node} never bound {taken}");
+    }
+    // (The sampler runs on the client itself, so it does not hear the client's own answers.)
+    let node_macs: Vec<String> = tb
+        .node_names()
+        .iter()
+        .map(|n| tb.lab.mac(n).unwrap())
+        .collect();
+    assert!(
+        s.of(taken)
+            .answerers()
+            .iter()
+            .all(|m| !node_macs.contains(m)),
+        "no node answered: {:?}",
+        s.of(taken).answerers()
+    );
+    let counted: f64 = tb
+        .node_names()
+        .iter()
+        .map(|n| {
+            let addr = std::net::SocketAddr::new(IpAddr::V4(tb.lab.host(n).unwrap().ipv4), 9473);
+            tb.lab
+                .http_get("client", addr, "/metrics")
+                .map(|(_, b)| {
+                    b.lines()
+                        .find_map(|l| {
+                            l.strip_prefix("l2speaker_ip_conflicts_total ")?
+                                .parse()
+                                .ok()
+                        })
+                        .unwrap_or(0.0)
+                })
+                .unwrap_or(0.0)
+        })
+        .sum();
+    assert!(counted >= 1.0, "l2speaker_ip_conflicts_total counts it");
+    // The host lets it go: a speaker takes it after its wait.
+    netns::ip(
+        &client.ns,
+        &["addr", "del", "192.0.2.220/32", "dev", "eth0"],
+    )
+    .unwrap();
+    let owner = tb.wait_owner(taken).await;
+    println!("{owner} owns {taken} once the other host let it go");
+}

@@ -34,7 +34,7 @@ fn directed(seed: u64, nodes: usize, timing: Timing, faults: Vec<Fault>) -> Sche
         vips: 1,
         timing,
         faults,
-        mutation: None,
+        mutations: vec![],
     }
 }
 
@@ -162,7 +162,7 @@ fn the_simulator_finds_the_old_address_lifetime_hole() {
             old_fast,
             vec![fault(3000 + 7 * seed, 10_000, FaultKind::Kill { node: 0 })],
         );
-        s.mutation = Some(Mutation::LifetimeFromDeadline);
+        s.mutations = vec![Mutation::LifetimeFromDeadline, Mutation::SkipProbe];
         sim::run(&s, false)
             .violation
             .is_some_and(|v| v.what.contains("answered by") || v.what.contains("announced"))
@@ -178,7 +178,7 @@ fn the_simulator_finds_the_old_address_lifetime_hole() {
 /// out of the shell, it announces after a peer took over.
 #[test]
 fn the_simulator_finds_a_late_announcement_when_not_after_is_ignored() {
-    let schedules = |mutation| {
+    let schedules = |mutation: Option<Mutation>| {
         (0..200u64).map(move |seed| {
             let mut s = directed(
                 seed,
@@ -186,7 +186,7 @@ fn the_simulator_finds_a_late_announcement_when_not_after_is_ignored() {
                 DEFAULT,
                 vec![fault(300 + 23 * seed, 9000, FaultKind::Freeze { node: 0 })],
             );
-            s.mutation = mutation;
+            s.mutations = mutation.into_iter().collect();
             s
         })
     };
@@ -224,7 +224,7 @@ fn a_failing_schedule_is_replayable_by_seed_and_shrinks() {
                 fault(5000, 200, FaultKind::StepDown { vip: 0 }),
             ],
         );
-        s.mutation = Some(Mutation::LifetimeFromDeadline);
+        s.mutations = vec![Mutation::LifetimeFromDeadline, Mutation::SkipProbe];
         s
     };
     let fails = |x: &Schedule| sim::run(x, false).violation.is_some();
@@ -240,4 +240,25 @@ fn a_failing_schedule_is_replayable_by_seed_and_shrinks() {
         "{small}"
     );
     assert!(sim::report(&noisy).contains(&format!("--seed {}", noisy.seed)));
+}
+
+/// A host that is no speaker uses a pool IP: no speaker binds it while it does (each probe
+/// is answered), and once it stops one speaker owns the IP within the settle bound. Without
+/// the probe the simulator sees the bind.
+#[test]
+fn a_foreign_host_using_the_ip_is_never_displaced() {
+    for seed in 0..30 {
+        let claim = vec![fault(
+            0,
+            12_000 + 97 * seed,
+            FaultKind::ForeignClaim { vip: 0 },
+        )];
+        passes(&directed(seed, 3, DEFAULT, claim.clone()));
+        let mut blind = directed(seed, 3, DEFAULT, claim);
+        blind.mutations = vec![Mutation::SkipProbe];
+        let v = sim::run(&blind, false)
+            .violation
+            .expect("found without the probe");
+        assert!(v.what.contains("foreign host"), "{v:?}");
+    }
 }

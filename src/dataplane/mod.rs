@@ -1,7 +1,8 @@
 //! The dataplane of one node: what the owner of a VIP does to the kernel.
 //!
 //! - [`addr`]: bind and unbind VIPs, list interfaces (rtnetlink);
-//! - [`packet`]: gratuitous ARP and unsolicited NA frames (pure);
+//! - [`packet`]: gratuitous ARP and unsolicited NA frames, probes and the claim classifier (pure);
+//! - [`probe`]: whether another host answers for an address (ARP probe / DAD);
 //! - [`sink`]: sending frames (pnet);
 //! - [`nft`]: DNAT rules (pure rendering, applied with `nft -f`).
 //!
@@ -10,6 +11,7 @@
 pub mod addr;
 pub mod nft;
 pub mod packet;
+pub mod probe;
 pub mod sink;
 
 use std::net::IpAddr;

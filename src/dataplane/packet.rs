@@ -107,9 +107,141 @@ pub fn unsolicited_na(sender: Mac, source: Ipv6Addr, target: Ipv6Addr, router: b
     buf
 }
 
+/// ARP probe (RFC 5227): a broadcast request for `ip` with sender address 0.0.0.0 and no
+/// target MAC, so nobody learns anything from it; whoever has `ip` answers.
+pub fn arp_probe(sender: Mac, ip: Ipv4Addr) -> Vec<u8> {
+    let mut f = arp(sender, ip, ArpOperations::Request, [0; 6]);
+    // SPA (bytes 28..32 of the frame) = 0.0.0.0
+    f[28..32].copy_from_slice(&[0, 0, 0, 0]);
+    f
+}
+
+/// IPv6 duplicate address detection probe: a neighbor solicitation for `target` from the
+/// unspecified address to its solicited-node multicast group (no link-layer option, as RFC
+/// 4862 requires from `::`); whoever has `target` answers with an advertisement to ff02::1.
+pub fn dad_probe(sender: Mac, target: Ipv6Addr) -> Vec<u8> {
+    use pnet_packet::icmpv6::ndp::MutableNeighborSolicitPacket;
+    const NS_LEN: usize = 24;
+    let t = target.octets();
+    let group = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(t[13]),
+        (u16::from(t[14]) << 8) | u16::from(t[15]),
+    );
+    let mut buf = vec![0u8; 14 + 40 + NS_LEN];
+    let mut eth = MutableEthernetPacket::new(&mut buf).expect("sized above");
+    eth.set_destination(mac([0x33, 0x33, 0xff, t[13], t[14], t[15]]));
+    eth.set_source(mac(sender));
+    eth.set_ethertype(EtherTypes::Ipv6);
+    let mut ip6 = MutableIpv6Packet::new(eth.payload_mut()).expect("sized above");
+    ip6.set_version(6);
+    ip6.set_payload_length(NS_LEN as u16);
+    ip6.set_next_header(IpNextHeaderProtocols::Icmpv6);
+    ip6.set_hop_limit(255);
+    ip6.set_source(Ipv6Addr::UNSPECIFIED);
+    ip6.set_destination(group);
+    {
+        let mut ns = MutableNeighborSolicitPacket::new(ip6.payload_mut()).expect("sized above");
+        ns.set_icmpv6_type(Icmpv6Types::NeighborSolicit);
+        ns.set_target_addr(target);
+    }
+    let mut icmp = MutableIcmpv6Packet::new(ip6.payload_mut()).expect("sized above");
+    let sum = pnet_packet::icmpv6::checksum(&icmp.to_immutable(), &Ipv6Addr::UNSPECIFIED, &group);
+    icmp.set_checksum(sum);
+    buf
+}
+
+/// If `frame` shows some host claiming `ip` — an ARP packet of any operation with `ip` as its
+/// sender address, or a neighbor advertisement for `ip` — the claimant's MAC (frames from
+/// `own` are ignored). Never panics on any input.
+pub fn claimant(frame: &[u8], ip: std::net::IpAddr, own: Mac) -> Option<Mac> {
+    use pnet_packet::Packet;
+    use pnet_packet::arp::ArpPacket;
+    use pnet_packet::ethernet::EthernetPacket;
+    use pnet_packet::icmpv6::Icmpv6Packet;
+    use pnet_packet::icmpv6::ndp::NeighborAdvertPacket;
+    use pnet_packet::ipv6::Ipv6Packet;
+    let eth = EthernetPacket::new(frame)?;
+    let src: Mac = eth.get_source().octets();
+    if src == own {
+        return None;
+    }
+    match (eth.get_ethertype(), ip) {
+        (t, std::net::IpAddr::V4(v4)) if t == EtherTypes::Arp => {
+            let a = ArpPacket::new(eth.payload())?;
+            (a.get_sender_proto_addr() == v4).then(|| a.get_sender_hw_addr().octets())
+        }
+        (t, std::net::IpAddr::V6(v6)) if t == EtherTypes::Ipv6 => {
+            let ip6 = Ipv6Packet::new(eth.payload())?;
+            if ip6.get_next_header() != IpNextHeaderProtocols::Icmpv6 {
+                return None;
+            }
+            let icmp = Icmpv6Packet::new(ip6.payload())?;
+            if icmp.get_icmpv6_type() != Icmpv6Types::NeighborAdvert {
+                return None;
+            }
+            let na = NeighborAdvertPacket::new(ip6.payload())?;
+            (na.get_target_addr() == v6).then_some(src)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probes_and_the_claim_classifier() {
+        let vip4 = Ipv4Addr::new(192, 0, 2, 210);
+        let p = arp_probe(M, vip4);
+        assert_eq!(&p[28..32], &[0, 0, 0, 0], "sender address 0.0.0.0");
+        assert_eq!(&p[38..42], &vip4.octets(), "asks for the VIP");
+        let other: Mac = [0x02, 0, 0, 0, 0, 0x22];
+        // A reply from someone who has it is a claim; our own frames and other IPs are not.
+        assert_eq!(
+            claimant(&garp_reply(other, vip4), vip4.into(), M),
+            Some(other)
+        );
+        assert_eq!(claimant(&garp_reply(M, vip4), vip4.into(), M), None);
+        assert_eq!(
+            claimant(&p, vip4.into(), other),
+            None,
+            "a probe claims nothing"
+        );
+        assert_eq!(
+            claimant(
+                &garp_reply(other, Ipv4Addr::new(192, 0, 2, 9)),
+                vip4.into(),
+                M
+            ),
+            None
+        );
+        let vip6: Ipv6Addr = "2001:db8::210".parse().unwrap();
+        let ll: Ipv6Addr = "fe80::22".parse().unwrap();
+        let d = dad_probe(M, vip6);
+        assert_eq!(&d[0..6], &[0x33, 0x33, 0xff, 0, 0x02, 0x10]);
+        assert_eq!(
+            claimant(&unsolicited_na(other, ll, vip6, false), vip6.into(), M),
+            Some(other)
+        );
+        assert_eq!(
+            claimant(&d, vip6.into(), other),
+            None,
+            "a solicitation claims nothing"
+        );
+        // Garbage never panics.
+        for n in 0..200 {
+            let junk: Vec<u8> = (0..n).map(|i| (i * 37 % 251) as u8).collect();
+            let _ = claimant(&junk, vip4.into(), M);
+            let _ = claimant(&junk, vip6.into(), M);
+        }
+    }
 
     const M: Mac = [0x02, 0, 0, 0, 0, 0x11];
 

@@ -24,6 +24,9 @@ use tokio::time::Instant;
 use super::timing::{RELEASE_DEADLINE, Timing};
 use crate::announce;
 
+/// After another host answered a probe for the VIP, how long before this node tries again.
+pub const CONFLICT_RETRY: Duration = Duration::from_secs(10);
+
 /// Identifies one API request, so a late reply to an abandoned request is ignored.
 pub type ReqId = u64;
 
@@ -88,6 +91,11 @@ pub enum Input {
         req: ReqId,
         reply: Reply,
     },
+    /// A probe's outcome: the MAC of a host that answered for the VIP, if any.
+    Probed {
+        req: ReqId,
+        answered_by: Option<String>,
+    },
     Stop(Stop),
 }
 
@@ -126,6 +134,11 @@ pub enum Action {
     Unbind {
         iface: u32,
     },
+    /// Ask the LAN whether anyone answers for the VIP (ARP probe / DAD) before binding it.
+    Probe {
+        req: ReqId,
+        iface: u32,
+    },
     /// One round of gratuitous ARP / unsolicited NA.
     Announce {
         iface: u32,
@@ -150,6 +163,10 @@ pub enum Report {
     Withdrew {
         reason: String,
         fenced: bool,
+    },
+    /// Another host answered the probe: the VIP is not bound (and is retried later).
+    Conflict {
+        mac: String,
     },
     RenewFailed(String),
     AcquireFailed(String),
@@ -185,6 +202,13 @@ struct Owned {
     renewing: Option<(ReqId, Instant)>,
     burst_start: Instant,
     burst_round: usize,
+    /// When the write that justifies holding the Lease now was sent.
+    sent: Instant,
+    /// Probing the LAN before the first bind: nothing is bound, announced or DNATed yet.
+    probing: Option<ReqId>,
+    /// Whom we took the Lease from, and since when it was free (for the report at bind).
+    previous: Option<String>,
+    waited_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,6 +244,8 @@ pub struct Holder {
     phase: Phase,
     stop: Option<Stop>,
     next_req: ReqId,
+    /// After a conflict, no new attempt before this.
+    conflict_until: Option<Instant>,
 }
 
 /// What a speaker that does not hold a Lease should do next.
@@ -266,6 +292,7 @@ impl Holder {
             phase: Phase::Standby { retry_at: None },
             stop: None,
             next_req: 1,
+            conflict_until: None,
         }
     }
 
@@ -319,6 +346,7 @@ impl Holder {
                 }
             }
             Input::Reply { req, reply } => self.reply(req, reply, now, &mut out),
+            Input::Probed { req, answered_by } => self.probed(req, answered_by, now, &mut out),
         }
         self.evaluate(now, &mut out);
         out
@@ -341,11 +369,7 @@ impl Holder {
                         let sent = *sent;
                         let fence_at = sent + self.timing.renew_deadline;
                         let iface = *iface;
-                        out.actions.push(Action::Report(Report::Took {
-                            previous: previous.clone(),
-                            waited_since: *waited_since,
-                        }));
-                        let owned = Owned {
+                        let mut owned = Owned {
                             iface,
                             resource_version,
                             stale: Some(on.clone()),
@@ -354,14 +378,25 @@ impl Holder {
                             renewing: None,
                             burst_start: now,
                             burst_round: 0,
+                            sent,
+                            probing: None,
+                            previous: previous.clone(),
+                            waited_since: *waited_since,
                         };
-                        if self.kind == Kind::Vip {
-                            out.actions.push(Action::Bind {
-                                iface,
-                                until: self.timing.address_until(sent),
-                                not_after: fence_at,
-                            });
-                            out.actions.push(Action::Dnat(true));
+                        match self.kind {
+                            // First ask the LAN whether anyone else answers for the VIP.
+                            Kind::Vip => {
+                                self.next_req += 1;
+                                owned.probing = Some(self.next_req);
+                                out.actions.push(Action::Probe {
+                                    req: self.next_req,
+                                    iface,
+                                });
+                            }
+                            Kind::Plain => out.actions.push(Action::Report(Report::Took {
+                                previous: previous.clone(),
+                                waited_since: *waited_since,
+                            })),
                         }
                         self.phase = Phase::Owner(owned);
                     }
@@ -382,7 +417,8 @@ impl Holder {
                         o.resource_version = resource_version;
                         o.fence_at = sent + self.timing.renew_deadline;
                         o.next_renew = (sent + self.timing.renew_interval).max(now);
-                        if self.kind == Kind::Vip {
+                        o.sent = sent;
+                        if self.kind == Kind::Vip && o.probing.is_none() {
                             out.actions.push(Action::Bind {
                                 iface: o.iface,
                                 until: self.timing.address_until(sent),
@@ -410,6 +446,46 @@ impl Holder {
             }
             // A reply to a request we gave up on.
             _ => {}
+        }
+    }
+
+    fn probed(&mut self, req: ReqId, answered_by: Option<String>, now: Instant, out: &mut Step) {
+        let Phase::Owner(o) = &mut self.phase else {
+            return;
+        };
+        if o.probing != Some(req) {
+            return;
+        }
+        o.probing = None;
+        match answered_by {
+            None if now < o.fence_at => {
+                out.actions.push(Action::Report(Report::Took {
+                    previous: o.previous.clone(),
+                    waited_since: o.waited_since,
+                }));
+                out.actions.push(Action::Bind {
+                    iface: o.iface,
+                    until: self.timing.address_until(o.sent),
+                    not_after: o.fence_at,
+                });
+                out.actions.push(Action::Dnat(true));
+                o.burst_start = now;
+                o.burst_round = 0;
+            }
+            // Too late to bind on it: the fence decides (evaluate withdraws).
+            None => {}
+            Some(mac) => {
+                // Someone else answers for the VIP: never bind it; give the Lease back and
+                // try again later (an owner that is still live, or a foreign host).
+                out.actions.push(Action::Report(Report::Conflict { mac }));
+                self.phase = Phase::Standby { retry_at: None };
+                self.conflict_until = Some(now + CONFLICT_RETRY);
+                self.leave(now, out, |req, deadline| Action::Release {
+                    req,
+                    step_down: false,
+                    deadline,
+                });
+            }
         }
     }
 
@@ -592,7 +668,7 @@ impl Holder {
                     if o.renewing.is_none() {
                         wake = wake.min(o.next_renew);
                     }
-                    if self.kind == Kind::Vip {
+                    if self.kind == Kind::Vip && o.probing.is_none() {
                         while let Some(at) = announce::round_at(o.burst_start, o.burst_round) {
                             if now < at {
                                 wake = wake.min(at);
@@ -629,6 +705,12 @@ impl Holder {
             && now < *t
         {
             out.wake = Some(*t);
+            return;
+        }
+        if let Some(t) = self.conflict_until
+            && now < t
+        {
+            out.wake = Some(t);
             return;
         }
         let lease = self.view.lease.clone();
@@ -740,6 +822,27 @@ mod tests {
     }
 
     /// A holder that took a free Lease at t0 (request sent and answered at t0).
+    fn probe_req(s: &Step) -> ReqId {
+        s.actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Probe { req, .. } => Some(*req),
+                _ => None,
+            })
+            .expect("a probe")
+    }
+
+    /// Answers the probe that `s` asked for: nobody else on the LAN.
+    fn clean_probe(h: &mut Holder, s: &Step, at: Instant) -> Step {
+        h.step(
+            Input::Probed {
+                req: probe_req(s),
+                answered_by: None,
+            },
+            at,
+        )
+    }
+
     fn owner(t0: Instant) -> Holder {
         let mut h = Holder::new(ME, timing(), Kind::Vip, view(None, t0));
         let s = h.step(Input::Tick, t0);
@@ -751,6 +854,11 @@ mod tests {
             },
             t0,
         );
+        assert!(
+            !s.actions.iter().any(|a| matches!(a, Action::Bind { .. })),
+            "nothing is bound before the probe"
+        );
+        let s = clean_probe(&mut h, &s, t0);
         assert!(s.actions.contains(&Action::Dnat(true)));
         h
     }
@@ -805,6 +913,7 @@ mod tests {
             },
             t0 + ms(1500),
         );
+        let s = clean_probe(&mut h, &s, t0 + ms(1560));
         assert_eq!(
             s.actions[1],
             Action::Bind {
@@ -973,6 +1082,58 @@ mod tests {
         );
         assert_eq!(s.actions[0], Action::Unbind { iface: 2 });
         assert_eq!(h.holds_until(t0 + ms(4100)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_answered_by_another_host_never_binds_and_gives_the_lease_back() {
+        let t0 = Instant::now();
+        let mut h = Holder::new(ME, timing(), Kind::Vip, view(None, t0));
+        let req = acquire_req(&h.step(Input::Tick, t0));
+        let s = h.step(
+            Input::Reply {
+                req,
+                reply: written("1"),
+            },
+            t0 + ms(5),
+        );
+        let s = h.step(
+            Input::Probed {
+                req: probe_req(&s),
+                answered_by: Some("02:00:00:00:00:99".into()),
+            },
+            t0 + ms(70),
+        );
+        assert!(
+            !s.actions.iter().any(|a| matches!(
+                a,
+                Action::Bind { .. } | Action::Announce { .. } | Action::Dnat(true)
+            )),
+            "{s:?}"
+        );
+        assert!(s.actions.contains(&Action::Report(Report::Conflict {
+            mac: "02:00:00:00:00:99".into()
+        })));
+        let Some(Action::Release { req, .. }) = s.actions.last().cloned() else {
+            panic!("{s:?}")
+        };
+        h.step(
+            Input::Reply {
+                req,
+                reply: written("2"),
+            },
+            t0 + ms(80),
+        );
+        // A free Lease right after: not before the conflict wait is over.
+        let s = h.step(
+            Input::View(view(Some(observed(None, "2", t0 + ms(80))), t0)),
+            t0 + ms(90),
+        );
+        assert!(
+            !s.actions
+                .iter()
+                .any(|a| matches!(a, Action::Acquire { .. }))
+        );
+        assert_eq!(s.wake, Some(t0 + ms(70) + CONFLICT_RETRY));
     }
 
     /// Found by the simulator (a broken watch on the new owner): the stale view lasts across

@@ -20,6 +20,7 @@ use super::timing;
 use crate::context::Shared;
 use crate::dataplane::addr::Interface;
 use crate::dataplane::packet::format_mac;
+use crate::dataplane::probe::PROBE_WAIT;
 use crate::lease::{Description, LeaseError};
 
 /// What the coordinator tells a holder: the machine's view, plus what the shell needs to
@@ -49,7 +50,11 @@ impl Target {
     }
 }
 
-type Done = (ReqId, Result<Option<Lease>, LeaseError>);
+/// What a background task reports back: an API request's result, or a probe's.
+enum Done {
+    Api(ReqId, Result<Option<Lease>, LeaseError>),
+    Probe(ReqId, Option<String>),
+}
 
 /// Runs one holder until it has stopped. `holds` is told until when this node may act as
 /// the holder (the allocator checks it before every write).
@@ -100,7 +105,10 @@ pub async fn run(
         input = tokio::select! {
             biased;
             _ = tokio::time::sleep_until(wake) => Input::Tick,
-            Some((req, result)) = shell.done.1.recv() => shell.reply(req, result),
+            Some(done) = shell.done.1.recv() => match done {
+                Done::Api(req, result) => shell.reply(req, result),
+                Done::Probe(req, answered_by) => Input::Probed { req, answered_by },
+            },
             r = stop.changed() => match (r, *stop.borrow_and_update()) {
                 (Ok(()), Some(s)) => Input::Stop(s),
                 (Err(_), _) => Input::Stop(Stop::Shutdown),
@@ -170,7 +178,7 @@ impl Shell {
             let result = tokio::time::timeout_at(deadline, f)
                 .await
                 .unwrap_or(Err(LeaseError::Timeout(name)));
-            let _ = tx.send((req, result));
+            let _ = tx.send(Done::Api(req, result));
         });
     }
 
@@ -287,6 +295,27 @@ impl Shell {
                     Err(_) => warn!(ip = %ip, interface = %i.name, "binding timed out"),
                 }
             }
+            Action::Probe { req, iface } => {
+                let (Some(ip), Some(i)) = (self.ip(), self.interface(iface)) else {
+                    let _ = self.done.0.send(Done::Probe(req, None));
+                    return;
+                };
+                let tx = self.done.0.clone();
+                let metrics = s.metrics.clone();
+                tokio::task::spawn_blocking(move || {
+                    let t0 = std::time::Instant::now();
+                    let answered = match crate::dataplane::probe::probe(&i, ip, PROBE_WAIT) {
+                        Ok(m) => m.map(|m| format_mac(&m)),
+                        Err(e) => {
+                            // A probe that cannot run is no evidence of a conflict.
+                            warn!(ip = %ip, interface = %i.name, error = %e, "could not probe");
+                            None
+                        }
+                    };
+                    metrics.probed(t0.elapsed());
+                    let _ = tx.send(Done::Probe(req, answered));
+                });
+            }
             Action::Unbind { iface } => {
                 let (Some(ip), Some(i)) = (self.ip(), self.interface(iface)) else {
                     return;
@@ -369,6 +398,25 @@ impl Shell {
                     s.metrics.lease_lost();
                 }
                 info!(lease = %self.name, what = %what, reason = %reason, "withdrawn");
+            }
+            Report::Conflict { mac } => {
+                s.metrics.conflict();
+                warn!(lease = %self.name, what = %what, mac = %mac, "another host answers for the IP: not binding it");
+                if let Some(ip) = self.ip()
+                    && let Some(r) = s.events.service_ref(&self.feed.service)
+                {
+                    s.events.post(
+                        r,
+                        kube::runtime::events::EventType::Warning,
+                        "IPConflict",
+                        format!(
+                            "{} did not bind {ip}: {mac} answers for it on the LAN; retrying in {} s",
+                            s.config.node_name,
+                            crate::ownership::machine::CONFLICT_RETRY.as_secs()
+                        ),
+                        "Bind",
+                    );
+                }
             }
             Report::RenewFailed(e) => {
                 s.metrics.renew_failed();

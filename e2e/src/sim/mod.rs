@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use l2speaker::coordinator::{FAIR_SHARE_WAIT, INITIAL_RANK_STEP, RANK_STEP, rank_delay};
+use l2speaker::dataplane::probe::PROBE_WAIT;
 use l2speaker::lease;
+use l2speaker::ownership::machine::CONFLICT_RETRY;
 use l2speaker::ownership::machine::{
     Action, Holder, Input, Kind, Observed, Reply, Report, ReqId, Stop, View,
 };
@@ -46,6 +48,8 @@ pub fn settle_bound(s: &Schedule) -> Duration {
         + INITIAL_RANK_STEP * n
         + RANK_STEP * n
         + FAIR_SHARE_WAIT
+        + CONFLICT_RETRY
+        + PROBE_WAIT
         + Duration::from_secs(2)
 }
 
@@ -124,6 +128,12 @@ enum Ev {
         vip: usize,
         present: bool,
     },
+    ProbeDone {
+        node: usize,
+        inc: u32,
+        slot: u64,
+        req: ReqId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +207,8 @@ pub struct Sim {
     holder_since: Vec<T>,
     /// Whether each VIP is in a Service now (the truth; nodes learn it with a delay).
     present: Vec<bool>,
+    /// Whether a host that is no speaker uses each VIP now.
+    foreign: Vec<bool>,
     vip_disturbed: Vec<Vec<(T, T)>>,
     global_disturbed: Vec<(T, T)>,
     next_slot: u64,
@@ -283,6 +295,7 @@ impl Sim {
             slow_all: Duration::ZERO,
             holder_since: vec![T::ZERO; s.vips],
             present: vec![true; s.vips],
+            foreign: vec![false; s.vips],
             vip_disturbed: vec![vec![]; s.vips],
             global_disturbed: vec![],
             next_slot: 0,
@@ -534,6 +547,42 @@ impl Sim {
                 }
                 self.set_presence(node, vip, present);
             }
+            Ev::ProbeDone {
+                node,
+                inc,
+                slot,
+                req,
+            } => {
+                let n = &mut self.nodes[node];
+                if !n.alive || n.inc != inc {
+                    return;
+                }
+                if n.frozen {
+                    n.queued.push(Ev::ProbeDone {
+                        node,
+                        inc,
+                        slot,
+                        req,
+                    });
+                    return;
+                }
+                let Some(vip) = n.slots.iter().find(|s| s.id == slot).map(|s| s.vip) else {
+                    return;
+                };
+                // Whoever holds the VIP when the probe's wait ends has answered it.
+                let answered_by = if self.s.mutations.contains(&Mutation::SkipProbe) {
+                    None
+                } else if self.foreign[vip] {
+                    Some("foreign".to_string())
+                } else {
+                    self.nodes
+                        .iter()
+                        .enumerate()
+                        .find(|(i, x)| *i != node && x.link_up && x.kernel[vip].is_some())
+                        .map(|(_, x)| x.name.clone())
+                };
+                self.input(node, slot, Input::Probed { req, answered_by });
+            }
             Ev::FaultStart(i) => self.fault(i, true),
             Ev::FaultEnd(i) => self.fault(i, false),
         }
@@ -762,12 +811,12 @@ impl Sim {
             Action::Bind {
                 until, not_after, ..
             } => {
-                let mutation = self.s.mutation;
-                if inst >= not_after && mutation != Some(Mutation::IgnoreNotAfter) {
+                let mutations = &self.s.mutations;
+                if inst >= not_after && !mutations.contains(&Mutation::IgnoreNotAfter) {
                     self.trace(|| format!("{name}: dropped a late bind of VIP {vip}"));
                     return;
                 }
-                let life = if mutation == Some(Mutation::LifetimeFromDeadline) {
+                let life = if mutations.contains(&Mutation::LifetimeFromDeadline) {
                     Some(Duration::from_secs(
                         self.s.timing.renew_deadline.as_millis().div_ceil(1000) as u64,
                     ))
@@ -779,10 +828,39 @@ impl Sim {
                     return;
                 };
                 let first = self.nodes[node].kernel[vip].is_none();
+                if first && self.foreign[vip] {
+                    self.violate(format!("{name} bound VIP {vip}, which a foreign host uses"));
+                }
                 self.nodes[node].kernel[vip] = Some(now + life);
                 if first {
                     self.trace(|| format!("{name}: bound VIP {vip} for {} s", life.as_secs()));
                 }
+            }
+            Action::Probe { req, .. } => {
+                if !self.nodes[node].link_up {
+                    // Nothing can answer a probe on a dead link.
+                    let inc = self.nodes[node].inc;
+                    self.at(
+                        now + PROBE_WAIT,
+                        Ev::ProbeDone {
+                            node,
+                            inc,
+                            slot,
+                            req,
+                        },
+                    );
+                    return;
+                }
+                let inc = self.nodes[node].inc;
+                self.at(
+                    now + PROBE_WAIT,
+                    Ev::ProbeDone {
+                        node,
+                        inc,
+                        slot,
+                        req,
+                    },
+                );
             }
             Action::Unbind { .. } => {
                 self.trace(|| format!("{name}: unbound VIP {vip}"));
@@ -791,7 +869,7 @@ impl Sim {
             Action::Announce {
                 not_after, round, ..
             } => {
-                if inst >= not_after && self.s.mutation != Some(Mutation::IgnoreNotAfter) {
+                if inst >= not_after && !self.s.mutations.contains(&Mutation::IgnoreNotAfter) {
                     return;
                 }
                 if !self.nodes[node].link_up {
@@ -1156,6 +1234,10 @@ impl Sim {
                         },
                     );
                 }
+            }
+            FaultKind::ForeignClaim { vip } => {
+                self.vip_disturbed[vip].push((f.at, f.at + f.duration + tail));
+                self.foreign[vip] = start;
             }
             FaultKind::StepDown { vip } => {
                 if start {

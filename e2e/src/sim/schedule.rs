@@ -81,6 +81,8 @@ pub enum FaultKind {
     ServiceGone { vip: usize },
     /// A drill asks the VIP's holder to step down.
     StepDown { vip: usize },
+    /// A host that is no speaker starts using the VIP (it answers probes for it).
+    ForeignClaim { vip: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +112,8 @@ pub enum Mutation {
     IgnoreNotAfter,
     /// The old address lifetime: the renew deadline rounded up, from the reply.
     LifetimeFromDeadline,
+    /// No probe before a bind: every probe comes back clean.
+    SkipProbe,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +123,7 @@ pub struct Schedule {
     pub vips: usize,
     pub timing: Timing,
     pub faults: Vec<Fault>,
-    pub mutation: Option<Mutation>,
+    pub mutations: Vec<Mutation>,
 }
 
 impl Schedule {
@@ -152,7 +156,7 @@ impl Schedule {
                 };
                 let node = r.below(nodes as u64) as usize;
                 let vip = r.below(vips as u64) as usize;
-                let kind = match r.below(11) {
+                let kind = match r.below(12) {
                     0 => FaultKind::Kill { node },
                     1 => FaultKind::Freeze { node },
                     2 => FaultKind::LinkCut { node },
@@ -180,6 +184,7 @@ impl Schedule {
                     7 => FaultKind::WatchRestart { node },
                     8 => FaultKind::ServiceGone { vip },
                     9 => FaultKind::StepDown { vip },
+                    10 => FaultKind::ForeignClaim { vip },
                     _ => FaultKind::Freeze { node },
                 };
                 Fault { at, duration, kind }
@@ -192,7 +197,7 @@ impl Schedule {
             vips,
             timing,
             faults,
-            mutation: None,
+            mutations: vec![],
         }
     }
 }
@@ -208,9 +213,11 @@ impl fmt::Display for Schedule {
             self.timing.lease.as_secs(),
             self.timing.renew_interval.as_millis(),
             self.timing.renew_deadline.as_millis(),
-            self.mutation
-                .map(|m| format!(", mutation {m:?}"))
-                .unwrap_or_default()
+            if self.mutations.is_empty() {
+                String::new()
+            } else {
+                format!(", mutations {:?}", self.mutations)
+            }
         )?;
         for fault in &self.faults {
             writeln!(f, "  {fault}")?;
