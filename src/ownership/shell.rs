@@ -52,7 +52,7 @@ impl Target {
 
 /// What a background task reports back: an API request's result, or a probe's.
 enum Done {
-    Api(ReqId, Result<Option<Lease>, LeaseError>),
+    Api(ReqId, Box<Result<Option<Lease>, LeaseError>>),
     Probe(ReqId, Option<String>),
 }
 
@@ -106,7 +106,7 @@ pub async fn run(
             biased;
             _ = tokio::time::sleep_until(wake) => Input::Tick,
             Some(done) = shell.done.1.recv() => match done {
-                Done::Api(req, result) => shell.reply(req, result),
+                Done::Api(req, result) => shell.reply(req, *result),
                 Done::Probe(req, answered_by) => Input::Probed { req, answered_by },
             },
             r = stop.changed() => match (r, *stop.borrow_and_update()) {
@@ -178,7 +178,7 @@ impl Shell {
             let result = tokio::time::timeout_at(deadline, f)
                 .await
                 .unwrap_or(Err(LeaseError::Timeout(name)));
-            let _ = tx.send(Done::Api(req, result));
+            let _ = tx.send(Done::Api(req, Box::new(result)));
         });
     }
 
