@@ -13,7 +13,7 @@ use tracing::error;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::dataplane::Dataplane;
-use crate::dataplane::addr::Netlink;
+use crate::dataplane::addr::{Interface, Netlink};
 use crate::dataplane::nft::{Dnat, Nft};
 use crate::dataplane::sink::Pnet;
 use crate::events::Events;
@@ -33,17 +33,55 @@ pub struct Shared {
     /// The API server's address, when the kubeconfig names it by IP: never bound.
     pub api_server: Option<IpAddr>,
     /// VIPs whose DNAT should be in place here, with their Service key.
-    pub(crate) owned: Mutex<BTreeMap<IpAddr, String>>,
+    pub(crate) owned: Mutex<BTreeMap<IpAddr, (String, Interface)>>,
     /// Moves when `owned` changes: the DNAT task wakes up.
     pub(crate) dnat_wake: watch::Sender<u64>,
+    /// The last `dnat_wake` generation the DNAT task has applied (or tried to).
+    pub(crate) dnat_done: watch::Sender<u64>,
 }
 
 impl Shared {
-    pub fn own(&self, ip: IpAddr, service: &str) {
+    /// Marks `ip` as owned here; returns the DNAT generation that will include it (see
+    /// [`Shared::dnat_applied`]).
+    pub fn own(&self, ip: IpAddr, service: &str, iface: &Interface) -> u64 {
         let mut o = self.owned.lock().unwrap_or_else(|e| e.into_inner());
-        o.insert(ip, service.to_string());
+        o.insert(ip, (service.to_string(), iface.clone()));
         self.metrics.set_owned(o.len());
         self.dnat_wake.send_modify(|n| *n += 1);
+        *self.dnat_wake.borrow()
+    }
+
+    /// Waits until the DNAT task has applied generation `generation` (bounded by `until`):
+    /// an owner announces only once its rules are in place, so the first client it attracts
+    /// is not refused.
+    pub async fn dnat_applied(&self, generation: u64, until: tokio::time::Instant) {
+        let mut done = self.dnat_done.subscribe();
+        let _ = tokio::time::timeout_at(until, done.wait_for(|g| *g >= generation)).await;
+    }
+
+    /// The VIP bound here now on `index`, with its Service, if any.
+    pub fn owner_of(&self, ip: IpAddr) -> Option<(String, Interface)> {
+        self.owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+            .cloned()
+    }
+
+    /// The interfaces VIPs are bound on now.
+    pub fn owned_interfaces(&self) -> Vec<Interface> {
+        let mut out: Vec<Interface> = Vec::new();
+        for (_, i) in self
+            .owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            if !out.iter().any(|x| x.index == i.index) {
+                out.push(i.clone());
+            }
+        }
+        out
     }
 
     pub fn disown(&self, ip: IpAddr) {
@@ -64,7 +102,13 @@ impl Shared {
 
     /// Programs DNAT for the VIPs owned now, from the current Services and EndpointSlices.
     pub async fn sync_dnat(&self) {
-        let owned = self.owned.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let owned: BTreeMap<IpAddr, String> = self
+            .owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(ip, (svc, _))| (*ip, svc.clone()))
+            .collect();
         let services = self.services();
         let slices = self.cluster.slices.state();
         let by_service = plan::slices_by_service(&slices);

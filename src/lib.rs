@@ -11,6 +11,7 @@
 //! - [`coordinator`]: per VIP, eligibility, rank and the Lease, fed to the holders;
 //! - [`allocation`], [`lease_gc`]: the elected allocator's loop and Lease clean-up;
 //! - [`announce`]: the announcement burst's schedule;
+//! - [`claims`]: other hosts claiming a VIP this node owns (reported, defended);
 //! - [`events`]: Kubernetes Events, posted in the background with a deadline;
 //! - [`node_lease`]: what a node's speaker publishes about the node (addresses it refuses);
 //! - [`dataplane`]: addresses, announcements and DNAT on this node;
@@ -22,6 +23,7 @@
 pub mod allocation;
 pub mod allocator;
 pub mod announce;
+pub mod claims;
 pub mod cluster;
 pub mod config;
 pub mod context;

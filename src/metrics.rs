@@ -40,6 +40,7 @@ pub struct Metrics {
     renew_failures: Counter,
     fences: Counter,
     conflicts: Counter,
+    conflicts_owning: Counter,
     probe_seconds: Histogram,
     late_actions: Family<KindLabel, Counter>,
     announcements: Family<KindLabel, Counter>,
@@ -92,6 +93,12 @@ impl Metrics {
             "Probes before a bind that another host answered (the IP was not bound)",
             conflicts.clone(),
         );
+        let conflicts_owning = Counter::default();
+        registry.register(
+            "ip_conflicts_while_owning",
+            "Claims by another host on an IP this node owns (each defended once)",
+            conflicts_owning.clone(),
+        );
         let probe_seconds = Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25]);
         registry.register(
             "probe_seconds",
@@ -138,6 +145,7 @@ impl Metrics {
             renew_failures,
             fences,
             conflicts,
+            conflicts_owning,
             probe_seconds,
             late_actions,
             announcements,
@@ -171,6 +179,10 @@ impl Metrics {
     /// Another host answered a probe before a bind.
     pub fn conflict(&self) {
         self.conflicts.inc();
+    }
+
+    pub fn conflict_while_owning(&self) {
+        self.conflicts_owning.inc();
     }
 
     pub fn probed(&self, took: std::time::Duration) {

@@ -37,7 +37,9 @@ async fn dnat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut wake = shared.dnat_wake.subscribe();
     let mut changed = shared.cluster.changed.clone();
     loop {
+        let generation = *wake.borrow_and_update();
         shared.sync_dnat().await;
+        shared.dnat_done.send_replace(generation);
         tokio::select! {
             _ = wake.changed() => {}
             _ = changed.changed() => {}
@@ -75,6 +77,7 @@ pub async fn run(
     let dataplane = Dataplane::new(netlink, Nft, Pnet::default(), config.dnat);
     let events = Events::new(client.clone(), &config.node_name, cluster.services.clone());
     let (dnat_wake, _) = watch::channel(0);
+    let (dnat_done, _) = watch::channel(0);
     let shared = Arc::new(Shared {
         leases: Leases::new(
             Api::namespaced(client.clone(), &config.namespace),
@@ -90,6 +93,7 @@ pub async fn run(
         api_server,
         owned: Mutex::new(BTreeMap::new()),
         dnat_wake,
+        dnat_done,
     });
 
     tokio::pin!(shutdown);
@@ -116,6 +120,8 @@ pub async fn run(
     let (stop_loops, stop_rx) = watch::channel(false);
     let alloc = tokio::spawn(crate::allocation::run(shared.clone(), stop_rx.clone()));
     let dnat = tokio::spawn(dnat_loop(shared.clone(), stop_rx));
+    let claims_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let claims = tokio::spawn(crate::claims::run(shared.clone(), claims_stop.clone()));
     let mut coord = Coordinator::new(shared.clone());
     let mut changed = shared.cluster.changed.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -157,6 +163,8 @@ pub async fn run(
         warn!("the allocator did not stop in time");
     }
     dnat.abort();
+    claims_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    claims.abort();
     if let Err(e) = tokio::time::timeout(Duration::from_secs(2), shared.dataplane.remove_rules())
         .await
         .unwrap_or_else(|_| Err(dataplane::nft::NftError::Timeout.into()))

@@ -125,6 +125,16 @@ async fn a_pool_over_the_gateway_the_api_server_and_a_node_binds_none_of_them() 
         }
     }
     let t = prober.stop();
+    println!(
+        "prober: {} answers, outages {:?}, failures at {:?}",
+        t.successes(),
+        t.outages(),
+        t.samples
+            .iter()
+            .filter(|s| !s.ok)
+            .map(|s| s.at)
+            .collect::<Vec<_>>()
+    );
     assert_eq!(t.failures(), 0, "the Service on the main pool kept working");
 }
 
@@ -367,4 +377,44 @@ async fn an_ip_another_host_uses_is_never_bound_and_the_service_is_told() {
     .unwrap();
     let owner = tb.wait_owner(taken).await;
     println!("{owner} owns {taken} once the other host let it go");
+}
+
+/// A host on the LAN starts claiming an IP a node owns (it sends a gratuitous ARP for it):
+/// the owner reports it (IPConflict naming the MAC, a metric), defends once, and keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_claim_on_an_owned_ip_is_reported_and_defended() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    tb.apply(&endpoints("web", &pods(&tb))).await;
+    tb.apply(&service("web", "", "")).await;
+    let vip = tb.wait_ips("default", "web", 1).await[0];
+    let owner = tb.wait_owner(vip).await;
+    let IpAddr::V4(v4) = vip else { panic!("IPv4") };
+    let client = tb.lab.client().clone();
+    let client_mac = tb.lab.mac("client").unwrap();
+    // The owner's watcher starts within a moment of the bind.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    netns::run_in(&client.ns, move || {
+        let iface = pnet_datalink::interfaces()
+            .into_iter()
+            .find(|i| i.name == "eth0")
+            .unwrap();
+        let mac = iface.mac.unwrap().octets();
+        let pnet_datalink::Channel::Ethernet(mut tx, _) =
+            pnet_datalink::channel(&iface, Default::default()).unwrap()
+        else {
+            panic!("an Ethernet channel")
+        };
+        let frame = l2speaker::dataplane::packet::garp_request(mac, v4);
+        tx.send_to(&frame, None).unwrap().unwrap();
+    })
+    .unwrap();
+    let events = tb.wait_describe_svc("web", "keeps it").await;
+    assert!(events.contains(&client_mac), "{events}");
+    let addr = std::net::SocketAddr::new(IpAddr::V4(tb.lab.host(&owner).unwrap().ipv4), 9473);
+    let (_, body) = tb.lab.http_get("client", addr, "/metrics").unwrap();
+    assert!(
+        body.contains("l2speaker_ip_conflicts_while_owning_total 1"),
+        "the owner counted it"
+    );
+    assert_eq!(tb.bound_on(vip), [owner.clone()], "the owner kept the IP");
 }

@@ -156,10 +156,10 @@ pub fn dad_probe(sender: Mac, target: Ipv6Addr) -> Vec<u8> {
     buf
 }
 
-/// If `frame` shows some host claiming `ip` — an ARP packet of any operation with `ip` as its
-/// sender address, or a neighbor advertisement for `ip` — the claimant's MAC (frames from
-/// `own` are ignored). Never panics on any input.
-pub fn claimant(frame: &[u8], ip: std::net::IpAddr, own: Mac) -> Option<Mac> {
+/// If `frame` shows some host claiming an address — an ARP packet of any operation (its
+/// sender address; not a probe's 0.0.0.0), or a neighbor advertisement (its target) — that
+/// address and the claimant's MAC. Frames from `own` are ignored. Never panics on any input.
+pub fn claim(frame: &[u8], own: Mac) -> Option<(std::net::IpAddr, Mac)> {
     use pnet_packet::Packet;
     use pnet_packet::arp::ArpPacket;
     use pnet_packet::ethernet::EthernetPacket;
@@ -171,25 +171,30 @@ pub fn claimant(frame: &[u8], ip: std::net::IpAddr, own: Mac) -> Option<Mac> {
     if src == own {
         return None;
     }
-    match (eth.get_ethertype(), ip) {
-        (t, std::net::IpAddr::V4(v4)) if t == EtherTypes::Arp => {
-            let a = ArpPacket::new(eth.payload())?;
-            (a.get_sender_proto_addr() == v4).then(|| a.get_sender_hw_addr().octets())
-        }
-        (t, std::net::IpAddr::V6(v6)) if t == EtherTypes::Ipv6 => {
-            let ip6 = Ipv6Packet::new(eth.payload())?;
-            if ip6.get_next_header() != IpNextHeaderProtocols::Icmpv6 {
-                return None;
-            }
-            let icmp = Icmpv6Packet::new(ip6.payload())?;
-            if icmp.get_icmpv6_type() != Icmpv6Types::NeighborAdvert {
-                return None;
-            }
-            let na = NeighborAdvertPacket::new(ip6.payload())?;
-            (na.get_target_addr() == v6).then_some(src)
-        }
-        _ => None,
+    let t = eth.get_ethertype();
+    if t == EtherTypes::Arp {
+        let a = ArpPacket::new(eth.payload())?;
+        let spa = a.get_sender_proto_addr();
+        return (!spa.is_unspecified()).then(|| (spa.into(), a.get_sender_hw_addr().octets()));
     }
+    if t == EtherTypes::Ipv6 {
+        let ip6 = Ipv6Packet::new(eth.payload())?;
+        if ip6.get_next_header() != IpNextHeaderProtocols::Icmpv6 {
+            return None;
+        }
+        let icmp = Icmpv6Packet::new(ip6.payload())?;
+        if icmp.get_icmpv6_type() != Icmpv6Types::NeighborAdvert {
+            return None;
+        }
+        let na = NeighborAdvertPacket::new(ip6.payload())?;
+        return Some((na.get_target_addr().into(), src));
+    }
+    None
+}
+
+/// [`claim`] for one address: the claimant's MAC if `frame` claims `ip`.
+pub fn claimant(frame: &[u8], ip: std::net::IpAddr, own: Mac) -> Option<Mac> {
+    claim(frame, own).filter(|(x, _)| *x == ip).map(|(_, m)| m)
 }
 
 #[cfg(test)]

@@ -463,12 +463,14 @@ impl Holder {
                     previous: o.previous.clone(),
                     waited_since: o.waited_since,
                 }));
+                // The rules first (harmless while nobody sends us the VIP's traffic), then
+                // the address (the kernel answers ARP from then on), then announcements.
+                out.actions.push(Action::Dnat(true));
                 out.actions.push(Action::Bind {
                     iface: o.iface,
                     until: self.timing.address_until(o.sent),
                     not_after: o.fence_at,
                 });
-                out.actions.push(Action::Dnat(true));
                 o.burst_start = now;
                 o.burst_round = 0;
             }
@@ -914,15 +916,15 @@ mod tests {
             t0 + ms(1500),
         );
         let s = clean_probe(&mut h, &s, t0 + ms(1560));
+        assert_eq!(s.actions[1], Action::Dnat(true), "rules before the address");
         assert_eq!(
-            s.actions[1],
+            s.actions[2],
             Action::Bind {
                 iface: 2,
                 until: t0 + ms(3900),
                 not_after: t0 + Duration::from_secs(2)
             }
         );
-        assert_eq!(s.actions[2], Action::Dnat(true));
         assert!(
             s.actions
                 .iter()

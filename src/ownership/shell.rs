@@ -50,6 +50,9 @@ impl Target {
     }
 }
 
+/// How long a new owner waits for its DNAT rules before announcing anyway.
+pub const DNAT_WAIT: Duration = Duration::from_millis(500);
+
 /// What a background task reports back: an API request's result, or a probe's.
 enum Done {
     Api(ReqId, Box<Result<Option<Lease>, LeaseError>>),
@@ -81,6 +84,7 @@ pub async fn run(
         feed: first,
         held: None,
         interfaces: HashMap::new(),
+        bound: None,
         done: mpsc::unbounded_channel(),
     };
     let mut input = Input::Tick;
@@ -138,6 +142,8 @@ struct Shell {
     held: Option<Lease>,
     /// Interfaces by index, as last seen (an action names the one it was decided on).
     interfaces: HashMap<u32, Interface>,
+    /// The interface of the last bind.
+    bound: Option<u32>,
     done: (mpsc::UnboundedSender<Done>, mpsc::UnboundedReceiver<Done>),
 }
 
@@ -286,6 +292,7 @@ impl Shell {
                     warn!(ip = %ip, "no safe address lifetime left: not refreshing");
                     return;
                 };
+                self.bound = Some(iface);
                 match tokio::time::timeout_at(not_after, s.dataplane.bind(&i, ip, valid)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
@@ -357,7 +364,14 @@ impl Shell {
             Action::Dnat(on) => {
                 let Some(ip) = self.ip() else { return };
                 if on {
-                    s.own(ip, &self.feed.service);
+                    let index = self.bound.or(self.feed.view.eligible.clone().ok());
+                    let Some(i) = index.and_then(|x| self.interface(x)) else {
+                        return;
+                    };
+                    let generation = s.own(ip, &self.feed.service, &i);
+                    // DNAT, bind, then announce: wait (briefly) for the rules.
+                    let until = Instant::now() + DNAT_WAIT;
+                    s.dnat_applied(generation, until).await;
                 } else {
                     s.disown(ip);
                 }
