@@ -416,5 +416,5 @@ async fn a_foreign_claim_on_an_owned_ip_is_reported_and_defended() {
         body.contains("l2speaker_ip_conflicts_while_owning_total 1"),
         "the owner counted it"
     );
-    assert_eq!(tb.bound_on(vip), [owner.clone()], "the owner kept the IP");
+    assert_eq!(tb.bound_on(vip), [owner], "the owner kept the IP");
 }
