@@ -1,4 +1,5 @@
-//! Bounded fuzzing of the speaker's parsers of hostile input, run by the test command
+//! Bounded fuzzing of the speaker's parsers of hostile input (pools, Services, Lease names,
+//! and the classifier of LAN frames), run by the test command
 //! (proptest, 2,000 cases per target; `PROPTEST_CASES=1000000 cargo test --test fuzz` runs
 //! longer). Each target must never panic, and what it accepts must make sense.
 //!
@@ -105,6 +106,33 @@ proptest! {
                 prop_assert!(ip.to_string().parse::<IpAddr>().is_ok());
             }
         }
+    }
+
+    /// The frame classifier the claims watcher and the probe run on every frame of the LAN:
+    /// never panics on any bytes, and a claim it reports is one the frame really makes.
+    #[test]
+    fn frames(bytes in proptest::collection::vec(any::<u8>(), 0..120), own in any::<[u8; 6]>()) {
+        if let Some((ip, mac)) = l2speaker::dataplane::packet::claim(&bytes, own) {
+            prop_assert!(mac != own || bytes.len() >= 14);
+            prop_assert!(!ip.is_unspecified());
+        }
+    }
+
+    /// Real announcement frames are claims of exactly their address, by their sender.
+    #[test]
+    fn announcements_are_claims(a in any::<u32>(), b in any::<u128>(), m in any::<[u8; 6]>()) {
+        use l2speaker::dataplane::packet::{claim, garp_reply, garp_request, unsolicited_na};
+        let other = [0x02, 0, 0, 0, 0, 0x77];
+        prop_assume!(m != other);
+        let v4 = std::net::Ipv4Addr::from(a);
+        prop_assume!(!v4.is_unspecified());
+        prop_assert_eq!(claim(&garp_request(m, v4), other), Some((v4.into(), m)));
+        prop_assert_eq!(claim(&garp_reply(m, v4), other), Some((v4.into(), m)));
+        prop_assert_eq!(claim(&garp_reply(m, v4), m), None, "our own frames are no claim");
+        let v6 = std::net::Ipv6Addr::from(b);
+        let ll: std::net::Ipv6Addr = "fe80::1".parse().unwrap();
+        prop_assert_eq!(claim(&unsolicited_na(m, ll, v6, false), other), Some((v6.into(), m)));
+        prop_assert_eq!(claim(&l2speaker::dataplane::packet::arp_probe(m, v4), other), None);
     }
 
     /// Lease names and label values for any address stay valid.

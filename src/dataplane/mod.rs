@@ -6,7 +6,8 @@
 //! - [`sink`]: sending frames (pnet);
 //! - [`nft`]: DNAT rules (pure rendering, applied with `nft -f`).
 //!
-//! Order on gain: bind, program DNAT, announce. On loss: stop announcing, unbind, reprogram.
+//! Order on gain: probe the LAN, program DNAT, bind, announce. On loss: stop announcing,
+//! unbind, reprogram.
 
 pub mod addr;
 pub mod nft;

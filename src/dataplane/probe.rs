@@ -12,7 +12,7 @@ use super::packet::{self, Mac};
 
 /// How long a probe listens for an answer. Answers on a LAN come within a millisecond or two;
 /// this is the price a first bind or a take-over pays (measured in BENCHMARKS.md).
-pub const PROBE_WAIT: Duration = Duration::from_millis(60);
+pub const PROBE_WAIT: Duration = Duration::from_millis(30);
 
 /// The MAC of a host that answered for `ip` on `iface` within `wait`, if any.
 pub fn probe(iface: &Interface, ip: IpAddr, wait: Duration) -> std::io::Result<Option<Mac>> {
