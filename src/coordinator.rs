@@ -38,6 +38,34 @@ pub const INITIAL_RANK_STEP: Duration = Duration::from_secs(1);
 /// another node (that node's speaker may just be starting).
 pub const FAIR_SHARE_WAIT: Duration = Duration::from_secs(5);
 
+/// How long `me` waits, after the VIP's Lease is free or expired, before trying to take it:
+/// its place among `candidates` (the round-robin first by `index`, then rendezvous; the
+/// holder, or the node that stepped down from a released Lease, ranked out), turned into a
+/// delay. The coordinator and the simulator both decide with this.
+pub fn delay_for(
+    me: &str,
+    ip: IpAddr,
+    index: u128,
+    candidates: &BTreeSet<String>,
+    observed: Option<&Observed>,
+    over_fair_share: bool,
+) -> Duration {
+    let stepped_down = observed
+        .filter(|o| o.holder.is_none())
+        .and_then(|o| o.stepped_down_from.clone());
+    let holder = observed
+        .and_then(|o| o.holder.clone())
+        .or(stepped_down.clone());
+    let order = plan::ranking(ip, index, candidates, holder.as_deref());
+    let rank = order.iter().position(|n| n == me).unwrap_or(order.len());
+    rank_delay(
+        rank,
+        observed.is_some(),
+        stepped_down.as_deref() == Some(me),
+        over_fair_share,
+    )
+}
+
 /// The rank delay: how long after the Lease is free this node waits before trying.
 pub fn rank_delay(
     rank: usize,
@@ -199,24 +227,16 @@ impl Coordinator {
             }
             let name = lease::lease_name(*ip);
             let observed = self.seen.get(&name).cloned();
-            let stepped_down = observed
-                .as_ref()
-                .filter(|o| o.holder.is_none())
-                .and_then(|o| o.stepped_down_from.clone());
-            let holder = observed
-                .as_ref()
-                .and_then(|o| o.holder.clone())
-                .or(stepped_down.clone());
-            let order = plan::ranking(*ip, index, &candidates, holder.as_deref());
-            let rank = order.iter().position(|n| *n == me).unwrap_or(order.len());
             let absent_since = *self.absent_since.entry(*ip).or_insert(now);
             let feed = Feed {
                 view: View {
                     eligible: eligible.as_ref().map(|i| i.index).map_err(Clone::clone),
-                    delay: rank_delay(
-                        rank,
-                        observed.is_some(),
-                        stepped_down.as_deref() == Some(me.as_str()),
+                    delay: delay_for(
+                        &me,
+                        *ip,
+                        index,
+                        &candidates,
+                        observed.as_ref(),
                         held_here >= fair_share,
                     ),
                     lease: observed,

@@ -23,7 +23,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use l2speaker::coordinator::{FAIR_SHARE_WAIT, INITIAL_RANK_STEP, RANK_STEP, rank_delay};
+use l2speaker::coordinator::{FAIR_SHARE_WAIT, INITIAL_RANK_STEP, RANK_STEP, delay_for};
 use l2speaker::dataplane::probe::PROBE_WAIT;
 use l2speaker::lease;
 use l2speaker::ownership::machine::CONFLICT_RETRY;
@@ -31,7 +31,6 @@ use l2speaker::ownership::machine::{
     Action, Holder, Input, Kind, Observed, Reply, Report, ReqId, Stop, View,
 };
 use l2speaker::ownership::timing::{self, KERNEL_GRANULARITY};
-use l2speaker::plan;
 use tokio::time::Instant;
 
 pub use schedule::{Dir, Fault, FaultKind, Mutation, Outage, Rng, Schedule};
@@ -371,7 +370,30 @@ impl Sim {
         self.check_settled();
     }
 
+    /// Events for a node's process: dropped when it is not the incarnation they were meant
+    /// for, kept for later while it is frozen.
+    fn for_the_process(&mut self, ev: Ev) -> Option<Ev> {
+        let (node, inc) = match &ev {
+            Ev::ReplyArrive { node, inc, .. }
+            | Ev::Deadline { node, inc, .. }
+            | Ev::ProbeDone { node, inc, .. } => (*node, *inc),
+            _ => return Some(ev),
+        };
+        let n = &mut self.nodes[node];
+        if !n.alive || n.inc != inc {
+            return None;
+        }
+        if n.frozen {
+            n.queued.push(ev);
+            return None;
+        }
+        Some(ev)
+    }
+
     fn handle(&mut self, ev: Ev) {
+        let Some(ev) = self.for_the_process(ev) else {
+            return;
+        };
         match ev {
             Ev::Tick {
                 node,
@@ -446,27 +468,13 @@ impl Sim {
             } => self.api_arrive(node, inc, slot, req, vip, op),
             Ev::ReplyArrive {
                 node,
-                inc,
+                inc: _,
                 slot,
                 req,
                 reply,
                 rv,
             } => {
                 let n = &mut self.nodes[node];
-                if !n.alive || n.inc != inc {
-                    return;
-                }
-                if n.frozen {
-                    n.queued.push(Ev::ReplyArrive {
-                        node,
-                        inc,
-                        slot,
-                        req,
-                        reply,
-                        rv,
-                    });
-                    return;
-                }
                 let Some(sl) = n.slots.iter_mut().find(|s| s.id == slot) else {
                     return;
                 };
@@ -480,23 +488,11 @@ impl Sim {
             }
             Ev::Deadline {
                 node,
-                inc,
+                inc: _,
                 slot,
                 req,
             } => {
                 let n = &mut self.nodes[node];
-                if !n.alive || n.inc != inc {
-                    return;
-                }
-                if n.frozen {
-                    n.queued.push(Ev::Deadline {
-                        node,
-                        inc,
-                        slot,
-                        req,
-                    });
-                    return;
-                }
                 let Some(sl) = n.slots.iter_mut().find(|s| s.id == slot) else {
                     return;
                 };
@@ -549,23 +545,11 @@ impl Sim {
             }
             Ev::ProbeDone {
                 node,
-                inc,
+                inc: _,
                 slot,
                 req,
             } => {
-                let n = &mut self.nodes[node];
-                if !n.alive || n.inc != inc {
-                    return;
-                }
-                if n.frozen {
-                    n.queued.push(Ev::ProbeDone {
-                        node,
-                        inc,
-                        slot,
-                        req,
-                    });
-                    return;
-                }
+                let n = &self.nodes[node];
                 let Some(vip) = n.slots.iter().find(|s| s.id == slot).map(|s| s.vip) else {
                     return;
                 };
@@ -625,29 +609,18 @@ impl Sim {
             if !n.present[vip] {
                 continue;
             }
-            let stepped_down = observed
-                .as_ref()
-                .filter(|o| o.holder.is_none())
-                .and_then(|o| o.stepped_down_from.clone());
-            let holder = observed
-                .as_ref()
-                .and_then(|o| o.holder.clone())
-                .or(stepped_down.clone());
-            let order = plan::ranking(ip(vip), vip as u128, &names, holder.as_deref());
-            let rank = order
-                .iter()
-                .position(|x| *x == n.name)
-                .unwrap_or(order.len());
             let view = View {
                 eligible: if n.carrier_seen {
                     Ok(1)
                 } else {
                     Err("carrier down".into())
                 },
-                delay: rank_delay(
-                    rank,
-                    observed.is_some(),
-                    stepped_down.as_deref() == Some(n.name.as_str()),
+                delay: delay_for(
+                    &n.name,
+                    ip(vip),
+                    vip as u128,
+                    &names,
+                    observed.as_ref(),
                     false,
                 ),
                 lease: observed,
