@@ -1,8 +1,10 @@
-//! Watching the LAN for other hosts that claim a VIP this node owns: one listening thread per
-//! interface with a bound VIP, reading every frame and classifying it with
+//! Watching the LAN for other hosts that claim pool addresses: one listening thread per
+//! interface with a bound VIP or a pool's subnet, reading every frame and classifying it with
 //! [`crate::dataplane::packet::claim`]. A foreign claim gets a Warning `IPConflict` on the
 //! Service and a metric, and the owner defends once (one more announcement round, as RFC 5227
-//! describes) — at most once per [`DEFEND_EVERY`] per IP. It keeps the IP: it was assigned
+//! describes) — at most once per [`DEFEND_EVERY`] per IP. A claim on a pool address this
+//! node does not own is remembered (for a minute), and the node does not take that address
+//! meanwhile: a take-over then reads known state. The owner keeps its IP: it was assigned
 //! from the pool and probed clean before it was bound, so the other host is the one to fix,
 //! and clients may flip between the two until it is.
 
@@ -54,6 +56,8 @@ fn watch(shared: &Shared, iface: &Interface, stop: &AtomicBool) -> std::io::Resu
         .ok_or_else(|| std::io::Error::other("no such interface"))?;
     let config = pnet_datalink::Config {
         read_timeout: Some(Duration::from_millis(200)),
+        // Broadcast ARP and multicast NA are what claims travel in.
+        promiscuous: false,
         ..Default::default()
     };
     let Channel::Ethernet(_, mut rx) = pnet_datalink::channel(&dev, config)? else {
@@ -67,6 +71,9 @@ fn watch(shared: &Shared, iface: &Interface, stop: &AtomicBool) -> std::io::Resu
             continue;
         };
         let Some((service, bound_on)) = shared.owner_of(ip) else {
+            // Not ours: remembered if it is a pool address and the MAC no speaker's, so this
+            // node does not take that address (see the coordinator).
+            shared.note_claim(ip, mac);
             continue;
         };
         if bound_on.index != iface.index

@@ -22,6 +22,19 @@ use crate::metrics::Metrics;
 use crate::plan;
 use crate::service::ServiceInfo;
 
+/// The LAN as the claims watcher sees it: where to listen, which addresses matter (the
+/// pools), which MACs are speakers', and the pool addresses other hosts were seen claiming.
+#[derive(Default)]
+pub struct LanView {
+    pub pools: Vec<crate::pool::Range>,
+    pub speaker_macs: std::collections::HashSet<crate::dataplane::packet::Mac>,
+    pub watch: Vec<Interface>,
+    pub foreign: std::collections::HashMap<IpAddr, (String, std::time::Instant)>,
+}
+
+/// How long a claim by another host keeps a pool address from being taken here.
+pub const FOREIGN_CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct Shared {
     pub config: Config,
     pub client: Client,
@@ -38,6 +51,8 @@ pub struct Shared {
     pub(crate) dnat_wake: watch::Sender<u64>,
     /// The last `dnat_wake` generation the DNAT task has applied (or tried to).
     pub(crate) dnat_done: watch::Sender<u64>,
+    /// What the claims watcher needs to know and what it has seen.
+    pub(crate) lan: Mutex<LanView>,
 }
 
 impl Shared {
@@ -59,6 +74,31 @@ impl Shared {
         let _ = tokio::time::timeout_at(until, done.wait_for(|g| *g >= generation)).await;
     }
 
+    /// Records that `mac`, no speaker's, claimed pool address `ip` (seen on the LAN).
+    pub fn note_claim(&self, ip: IpAddr, mac: crate::dataplane::packet::Mac) {
+        let mut lan = self.lan.lock().unwrap_or_else(|e| e.into_inner());
+        // Every claim on a pool address is kept; whether the MAC is a speaker's is decided
+        // when it is read (a new owner's announcement can come before its Lease is seen).
+        let in_pool = lan.pools.iter().any(|r| r.contains(ip));
+        if in_pool {
+            let mac = crate::dataplane::packet::format_mac(&mac);
+            lan.foreign.insert(ip, (mac, std::time::Instant::now()));
+        }
+    }
+
+    /// A recent claim on `ip` by a MAC that is no speaker's: the MAC and how long ago.
+    pub fn foreign_claim(&self, ip: IpAddr) -> Option<(String, std::time::Duration)> {
+        let lan = self.lan.lock().unwrap_or_else(|e| e.into_inner());
+        lan.foreign
+            .get(&ip)
+            .filter(|(m, _)| {
+                crate::dataplane::packet::parse_mac(m)
+                    .is_none_or(|m| !lan.speaker_macs.contains(&m))
+            })
+            .map(|(m, t)| (m.clone(), t.elapsed()))
+            .filter(|(_, ago)| *ago < FOREIGN_CLAIM_TTL)
+    }
+
     /// The VIP bound here now on `index`, with its Service, if any.
     pub fn owner_of(&self, ip: IpAddr) -> Option<(String, Interface)> {
         self.owned
@@ -68,9 +108,14 @@ impl Shared {
             .cloned()
     }
 
-    /// The interfaces VIPs are bound on now.
+    /// The interfaces to watch: where VIPs are bound now, and where pool addresses live.
     pub fn owned_interfaces(&self) -> Vec<Interface> {
-        let mut out: Vec<Interface> = Vec::new();
+        let mut out: Vec<Interface> = self
+            .lan
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .watch
+            .clone();
         for (_, i) in self
             .owned
             .lock()

@@ -18,6 +18,7 @@ use tracing::warn;
 
 use crate::context::Shared;
 use crate::dataplane::addr::{AddrOps, Interface};
+use crate::dataplane::packet::format_mac;
 use crate::lease;
 use crate::node_lease;
 use crate::ownership::machine::{Observed, Stop, View};
@@ -98,7 +99,7 @@ pub struct Coordinator {
     gateways: Vec<IpAddr>,
     interfaces_read: Option<Instant>,
     /// What this node's Lease publishes now (None: not yet, or the last write failed).
-    published: Option<BTreeMap<IpAddr, String>>,
+    published: Option<(BTreeMap<IpAddr, String>, Vec<String>)>,
     publishing: Option<JoinHandle<bool>>,
     /// (Service, IP) pairs already told that this node refuses the IP.
     reported: HashSet<(String, IpAddr)>,
@@ -158,7 +159,15 @@ impl Coordinator {
             .filter(|(ip, _)| pool::assignable(**ip))
             .map(|(ip, why)| (*ip, why.clone()))
             .collect();
-        self.publish(&published);
+        let my_macs: Vec<String> = self
+            .interfaces
+            .iter()
+            .filter_map(|i| i.mac)
+            .filter(|m| *m != [0; 6])
+            .map(|m| format_mac(&m))
+            .collect();
+        self.publish(&published, &my_macs);
+        self.update_lan_view(&pools, &my_macs);
         let services: Vec<ServiceInfo> = s
             .services()
             .into_iter()
@@ -211,8 +220,34 @@ impl Coordinator {
                     );
                 }
             }
+            // Another host was heard claiming it lately: not taken here (unless it is ours,
+            // which the claims watcher defends).
+            let foreign = s
+                .foreign_claim(*ip)
+                .filter(|_| s.owner_of(*ip).is_none())
+                .map(|(mac, ago)| {
+                    format!(
+                        "{ip} is used by {mac} on the LAN (heard {} s ago)",
+                        ago.as_secs()
+                    )
+                });
+            if let Some(why) = &foreign
+                && self.reported.insert((svc.key.clone(), *ip))
+            {
+                warn!(ip = %ip, service = %svc.key, reason = %why, "not taking an IP another host uses");
+                if let Some(r) = s.events.service_ref(&svc.key) {
+                    s.events.post(
+                        r,
+                        EventType::Warning,
+                        "IPConflict",
+                        format!("{me} will not take it: {why}"),
+                        "Bind",
+                    );
+                }
+            }
             let eligible = plan::node_may_announce(&me, &my_labels, pool, svc, &svc_slices)
                 .and_then(|()| refused.map_or(Ok(()), Err))
+                .and_then(|()| foreign.map_or(Ok(()), Err))
                 .and_then(|()| plan::interface_for(*ip, pool, &self.interfaces));
             let mut candidates: BTreeSet<String> = nodes
                 .iter()
@@ -296,9 +331,53 @@ impl Coordinator {
         }
     }
 
+    /// Tells the claims watcher where to listen (interfaces on a pool's subnet), which
+    /// addresses matter (the pools) and which MACs are speakers' (every node's, as their
+    /// Leases publish them, and ours).
+    fn update_lan_view(&self, pools: &Pools, my_macs: &[String]) {
+        let s = &self.shared;
+        let mut macs: std::collections::HashSet<crate::dataplane::packet::Mac> = Default::default();
+        let leases = s.cluster.leases.state();
+        // Every node's interfaces (their Leases), every VIP holder's announced MAC, and ours.
+        let published = leases.iter().flat_map(|l| {
+            let mut m = node_lease::macs(l);
+            if let Some(a) = l
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(lease::ANNOTATION_MAC))
+            {
+                m.push(a.clone());
+            }
+            m
+        });
+        for m in published.chain(my_macs.iter().cloned()) {
+            if let Some(mac) = crate::dataplane::packet::parse_mac(&m) {
+                macs.insert(mac);
+            }
+        }
+        let ranges: Vec<crate::pool::Range> = pools
+            .pools
+            .iter()
+            .flat_map(|p| p.ranges.iter().copied())
+            .collect();
+        let watch: Vec<Interface> = self
+            .interfaces
+            .iter()
+            .filter(|i| i.up && i.mac.is_some() && ranges.iter().any(|r| i.holds(r.first)))
+            .cloned()
+            .collect();
+        let mut lan = s.lan.lock().unwrap_or_else(|e| e.into_inner());
+        lan.pools = ranges;
+        lan.speaker_macs = macs;
+        lan.watch = watch;
+        lan.foreign
+            .retain(|_, (_, t)| t.elapsed() < crate::context::FOREIGN_CLAIM_TTL);
+    }
+
     /// Writes this node's refused addresses to its Lease when they changed (in the
     /// background, with a deadline; retried on the next pass after a failure).
-    fn publish(&mut self, refused: &BTreeMap<IpAddr, String>) {
+    fn publish(&mut self, refused: &BTreeMap<IpAddr, String>, macs: &[String]) {
         if let Some(h) = &self.publishing {
             if !h.is_finished() {
                 return;
@@ -309,15 +388,17 @@ impl Coordinator {
                 self.published = None;
             }
         }
-        if self.published.as_ref() == Some(refused) {
+        let want = (refused.clone(), macs.to_vec());
+        if self.published.as_ref() == Some(&want) {
             return;
         }
-        self.published = Some(refused.clone());
+        self.published = Some(want);
         let s = self.shared.clone();
         let refused = refused.clone();
+        let macs = macs.to_vec();
         self.publishing = Some(tokio::spawn(async move {
             let api: Api<Lease> = Api::namespaced(s.client.clone(), &s.config.namespace);
-            let write = node_lease::publish(&api, &s.config.node_name, &refused);
+            let write = node_lease::publish(&api, &s.config.node_name, &refused, &macs);
             match tokio::time::timeout(Duration::from_secs(5), write).await {
                 Ok(Ok(())) => true,
                 Ok(Err(e)) => {

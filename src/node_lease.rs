@@ -14,6 +14,9 @@ use crate::lease::{LABEL_MANAGED_BY, MANAGED_BY};
 pub const PREFIX: &str = "node-";
 /// JSON object: refused address → what it is.
 pub const ANNOTATION_REFUSED: &str = "l2speaker.io/refused";
+/// JSON list: the MACs of the node's interfaces (whose ARP/NA are a speaker's, not a
+/// foreign host's).
+pub const ANNOTATION_MACS: &str = "l2speaker.io/macs";
 /// At most this many addresses are published (the rest are still refused locally).
 pub const MAX_REFUSED: usize = 256;
 
@@ -32,6 +35,17 @@ pub fn refused(lease: &Lease) -> BTreeMap<IpAddr, String> {
         .unwrap_or_default()
 }
 
+/// The MACs a node Lease publishes.
+pub fn macs(lease: &Lease) -> Vec<String> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_MACS))
+        .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
+        .unwrap_or_default()
+}
+
 fn encode(refused: &BTreeMap<IpAddr, String>) -> String {
     let capped: BTreeMap<&IpAddr, &String> = refused.iter().take(MAX_REFUSED).collect();
     serde_json::to_string(&capped).expect("a map of strings")
@@ -42,16 +56,24 @@ pub async fn publish(
     api: &Api<Lease>,
     node: &str,
     refused: &BTreeMap<IpAddr, String>,
+    macs: &[String],
 ) -> Result<(), kube::Error> {
     let name = name(node);
     let value = encode(refused);
+    let macs = serde_json::to_string(macs).expect("strings");
     match api.get_opt(&name).await? {
         None => {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(name),
                     labels: Some([(LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string())].into()),
-                    annotations: Some([(ANNOTATION_REFUSED.to_string(), value)].into()),
+                    annotations: Some(
+                        [
+                            (ANNOTATION_REFUSED.to_string(), value),
+                            (ANNOTATION_MACS.to_string(), macs),
+                        ]
+                        .into(),
+                    ),
                     ..Default::default()
                 },
                 spec: Some(LeaseSpec {
@@ -63,10 +85,11 @@ pub async fn publish(
         }
         Some(mut l) => {
             let a = l.metadata.annotations.get_or_insert_default();
-            if a.get(ANNOTATION_REFUSED) == Some(&value) {
+            if a.get(ANNOTATION_REFUSED) == Some(&value) && a.get(ANNOTATION_MACS) == Some(&macs) {
                 return Ok(());
             }
             a.insert(ANNOTATION_REFUSED.to_string(), value);
+            a.insert(ANNOTATION_MACS.to_string(), macs);
             api.replace(&name, &PostParams::default(), &l)
                 .await
                 .map(drop)

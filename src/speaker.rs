@@ -94,6 +94,7 @@ pub async fn run(
         owned: Mutex::new(BTreeMap::new()),
         dnat_wake,
         dnat_done,
+        lan: Mutex::new(Default::default()),
     });
 
     tokio::pin!(shutdown);

@@ -379,20 +379,9 @@ async fn an_ip_another_host_uses_is_never_bound_and_the_service_is_told() {
     println!("{owner} owns {taken} once the other host let it go");
 }
 
-/// A host on the LAN starts claiming an IP a node owns (it sends a gratuitous ARP for it):
-/// the owner reports it (IPConflict naming the MAC, a metric), defends once, and keeps it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_foreign_claim_on_an_owned_ip_is_reported_and_defended() {
-    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
-    tb.apply(&endpoints("web", &pods(&tb))).await;
-    tb.apply(&service("web", "", "")).await;
-    let vip = tb.wait_ips("default", "web", 1).await[0];
-    let owner = tb.wait_owner(vip).await;
-    let IpAddr::V4(v4) = vip else { panic!("IPv4") };
+/// The client sends a gratuitous ARP for `v4`, as a host that takes an address does.
+fn send_garp(tb: &Testbed, v4: std::net::Ipv4Addr) {
     let client = tb.lab.client().clone();
-    let client_mac = tb.lab.mac("client").unwrap();
-    // The owner's watcher starts within a moment of the bind.
-    tokio::time::sleep(Duration::from_millis(600)).await;
     netns::run_in(&client.ns, move || {
         let iface = pnet_datalink::interfaces()
             .into_iter()
@@ -408,6 +397,49 @@ async fn a_foreign_claim_on_an_owned_ip_is_reported_and_defended() {
         tx.send_to(&frame, None).unwrap().unwrap();
     })
     .unwrap();
+}
+
+/// A host announced a pool address before any Service wanted it: every speaker heard it (the
+/// speakers listen on interfaces on a pool's subnet), so when a Service asks for that address
+/// no speaker even takes its Lease, and the Service is told who uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_ip_another_host_announced_is_not_taken_at_all() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    // The watchers start within a pass of the speakers' start.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let used = std::net::Ipv4Addr::new(192, 0, 2, 230);
+    send_garp(&tb, used);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tb.apply(&endpoints("web", &pods(&tb))).await;
+    tb.apply(&service(
+        "web",
+        "",
+        "l2speaker.io/load-balancer-ips: \"192.0.2.230\"",
+    ))
+    .await;
+    let events = tb.wait_describe_svc("web", "on the LAN").await;
+    let client_mac = tb.lab.mac("client").unwrap();
+    assert!(events.contains(&client_mac), "{events}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let holder = tb.holder(IpAddr::V4(used)).await;
+    assert_eq!(holder, None, "no speaker took the Lease");
+    assert!(tb.bound_on(IpAddr::V4(used)).is_empty(), "nobody bound it");
+}
+
+/// A host on the LAN starts claiming an IP a node owns (it sends a gratuitous ARP for it):
+/// the owner reports it (IPConflict naming the MAC, a metric), defends once, and keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_claim_on_an_owned_ip_is_reported_and_defended() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    tb.apply(&endpoints("web", &pods(&tb))).await;
+    tb.apply(&service("web", "", "")).await;
+    let vip = tb.wait_ips("default", "web", 1).await[0];
+    let owner = tb.wait_owner(vip).await;
+    let IpAddr::V4(v4) = vip else { panic!("IPv4") };
+    let client_mac = tb.lab.mac("client").unwrap();
+    // The owner's watcher starts within a moment of the bind.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    send_garp(&tb, v4);
     let events = tb.wait_describe_svc("web", "keeps it").await;
     assert!(events.contains(&client_mac), "{events}");
     let addr = std::net::SocketAddr::new(IpAddr::V4(tb.lab.host(&owner).unwrap().ipv4), 9473);

@@ -35,6 +35,15 @@ pub fn format_mac(m: &Mac) -> String {
         .join(":")
 }
 
+/// Parses `02:00:00:00:00:11`.
+pub fn parse_mac(s: &str) -> Option<Mac> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).ok())
+        .collect::<Option<_>>()?;
+    parts.try_into().ok()
+}
+
 fn mac(m: Mac) -> MacAddr {
     MacAddr::new(m[0], m[1], m[2], m[3], m[4], m[5])
 }

@@ -25,6 +25,7 @@ pub fn probe(iface: &Interface, ip: IpAddr, wait: Duration) -> std::io::Result<O
         .ok_or_else(|| std::io::Error::other(format!("no interface {}", iface.name)))?;
     let config = pnet_datalink::Config {
         read_timeout: Some(Duration::from_millis(5)),
+        promiscuous: false,
         ..Default::default()
     };
     let Channel::Ethernet(mut tx, mut rx) = pnet_datalink::channel(&dev, config)? else {
