@@ -3,7 +3,7 @@
 //! [`crate::dataplane::packet::claim`]. A foreign claim gets a Warning `IPConflict` on the
 //! Service and a metric, and the owner defends once (one more announcement round, as RFC 5227
 //! describes) — at most once per [`DEFEND_EVERY`] per IP. A claim on a pool address this
-//! node does not own is remembered (for a minute), and the node does not take that address
+//! node does not own is remembered (for 30 s), and the node does not take that address
 //! meanwhile: a take-over then reads known state. The owner keeps its IP: it was assigned
 //! from the pool and probed clean before it was bound, so the other host is the one to fix,
 //! and clients may flip between the two until it is.

@@ -33,7 +33,7 @@ pub struct LanView {
 }
 
 /// How long a claim by another host keeps a pool address from being taken here.
-pub const FOREIGN_CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+pub const FOREIGN_CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub struct Shared {
     pub config: Config,
