@@ -1,5 +1,7 @@
 //! A test API server: the subset of the Kubernetes API that l2speaker, kube-rs and kubectl
-//! use, in memory, over plain HTTP (see `shared/k8s-api-subset.md` for the contract).
+//! use, in memory, over plain HTTP: discovery, CRUD with one global resourceVersion and 409 on
+//! a stale write, watches with replay, 410 and timeouts, patches, Table printing, and the
+//! test-only endpoints under `/_test/`.
 //!
 //! - [`resources`]: the kinds served, built-in and CRD-defined;
 //! - [`store`]: objects, the resourceVersion counter, history and live changes;
