@@ -181,13 +181,7 @@ pub fn against_schema(schema: &Value, v: &Value, path: &str, out: &mut Vec<Cause
             return;
         }
         let props = schema.get("properties").and_then(Value::as_object);
-        for req in schema
-            .get("required")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-        {
+        for req in required(schema) {
             if !obj.contains_key(req) {
                 out.push((
                     "FieldValueRequired",
@@ -210,6 +204,16 @@ pub fn against_schema(schema: &Value, v: &Value, path: &str, out: &mut Vec<Cause
             against_schema(items, x, &format!("{path}[{i}]"), out);
         }
     }
+}
+
+/// The names a schema's `required` lists.
+fn required(schema: &Value) -> impl Iterator<Item = &str> {
+    schema
+        .get("required")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
 }
 
 fn join(path: &str, k: &str) -> String {
@@ -235,13 +239,7 @@ pub fn custom_resource(schema: &Value, obj: &Value) -> Vec<Cause> {
             against_schema(sub, v, k, &mut out);
         }
     }
-    for req in schema
-        .get("required")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-    {
+    for req in required(schema) {
         if !props.contains_key(req) {
             out.push((
                 "FieldValueRequired",

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use l2speaker::dataplane::addr::{AddrOps, Netlink};
 use pnet_datalink::{Channel, MacAddr};
 use pnet_packet::Packet;
-use pnet_packet::arp::{ArpHardwareTypes, ArpOperations, ArpPacket, MutableArpPacket};
-use pnet_packet::ethernet::{EtherTypes, EthernetPacket, MutableEthernetPacket};
+use pnet_packet::arp::{ArpOperations, ArpPacket};
+use pnet_packet::ethernet::{EtherTypes, EthernetPacket};
 
 use super::LabError;
 use super::netns::{self, InNs};
@@ -301,24 +301,8 @@ fn arp_rounds(
         let me = mac_of(n);
         let at = started.elapsed();
         for (k, target) in targets.iter().enumerate() {
-            let target = *target;
-            let mut buf = [0u8; 42];
-            {
-                let mut eth = MutableEthernetPacket::new(&mut buf).expect("sized");
-                eth.set_destination(MacAddr::broadcast());
-                eth.set_source(me);
-                eth.set_ethertype(EtherTypes::Arp);
-                let mut a = MutableArpPacket::new(&mut buf[14..]).expect("sized");
-                a.set_hardware_type(ArpHardwareTypes::Ethernet);
-                a.set_protocol_type(EtherTypes::Ipv4);
-                a.set_hw_addr_len(6);
-                a.set_proto_addr_len(4);
-                a.set_operation(ArpOperations::Request);
-                a.set_sender_hw_addr(me);
-                a.set_sender_proto_addr(Ipv4Addr::UNSPECIFIED);
-                a.set_target_hw_addr(MacAddr::zero());
-                a.set_target_proto_addr(target);
-            }
+            // An RFC 5227 probe (sender 0.0.0.0) from this round's MAC.
+            let buf = l2speaker::dataplane::packet::arp_probe(me.octets(), *target);
             tx.send_to(&buf, None)
                 .ok_or_else(|| std::io::Error::other("send buffer"))??;
             rounds[k].push(Round { at, macs: vec![] });
