@@ -108,6 +108,15 @@ pub struct Config {
         default_value = "0.0.0.0:9473"
     )]
     pub metrics_address: SocketAddr,
+    /// The UDP port of the heartbeats speakers broadcast on the LAN (open it between nodes).
+    #[arg(long, env = "L2SPEAKER_HEARTBEAT_PORT", default_value_t = crate::liveness::DEFAULT_PORT)]
+    pub heartbeat_port: u16,
+    /// How often each speaker sends a heartbeat on each interface, in milliseconds.
+    #[arg(long, env = "L2SPEAKER_HEARTBEAT_INTERVAL", default_value = "100", value_parser = parse_millis)]
+    pub heartbeat_interval: Duration,
+    /// A peer not heard for this long (ms) is no longer alive (at least two intervals).
+    #[arg(long, env = "L2SPEAKER_HEARTBEAT_DEAD_AFTER", default_value = "400", value_parser = parse_millis)]
+    pub heartbeat_dead_after: Duration,
     #[arg(long, env = "L2SPEAKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
@@ -142,7 +151,16 @@ impl Config {
             );
         }
         self.timing().check()?;
+        self.heartbeat().check()?;
         Ok(())
+    }
+
+    pub fn heartbeat(&self) -> crate::liveness::Heartbeat {
+        crate::liveness::Heartbeat {
+            port: self.heartbeat_port,
+            interval: self.heartbeat_interval,
+            dead_after: self.heartbeat_dead_after,
+        }
     }
 
     /// The Lease holders' timings.
@@ -216,5 +234,10 @@ mod tests {
                 .contains("NODE_NAME")
         );
         assert!(parse(&["--node-name", "n", "--lease-duration", "0"]).is_err());
+        assert!(
+            parse(&["--node-name", "n", "--heartbeat-dead-after", "150"])
+                .unwrap_err()
+                .contains("two intervals")
+        );
     }
 }

@@ -45,6 +45,8 @@ pub struct Shared {
     pub events: Events,
     /// The API server's address, when the kubeconfig names it by IP: never bound.
     pub api_server: Option<IpAddr>,
+    /// Who is alive on the LAN (heartbeats).
+    pub liveness: std::sync::Arc<crate::liveness::Lan>,
     /// VIPs whose DNAT should be in place here, with their Service key.
     pub(crate) owned: Mutex<BTreeMap<IpAddr, (String, Interface)>>,
     /// Moves when `owned` changes: the DNAT task wakes up.

@@ -33,6 +33,7 @@ pub mod drill;
 pub mod events;
 pub mod lease;
 pub mod lease_gc;
+pub mod liveness;
 pub mod metrics;
 pub mod node_lease;
 pub mod ownership;

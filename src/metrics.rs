@@ -46,6 +46,13 @@ pub struct Metrics {
     announcements: Family<KindLabel, Counter>,
     dataplane_errors: Family<KindLabel, Counter>,
     failover: Histogram,
+    heartbeats_sent: Counter,
+    heartbeat_bytes_sent: Counter,
+    heartbeats_received: Counter,
+    heartbeat_bytes_received: Counter,
+    heartbeats_rejected: Family<KindLabel, Counter>,
+    peers_alive: Gauge<i64, AtomicI64>,
+    peers_hearing_us: Gauge<i64, AtomicI64>,
     api_latency: Family<VerbLabel, Histogram, fn() -> Histogram>,
     /// Takeovers in progress: when the previous owner's Lease was seen to expire.
     takeovers: Mutex<HashMap<IpAddr, Instant>>,
@@ -136,7 +143,56 @@ impl Metrics {
             "API server requests, by verb, until the response headers",
             api_latency.clone(),
         );
+        let heartbeats_sent = Counter::default();
+        registry.register(
+            "heartbeats_sent",
+            "Heartbeat frames sent (one per interval per interface)",
+            heartbeats_sent.clone(),
+        );
+        let heartbeat_bytes_sent = Counter::default();
+        registry.register(
+            "heartbeat_sent_bytes",
+            "UDP payload bytes of the heartbeats sent",
+            heartbeat_bytes_sent.clone(),
+        );
+        let heartbeats_received = Counter::default();
+        registry.register(
+            "heartbeats_received",
+            "Authentic, fresh heartbeat frames received from peers",
+            heartbeats_received.clone(),
+        );
+        let heartbeat_bytes_received = Counter::default();
+        registry.register(
+            "heartbeat_received_bytes",
+            "UDP payload bytes of every frame received on the heartbeat port",
+            heartbeat_bytes_received.clone(),
+        );
+        let heartbeats_rejected = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "heartbeats_rejected",
+            "Frames on the heartbeat port ignored, by why: forged, unknown_key, replayed, malformed",
+            heartbeats_rejected.clone(),
+        );
+        let peers_alive = Gauge::default();
+        registry.register(
+            "peers_alive",
+            "Speakers heard on the LAN within the dead-after time",
+            peers_alive.clone(),
+        );
+        let peers_hearing_us = Gauge::default();
+        registry.register(
+            "peers_hearing_us",
+            "Alive speakers whose heartbeats ack a recent heartbeat of ours",
+            peers_hearing_us.clone(),
+        );
         Metrics {
+            heartbeats_sent,
+            heartbeat_bytes_sent,
+            heartbeats_received,
+            heartbeat_bytes_received,
+            heartbeats_rejected,
+            peers_alive,
+            peers_hearing_us,
             api_latency,
             registry,
             owned,
@@ -233,6 +289,31 @@ impl Metrics {
                 kind: e.metric_label().into(),
             })
             .inc();
+    }
+
+    pub fn heartbeat_sent(&self, bytes: usize) {
+        self.heartbeats_sent.inc();
+        self.heartbeat_bytes_sent.inc_by(bytes as u64);
+    }
+
+    pub fn heartbeat_received(&self, bytes: usize, accepted: bool) {
+        self.heartbeat_bytes_received.inc_by(bytes as u64);
+        if accepted {
+            self.heartbeats_received.inc();
+        }
+    }
+
+    pub fn heartbeat_rejected(&self, reason: &str) {
+        self.heartbeats_rejected
+            .get_or_create(&KindLabel {
+                kind: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn set_peers(&self, alive: usize, hearing_us: usize) {
+        self.peers_alive.set(alive as i64);
+        self.peers_hearing_us.set(hearing_us as i64);
     }
 
     pub fn api_request(&self, verb: &str, took: std::time::Duration) {

@@ -78,7 +78,13 @@ pub async fn run(
     let events = Events::new(client.clone(), &config.node_name, cluster.services.clone());
     let (dnat_wake, _) = watch::channel(0);
     let (dnat_done, _) = watch::channel(0);
+    let liveness = Arc::new(crate::liveness::Lan::new(
+        &config.node_name,
+        config.heartbeat(),
+        metrics.clone(),
+    ));
     let shared = Arc::new(Shared {
+        liveness,
         leases: Leases::new(
             Api::namespaced(client.clone(), &config.namespace),
             &config.node_name,
@@ -120,7 +126,14 @@ pub async fn run(
 
     let (stop_loops, stop_rx) = watch::channel(false);
     let alloc = tokio::spawn(crate::allocation::run(shared.clone(), stop_rx.clone()));
-    let dnat = tokio::spawn(dnat_loop(shared.clone(), stop_rx));
+    let dnat = tokio::spawn(dnat_loop(shared.clone(), stop_rx.clone()));
+    let s = shared.clone();
+    let heartbeats = tokio::spawn(crate::liveness::run(
+        shared.liveness.clone(),
+        Api::namespaced(shared.client.clone(), &shared.config.namespace),
+        move || s.owned_interfaces(),
+        stop_rx.clone(),
+    ));
     let claims_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let claims = tokio::spawn(crate::claims::run(shared.clone(), claims_stop.clone()));
     let mut coord = Coordinator::new(shared.clone());
@@ -164,6 +177,7 @@ pub async fn run(
         warn!("the allocator did not stop in time");
     }
     dnat.abort();
+    heartbeats.abort();
     claims_stop.store(true, std::sync::atomic::Ordering::SeqCst);
     claims.abort();
     if let Err(e) = tokio::time::timeout(Duration::from_secs(2), shared.dataplane.remove_rules())

@@ -130,6 +130,14 @@ pub fn builtin() -> Vec<ResourceType> {
     v.push(ResourceType::builtin(
         "",
         "v1",
+        "secrets",
+        "Secret",
+        true,
+        &[],
+    ));
+    v.push(ResourceType::builtin(
+        "",
+        "v1",
         "events",
         "Event",
         true,

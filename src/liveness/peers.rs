@@ -1,0 +1,317 @@
+//! Who is alive on the LAN, and who hears us: pure bookkeeping of heartbeats sent and
+//! received, with the clock passed in.
+//!
+//! - A peer is alive while its newest authentic frame arrived less than `dead_after` ago (our
+//!   monotonic clock).
+//! - A peer hears us if its newest frame acks one of ours; the ack is as fresh as the frame it
+//!   names, which we timed when we sent it. So stale acks (read from a socket buffer after a
+//!   freeze, say) cannot make us look heard now.
+//! - A frame is refused as a replay when its seq is not above the newest seq from that peer
+//!   on that interface, or when the wall-clock time in its seq is more than [`MAX_SKEW`] away
+//!   from ours (a frame recorded earlier and played to a speaker that just started).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::wire::{Heartbeat, NodeId, node_id};
+
+/// Node clocks may differ by this much before their heartbeats are refused.
+pub const MAX_SKEW: Duration = Duration::from_secs(30);
+/// A peer silent this long is forgotten (its replay state too).
+pub const FORGET_AFTER: Duration = Duration::from_secs(300);
+/// Our own frames remembered, to time the acks that name them.
+const SENT_KEPT: usize = 512;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub id: NodeId,
+    /// When its newest frame arrived.
+    pub heard_at: Instant,
+    pub seq: u64,
+    pub interval: Duration,
+    /// When we sent the newest of our frames that it acked.
+    pub acked_us: Option<Instant>,
+    /// Whom it hears: its newest frame's acks.
+    pub hears: Vec<NodeId>,
+    newest_on: HashMap<u32, u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    Accepted,
+    /// An old frame again, or one from far outside our clock.
+    Replayed,
+    /// Our own frame, looped back by the LAN.
+    Own,
+}
+
+#[derive(Debug)]
+pub struct Peers {
+    me: String,
+    my_id: NodeId,
+    dead_after: Duration,
+    seq: u64,
+    sent: VecDeque<(u64, Instant)>,
+    peers: BTreeMap<String, Peer>,
+}
+
+impl Peers {
+    pub fn new(me: &str, dead_after: Duration) -> Self {
+        Peers {
+            me: me.to_string(),
+            my_id: node_id(me),
+            dead_after,
+            seq: 0,
+            sent: VecDeque::new(),
+            peers: BTreeMap::new(),
+        }
+    }
+
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    pub fn dead_after(&self) -> Duration {
+        self.dead_after
+    }
+
+    /// The seq of the frame about to be sent at `now`: above every earlier one, and at least
+    /// `wall_micros` (microseconds since the Unix epoch), so a restarted speaker goes on above
+    /// its previous life and receivers can check the frame's age.
+    pub fn next_seq(&mut self, now: Instant, wall_micros: u64) -> u64 {
+        self.seq = (self.seq + 1).max(wall_micros);
+        if self.sent.len() == SENT_KEPT {
+            self.sent.pop_front();
+        }
+        self.sent.push_back((self.seq, now));
+        self.seq
+    }
+
+    /// The acks for our next frame: every peer heard within `dead_after`, most recently
+    /// heard first.
+    pub fn acks(&self, now: Instant) -> Vec<(NodeId, u64)> {
+        let mut v: Vec<&Peer> = self
+            .peers
+            .values()
+            .filter(|p| now.saturating_duration_since(p.heard_at) < self.dead_after)
+            .collect();
+        v.sort_by_key(|p| std::cmp::Reverse(p.heard_at));
+        v.into_iter().map(|p| (p.id, p.seq)).collect()
+    }
+
+    /// Takes in an authentic frame that arrived on interface `ifindex` at `now`.
+    pub fn receive(
+        &mut self,
+        ifindex: u32,
+        hb: &Heartbeat,
+        now: Instant,
+        wall_micros: u64,
+    ) -> Received {
+        if hb.node == self.me {
+            return Received::Own;
+        }
+        if hb.seq.abs_diff(wall_micros) > MAX_SKEW.as_micros() as u64 {
+            return Received::Replayed;
+        }
+        let acked_us = hb
+            .acks
+            .iter()
+            .find(|(id, _)| *id == self.my_id)
+            .and_then(|(_, seq)| self.sent_at(*seq));
+        let peer = self.peers.entry(hb.node.clone()).or_insert_with(|| Peer {
+            id: node_id(&hb.node),
+            heard_at: now,
+            seq: 0,
+            interval: Duration::ZERO,
+            acked_us: None,
+            hears: Vec::new(),
+            newest_on: HashMap::new(),
+        });
+        let newest = peer.newest_on.entry(ifindex).or_insert(0);
+        if hb.seq <= *newest {
+            return Received::Replayed;
+        }
+        *newest = hb.seq;
+        if hb.seq > peer.seq {
+            peer.seq = hb.seq;
+            peer.heard_at = now;
+            peer.interval = Duration::from_millis(u64::from(hb.interval_ms));
+            peer.hears = hb.acks.iter().map(|(id, _)| *id).collect();
+            // An ack of an older frame than one already counted does not make us less heard.
+            peer.acked_us = match (peer.acked_us, acked_us) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => b.or(a),
+            };
+        }
+        Received::Accepted
+    }
+
+    fn sent_at(&self, seq: u64) -> Option<Instant> {
+        let i = self.sent.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
+        Some(self.sent[i].1)
+    }
+
+    pub fn is_alive(&self, node: &str, now: Instant) -> bool {
+        self.peers
+            .get(node)
+            .is_some_and(|p| now.saturating_duration_since(p.heard_at) < self.dead_after)
+    }
+
+    /// Peers heard within `dead_after`.
+    pub fn alive(&self, now: Instant) -> Vec<&str> {
+        self.peers
+            .iter()
+            .filter(|(n, _)| self.is_alive(n, now))
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// Alive peers that acked a frame of ours sent within `fresh` before `now`.
+    pub fn hearing_us(&self, now: Instant, fresh: Duration) -> Vec<&str> {
+        self.peers
+            .iter()
+            .filter(|(n, p)| {
+                self.is_alive(n, now)
+                    && p.acked_us
+                        .is_some_and(|t| now.saturating_duration_since(t) < fresh)
+            })
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// Alive peers whose newest frame says they hear `node`.
+    pub fn reporting(&self, node: &str, now: Instant) -> Vec<&str> {
+        let id = node_id(node);
+        self.peers
+            .iter()
+            .filter(|(n, p)| n.as_str() != node && self.is_alive(n, now) && p.hears.contains(&id))
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    pub fn get(&self, node: &str) -> Option<&Peer> {
+        self.peers.get(node)
+    }
+
+    /// Drops peers silent for [`FORGET_AFTER`].
+    pub fn forget_silent(&mut self, now: Instant) {
+        self.peers
+            .retain(|_, p| now.saturating_duration_since(p.heard_at) < FORGET_AFTER);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WALL: u64 = 1_764_000_000_000_000;
+
+    fn hb(node: &str, seq: u64, acks: &[(&str, u64)]) -> Heartbeat {
+        Heartbeat {
+            node: node.into(),
+            seq,
+            interval_ms: 100,
+            acks: acks.iter().map(|(n, s)| (node_id(n), *s)).collect(),
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_peer_is_alive_until_it_has_been_silent_for_dead_after() {
+        let t0 = Instant::now();
+        let mut p = Peers::new("a", ms(400));
+        assert_eq!(
+            p.receive(1, &hb("b", WALL, &[]), t0, WALL),
+            Received::Accepted
+        );
+        assert_eq!(p.alive(t0 + ms(399)), vec!["b"]);
+        assert!(p.alive(t0 + ms(400)).is_empty());
+        assert_eq!(p.acks(t0 + ms(10)), vec![(node_id("b"), WALL)]);
+        assert!(p.acks(t0 + ms(400)).is_empty());
+    }
+
+    #[test]
+    fn an_ack_is_as_fresh_as_the_frame_it_names() {
+        let t0 = Instant::now();
+        let mut p = Peers::new("a", ms(400));
+        let s1 = p.next_seq(t0, WALL);
+        let s2 = p.next_seq(t0 + ms(100), WALL);
+        assert_eq!(s2, s1 + 1);
+        // b's frame, read late (after a freeze, say), acks our first frame.
+        p.receive(1, &hb("b", WALL + 5, &[("a", s1)]), t0 + ms(900), WALL);
+        assert_eq!(p.get("b").unwrap().acked_us, Some(t0));
+        assert!(p.hearing_us(t0 + ms(900), ms(300)).is_empty());
+        assert_eq!(p.hearing_us(t0 + ms(250), ms(300)), vec!["b"]);
+        // A newer ack counts; an older one after it does not move it back.
+        p.receive(1, &hb("b", WALL + 6, &[("a", s2)]), t0 + ms(910), WALL);
+        p.receive(1, &hb("b", WALL + 7, &[("a", s1)]), t0 + ms(920), WALL);
+        assert_eq!(p.get("b").unwrap().acked_us, Some(t0 + ms(100)));
+        // An ack of a frame we never sent (a previous life's, or made up) counts for nothing.
+        let mut q = Peers::new("a", ms(400));
+        q.receive(1, &hb("b", WALL, &[("a", 42)]), t0, WALL);
+        assert_eq!(q.get("b").unwrap().acked_us, None);
+    }
+
+    #[test]
+    fn replayed_frames_and_frames_far_from_our_clock_are_refused() {
+        let t0 = Instant::now();
+        let mut p = Peers::new("a", ms(400));
+        assert_eq!(
+            p.receive(1, &hb("b", WALL + 10, &[]), t0, WALL),
+            Received::Accepted
+        );
+        assert_eq!(
+            p.receive(1, &hb("b", WALL + 10, &[]), t0 + ms(500), WALL),
+            Received::Replayed
+        );
+        assert_eq!(
+            p.receive(1, &hb("b", WALL + 9, &[]), t0 + ms(500), WALL),
+            Received::Replayed
+        );
+        assert!(
+            !p.is_alive("b", t0 + ms(500)),
+            "a replay does not keep b alive"
+        );
+        // The same frame on a second interface to the same LAN is no replay.
+        assert_eq!(
+            p.receive(2, &hb("b", WALL + 10, &[]), t0, WALL),
+            Received::Accepted
+        );
+        let old = WALL - MAX_SKEW.as_micros() as u64 - 1;
+        assert_eq!(
+            p.receive(1, &hb("c", old, &[]), t0, WALL),
+            Received::Replayed
+        );
+        assert_eq!(p.receive(1, &hb("a", WALL, &[]), t0, WALL), Received::Own);
+    }
+
+    #[test]
+    fn a_restarted_speaker_goes_on_above_its_previous_frames() {
+        let t0 = Instant::now();
+        let mut before = Peers::new("b", ms(400));
+        for i in 0..1000 {
+            before.next_seq(t0, WALL + i);
+        }
+        let last = before.next_seq(t0, WALL + 1000);
+        let mut after = Peers::new("b", ms(400));
+        assert!(after.next_seq(t0, WALL + 2000) > last);
+    }
+
+    #[test]
+    fn who_hears_whom_is_read_from_the_peers_acks() {
+        let t0 = Instant::now();
+        let mut p = Peers::new("a", ms(400));
+        p.receive(1, &hb("b", WALL, &[("c", WALL)]), t0, WALL);
+        p.receive(1, &hb("d", WALL, &[]), t0, WALL);
+        assert_eq!(p.reporting("c", t0), vec!["b"]);
+        assert!(
+            p.reporting("c", t0 + ms(400)).is_empty(),
+            "b's report is stale"
+        );
+        p.forget_silent(t0 + FORGET_AFTER);
+        assert!(p.get("b").is_none());
+    }
+}
