@@ -10,6 +10,7 @@
 //! unbind, reprogram.
 
 pub mod addr;
+pub mod gate;
 pub mod nft;
 pub mod packet;
 pub mod probe;

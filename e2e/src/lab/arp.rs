@@ -85,3 +85,52 @@ pub fn who_has(
         source,
     })
 }
+
+/// MACs heard claiming any of `ips` (ARP of any operation from it, or an advertisement for it) on
+/// `ns`'s `eth0` within `wait`, after sending `frames` from there (probes to ask; none to
+/// only listen). Frames from `ns` itself do not count.
+pub fn claims(
+    ns: &str,
+    frames: impl FnOnce(l2speaker::dataplane::packet::Mac) -> Vec<Vec<u8>> + Send + 'static,
+    ips: Vec<std::net::IpAddr>,
+    wait: Duration,
+) -> Result<Vec<String>, LabError> {
+    let what = format!("claims on {ips:?} heard from {ns}");
+    let r = netns::run_in(ns, move || -> std::io::Result<Vec<String>> {
+        let iface = pnet_datalink::interfaces()
+            .into_iter()
+            .find(|i| i.name == "eth0")
+            .ok_or_else(|| std::io::Error::other("no eth0"))?;
+        let own = iface
+            .mac
+            .ok_or_else(|| std::io::Error::other("eth0 has no MAC"))?
+            .octets();
+        let config = pnet_datalink::Config {
+            read_timeout: Some(Duration::from_millis(10)),
+            ..Default::default()
+        };
+        let Channel::Ethernet(mut tx, mut rx) = pnet_datalink::channel(&iface, config)? else {
+            return Err(std::io::Error::other("not an Ethernet channel"));
+        };
+        for f in frames(own) {
+            tx.send_to(&f, None)
+                .ok_or_else(|| std::io::Error::other("send buffer"))??;
+        }
+        let deadline = Instant::now() + wait;
+        let mut macs = Vec::new();
+        while Instant::now() < deadline {
+            let Ok(frame) = rx.next() else { continue };
+            let Some((ip, m)) = l2speaker::dataplane::packet::claim(frame, own) else {
+                continue;
+            };
+            if ips.contains(&ip) {
+                let m = l2speaker::dataplane::packet::format_mac(&m);
+                if !macs.contains(&m) {
+                    macs.push(m);
+                }
+            }
+        }
+        Ok(macs)
+    })?;
+    r.map_err(|source| LabError::Io { what, source })
+}

@@ -1,0 +1,255 @@
+//! The kernel dead man's switch on the real kernel (needs root): a node answers for a VIP only
+//! while the gate's timeout is fresh, whoever sends — the kernel's ARP and neighbor
+//! advertisements, raw frames (as the speaker's announcements are), traffic to the VIP.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use l2speaker::dataplane::gate::{self, Netlink, Op};
+use l2speaker::dataplane::packet;
+use l2speaker_e2e::lab::{self, Lab, LabConfig, arp, netns};
+
+const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 201);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x201);
+
+fn lab() -> Lab {
+    Lab::new(LabConfig::new(env!("CARGO_BIN_EXE_l2s-lab"), vec![0]))
+        .expect("the lab comes up (run the tests as root)")
+}
+
+/// Runs gate operations inside `ns`.
+fn apply(ns: &str, ops: Vec<Op>) {
+    netns::run_in(ns, move || Netlink::open()?.apply(&ops))
+        .unwrap()
+        .expect("the kernel takes the batch");
+}
+
+fn vip_ops() -> Vec<Op> {
+    [IpAddr::V4(VIP4), IpAddr::V6(VIP6)]
+        .into_iter()
+        .flat_map(gate::vip_keys)
+        .map(|(set, key)| Op::Add {
+            set,
+            key,
+            timeout: None,
+        })
+        .collect()
+}
+
+/// Node n1 holds both VIPs, with its gate installed.
+fn setup(lab: &Lab) -> String {
+    let ns = lab.host("n1").unwrap().ns.clone();
+    netns::ip(&ns, &["addr", "add", &format!("{VIP4}/32"), "dev", "eth0"]).unwrap();
+    netns::ip(
+        &ns,
+        &[
+            "addr",
+            "add",
+            &format!("{VIP6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )
+    .unwrap();
+    let mut nft = netns::command_in(&ns, "nft").unwrap();
+    nft.args(["-f", "-"]).stdin(std::process::Stdio::piped());
+    let mut child = nft.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(gate::render(&["eth0".into()]).as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft takes the gate table");
+    apply(&ns, vip_ops());
+    ns
+}
+
+fn arp_answers(lab: &Lab) -> Vec<String> {
+    arp::claims(
+        &lab.client().ns,
+        |own| vec![packet::arp_probe(own, VIP4)],
+        vec![IpAddr::V4(VIP4)],
+        Duration::from_millis(50),
+    )
+    .unwrap()
+}
+
+fn na_answers(lab: &Lab) -> Vec<String> {
+    arp::claims(
+        &lab.client().ns,
+        |own| vec![packet::dad_probe(own, VIP6)],
+        vec![IpAddr::V6(VIP6)],
+        Duration::from_millis(50),
+    )
+    .unwrap()
+}
+
+/// n1 sends a gratuitous ARP and an unsolicited NA for the VIPs from a raw socket, as the
+/// speaker announces; returns the MACs the client heard claiming either.
+fn raw_announcements_heard(lab: &Lab, node_ns: &str) -> Vec<String> {
+    let client = lab.client().ns.clone();
+    let listen = std::thread::spawn(move || {
+        arp::claims(
+            &client,
+            |_| vec![],
+            vec![IpAddr::V4(VIP4), IpAddr::V6(VIP6)],
+            Duration::from_millis(300),
+        )
+        .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    netns::run_in(node_ns, || {
+        let iface = pnet_datalink::interfaces()
+            .into_iter()
+            .find(|i| i.name == "eth0")
+            .unwrap();
+        let mac = iface.mac.unwrap().octets();
+        let pnet_datalink::Channel::Ethernet(mut tx, _) =
+            pnet_datalink::channel(&iface, Default::default()).unwrap()
+        else {
+            panic!("an Ethernet channel")
+        };
+        let ll: Ipv6Addr = "fe80::1".parse().unwrap();
+        for f in [
+            packet::garp_request(mac, VIP4),
+            packet::garp_reply(mac, VIP4),
+            packet::unsolicited_na(mac, ll, VIP6, false),
+        ] {
+            // A closed gate makes the send fail (ENOBUFS): the frame never left.
+            let _ = tx.send_to(&f, None);
+        }
+    })
+    .unwrap();
+    listen.join().unwrap()
+}
+
+#[test]
+fn a_node_answers_for_its_vips_only_while_the_gate_is_fresh() {
+    let lab = lab();
+    let ns = setup(&lab);
+    let mac = lab.mac("n1").unwrap();
+
+    // Closed from the start: the VIPs are in the gate, no interface is live.
+    assert!(
+        arp_answers(&lab).is_empty(),
+        "ARP answered through a closed gate"
+    );
+    assert!(
+        na_answers(&lab).is_empty(),
+        "NA answered through a closed gate"
+    );
+    assert!(
+        raw_announcements_heard(&lab, &ns).is_empty(),
+        "a raw announcement got out"
+    );
+    let echo = SocketAddr::new(IpAddr::V4(VIP4), lab::ECHO_PORT);
+
+    // Open for 600 ms.
+    let opened = Instant::now();
+    apply(
+        &ns,
+        gate::refresh_ops(&["eth0".into()], Duration::from_millis(600)),
+    );
+    assert_eq!(arp_answers(&lab), std::slice::from_ref(&mac));
+    assert_eq!(na_answers(&lab), std::slice::from_ref(&mac));
+    let heard = raw_announcements_heard(&lab, &ns);
+    assert_eq!(heard.len(), 1, "{heard:?}");
+    let open_for = opened.elapsed();
+
+    // Then silent on its own, within the timeout: nobody refreshed.
+    lab::wait_until(Duration::from_secs(2), "the gate closes", || {
+        arp_answers(&lab).is_empty()
+    })
+    .unwrap();
+    let silent_after = opened.elapsed();
+    println!(
+        "gate opened for 600 ms: answered for at least {open_for:?}, silent after {silent_after:?}"
+    );
+    assert!(na_answers(&lab).is_empty());
+    assert!(raw_announcements_heard(&lab, &ns).is_empty());
+    // The client with the node's MAC cached: traffic to the VIP is dropped on the way in.
+    netns::ip(
+        &lab.client().ns,
+        &[
+            "neigh",
+            "replace",
+            &VIP4.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    assert!(!lab.can_connect("client", echo).unwrap_or(false));
+
+    // A refresh re-opens at once; destroying the element closes at once.
+    apply(
+        &ns,
+        gate::refresh_ops(&["eth0".into()], Duration::from_secs(5)),
+    );
+    assert_eq!(arp_answers(&lab), std::slice::from_ref(&mac));
+    apply(
+        &ns,
+        vec![Op::Destroy {
+            set: gate::LIVE,
+            key: gate::ifname_key("eth0"),
+        }],
+    );
+    assert!(arp_answers(&lab).is_empty());
+}
+
+/// How precisely the kernel closes the gate, and what a refresh costs (printed): 20 rounds,
+/// each opened for 200 ms and then asked every few milliseconds until ARP stops.
+#[test]
+fn the_gate_closes_within_milliseconds_of_its_timeout() {
+    let lab = lab();
+    let ns = setup(&lab);
+    let mut late = Vec::new();
+    for _ in 0..20 {
+        let t0 = Instant::now();
+        apply(
+            &ns,
+            gate::refresh_ops(&["eth0".into()], Duration::from_millis(200)),
+        );
+        let c = lab.client().clone();
+        let mut last_answer = Duration::ZERO;
+        while t0.elapsed() < Duration::from_millis(400) {
+            // Timed from before the request: a slow request can only make this look earlier.
+            let asked = t0.elapsed();
+            let a = l2speaker_e2e::lab::arp::who_has(&c.ns, c.ipv4, VIP4, Duration::from_millis(3))
+                .unwrap();
+            if !a.is_empty() {
+                last_answer = asked;
+            }
+        }
+        late.push(last_answer.as_millis() as i64 - 200);
+    }
+    late.sort();
+    println!("last answer relative to the 200 ms timeout (ms), 20 rounds: {late:?}");
+    assert!(
+        *late.last().unwrap() <= 20,
+        "answered long after the timeout: {late:?}"
+    );
+    assert!(
+        *late.first().unwrap() >= -60,
+        "closed long before the timeout: {late:?}"
+    );
+
+    // Cost of a refresh: one netlink batch, no process.
+    let n = 1000;
+    let took = netns::run_in(&ns, move || {
+        let mut nl = Netlink::open().unwrap();
+        let ops = gate::refresh_ops(&["eth0".into()], Duration::from_millis(300));
+        let t = Instant::now();
+        for _ in 0..n {
+            nl.apply(&ops).unwrap();
+        }
+        t.elapsed()
+    })
+    .unwrap();
+    println!("refresh: {:?} per netlink batch ({n} batches)", took / n);
+}
