@@ -42,6 +42,8 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         *seen = observed.clone();
         Feed {
             view: View {
+                serving: true,
+                holder_node: None,
                 eligible: Ok(0),
                 delay: Duration::ZERO,
                 lease: observed,

@@ -265,6 +265,8 @@ impl Coordinator {
             let absent_since = *self.absent_since.entry(*ip).or_insert(now);
             let feed = Feed {
                 view: View {
+                    serving: true,
+                    holder_node: None,
                     eligible: eligible.as_ref().map(|i| i.index).map_err(Clone::clone),
                     delay: delay_for(
                         &me,

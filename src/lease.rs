@@ -33,6 +33,13 @@ pub const ANNOTATION_MAC: &str = "l2speaker.io/mac";
 pub const ANNOTATION_STEP_DOWN: &str = "l2speaker.io/step-down";
 /// Set by a holder that stepped down: that node lets the others take the IP first.
 pub const ANNOTATION_STEPPED_DOWN_FROM: &str = "l2speaker.io/stepped-down-from";
+/// Written with the holder's name by a speaker that keeps the VIP through node liveness
+/// and does not renew the Lease: the Lease is such a Lease while this names its holder (a
+/// speaker of the previous release that takes the Lease over leaves it naming someone else).
+pub const ANNOTATION_LAN_HOLDER: &str = "l2speaker.io/lan-holder";
+/// `leaseDurationSeconds` of such Leases: speakers of the previous release judge expiry by
+/// it, so they never take over a Lease that is simply not renewed.
+pub const LAN_LEASE_SECONDS: i32 = 3600;
 
 fn annotation<'a>(lease: &'a Lease, key: &str) -> Option<&'a str> {
     lease
@@ -111,8 +118,11 @@ pub fn observe(lease: &Lease, prev: Option<&Observed>, now: Instant) -> Observed
         Some(p) if p.resource_version == rv => p.since,
         _ => now,
     };
+    let holder = spec.holder_identity.filter(|h| !h.is_empty());
+    let lan = holder.is_some() && annotation(lease, ANNOTATION_LAN_HOLDER) == holder.as_deref();
     Observed {
-        holder: spec.holder_identity.filter(|h| !h.is_empty()),
+        lan,
+        holder,
         resource_version: rv,
         duration: Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64),
         since,
@@ -145,7 +155,7 @@ impl LeaseError {
     }
 }
 
-fn now_micro() -> MicroTime {
+pub fn now_micro() -> MicroTime {
     MicroTime(k8s_openapi::jiff::Timestamp::now())
 }
 
@@ -193,6 +203,7 @@ pub struct Leases {
     api: Api<Lease>,
     identity: String,
     duration_seconds: i32,
+    lan: bool,
 }
 
 impl Leases {
@@ -201,6 +212,17 @@ impl Leases {
             api,
             identity: identity.to_string(),
             duration_seconds: duration.as_secs().max(1) as i32,
+            lan: false,
+        }
+    }
+
+    /// Writes for VIPs kept through node liveness: marked, with [`LAN_LEASE_SECONDS`].
+    pub fn lan(api: Api<Lease>, identity: &str) -> Self {
+        Leases {
+            api,
+            identity: identity.to_string(),
+            duration_seconds: LAN_LEASE_SECONDS,
+            lan: true,
         }
     }
 
@@ -228,6 +250,12 @@ impl Leases {
         desc: &Description,
     ) -> Result<Lease, LeaseError> {
         let now = now_micro();
+        let mut desc = desc.clone();
+        if self.lan {
+            desc.annotations
+                .insert(ANNOTATION_LAN_HOLDER.into(), self.identity.clone());
+        }
+        let desc = &desc;
         let result = match current {
             None => {
                 let lease = Lease {

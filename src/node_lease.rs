@@ -17,6 +17,15 @@ pub const ANNOTATION_REFUSED: &str = "l2speaker.io/refused";
 /// JSON list: the MACs of the node's interfaces (whose ARP/NA are a speaker's, not a
 /// foreign host's).
 pub const ANNOTATION_MACS: &str = "l2speaker.io/macs";
+/// The speaker's generation (see `ownership::quorum`): changed only by compare-and-swap.
+pub const ANNOTATION_GENERATION: &str = "l2speaker.io/generation";
+/// The generation a candidate fenced (it then takes the node's VIPs), and who fenced it.
+pub const ANNOTATION_FENCED: &str = "l2speaker.io/fenced";
+pub const ANNOTATION_FENCED_BY: &str = "l2speaker.io/fenced-by";
+/// Set while the node may answer on its renewals alone (see `ownership::node`).
+pub const ANNOTATION_API_PATH: &str = "l2speaker.io/api-path";
+/// How long a node Lease says its speaker is alive after a renewal (API-side liveness).
+pub const NODE_LEASE_SECONDS: i32 = 10;
 /// At most this many addresses are published (the rest are still refused locally).
 pub const MAX_REFUSED: usize = 256;
 
@@ -44,6 +53,120 @@ pub fn macs(lease: &Lease) -> Vec<String> {
         .and_then(|a| a.get(ANNOTATION_MACS))
         .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
         .unwrap_or_default()
+}
+
+fn number(lease: &Lease, key: &str) -> Option<u32> {
+    lease.metadata.annotations.as_ref()?.get(key)?.parse().ok()
+}
+
+/// The generation and fence a node Lease records.
+pub fn state(lease: &Lease) -> crate::ownership::node::NodeLeaseState {
+    crate::ownership::node::NodeLeaseState {
+        resource_version: lease.metadata.resource_version.clone().unwrap_or_default(),
+        generation: number(lease, ANNOTATION_GENERATION).unwrap_or(0),
+        fenced: number(lease, ANNOTATION_FENCED),
+        api_path: lease
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.get(ANNOTATION_API_PATH).is_some_and(|v| v == "true")),
+    }
+}
+
+/// Why a node Lease write did not go through.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeWriteError {
+    /// 409 or 404: the Lease is not what we wrote last; here it is now.
+    #[error("the node lease changed")]
+    Changed(Option<Box<Lease>>),
+    #[error("{0}")]
+    Api(kube::Error),
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409 || s.code == 404)
+}
+
+/// The node keeper's write: our Lease, renewed, in `generation`, by compare-and-swap on
+/// `last` (what our last write returned; None: create it). Annotations others wrote (refused
+/// addresses, MACs) are kept, since the CAS fails if they changed since `last`.
+pub async fn renew(
+    api: &Api<Lease>,
+    node: &str,
+    last: Option<&Lease>,
+    generation: u32,
+    api_path: bool,
+) -> Result<Lease, NodeWriteError> {
+    let name = name(node);
+    let now = crate::lease::now_micro();
+    let mut lease = last.cloned().unwrap_or_else(|| Lease {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some([(LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string())].into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(node.to_string()),
+            acquire_time: Some(now.clone()),
+            ..Default::default()
+        }),
+    });
+    let spec = lease.spec.get_or_insert_default();
+    spec.holder_identity = Some(node.to_string());
+    spec.lease_duration_seconds = Some(NODE_LEASE_SECONDS);
+    spec.renew_time = Some(now);
+    let a = lease.metadata.annotations.get_or_insert_default();
+    a.insert(ANNOTATION_GENERATION.into(), generation.to_string());
+    if api_path {
+        a.insert(ANNOTATION_API_PATH.into(), "true".into());
+    } else {
+        a.remove(ANNOTATION_API_PATH);
+    }
+    let result = if last.is_none() {
+        api.create(&PostParams::default(), &lease).await
+    } else {
+        api.replace(&name, &PostParams::default(), &lease).await
+    };
+    match result {
+        Ok(l) => Ok(l),
+        Err(e) if is_conflict(&e) || matches!(&e, kube::Error::Api(s) if s.code == 409) => {
+            let now = api.get_opt(&name).await.map_err(NodeWriteError::Api)?;
+            Err(NodeWriteError::Changed(now.map(Box::new)))
+        }
+        Err(e) => Err(NodeWriteError::Api(e)),
+    }
+}
+
+/// Fences `node`'s `generation` (a take-over's first write): a compare-and-swap on its node
+/// Lease as just read. `Ok(None)` when the node has moved on to another generation (or has
+/// no Lease): nothing to fence, the take-over starts over. `Ok(Some(api_path))` once fenced:
+/// whether the Lease said the node may answer on its renewals alone (then the candidate waits
+/// out the renew deadline).
+pub async fn fence(
+    api: &Api<Lease>,
+    node: &str,
+    generation: u32,
+    by: &str,
+) -> Result<Option<bool>, kube::Error> {
+    let name = name(node);
+    let Some(mut lease) = api.get_opt(&name).await? else {
+        return Ok(None);
+    };
+    let st = state(&lease);
+    if st.fenced.is_some_and(|f| f >= generation) {
+        return Ok(Some(st.api_path));
+    }
+    if st.generation != generation {
+        return Ok(None);
+    }
+    let a = lease.metadata.annotations.get_or_insert_default();
+    a.insert(ANNOTATION_FENCED.into(), generation.to_string());
+    a.insert(ANNOTATION_FENCED_BY.into(), by.to_string());
+    match api.replace(&name, &PostParams::default(), &lease).await {
+        Ok(_) => Ok(Some(st.api_path)),
+        Err(e) if is_conflict(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn encode(refused: &BTreeMap<IpAddr, String>) -> String {

@@ -108,8 +108,10 @@ async fn speakers_hear_each_other_and_ignore_forged_and_replayed_heartbeats() {
             &Heartbeat {
                 node: "n9".into(),
                 seq: u64::MAX / 2,
+                generation: 0,
                 interval_ms: 100,
                 acks: vec![],
+                dead: vec![],
             },
             &[mine],
         );
@@ -203,8 +205,10 @@ async fn the_key_rotates_without_a_refused_heartbeat() {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_micros() as u64,
+            generation: 0,
             interval_ms: 100,
             acks: vec![],
+            dead: vec![],
         },
         &[key],
     )

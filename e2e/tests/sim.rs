@@ -35,6 +35,7 @@ fn directed(seed: u64, nodes: usize, timing: Timing, faults: Vec<Fault>) -> Sche
         timing,
         faults,
         mutations: vec![],
+        lan: None,
     }
 }
 

@@ -105,8 +105,10 @@ impl Lan {
         let hb = wire::Heartbeat {
             node: peers.me().to_string(),
             seq: peers.next_seq(now, wall_micros()),
+            generation: peers.generation(),
             interval_ms: self.settings.interval.as_millis() as u16,
             acks: peers.acks(now),
+            dead: peers.dead_list(),
         };
         Some(wire::encode(&hb, &keys).0)
     }
@@ -125,7 +127,7 @@ impl Lan {
                 .receive(ifindex, &hb, Instant::now(), wall_micros())
             {
                 Received::Accepted => Ok(true),
-                Received::Own => Ok(false),
+                Received::Own | Received::Dead => Ok(false),
                 Received::Replayed => Err("replayed"),
             },
         };

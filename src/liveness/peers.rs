@@ -6,6 +6,10 @@
 //! - A peer hears us if its newest frame acks one of ours; the ack is as fresh as the frame it
 //!   names, which we timed when we sent it. So stale acks (read from a socket buffer after a
 //!   freeze, say) cannot make us look heard now.
+//! - A peer silent for `dead_after` is *declared dead* at the generation it had: from then on
+//!   its frames of that generation are ignored (no ack, not alive) until it comes back with a
+//!   higher one, which it can only get through the API. Our frames list our declarations, so
+//!   others can count them (see [`crate::ownership::quorum`]).
 //! - A frame is refused as a replay when its seq is not above the newest seq from that peer
 //!   on that interface, or when the wall-clock time in its seq is more than [`MAX_SKEW`] away
 //!   from ours (a frame recorded earlier and played to a speaker that just started).
@@ -25,6 +29,9 @@ const SENT_KEPT: usize = 512;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub id: NodeId,
+    pub generation: u32,
+    /// Whom it has declared dead, at which generation (its newest frame).
+    pub dead: Vec<(NodeId, u32)>,
     /// When its newest frame arrived.
     pub heard_at: Instant,
     pub seq: u64,
@@ -43,6 +50,8 @@ pub enum Received {
     Replayed,
     /// Our own frame, looped back by the LAN.
     Own,
+    /// From a generation we declared dead: ignored.
+    Dead,
 }
 
 #[derive(Debug)]
@@ -51,8 +60,11 @@ pub struct Peers {
     my_id: NodeId,
     dead_after: Duration,
     seq: u64,
+    generation: u32,
     sent: VecDeque<(u64, Instant)>,
     peers: BTreeMap<String, Peer>,
+    /// Our declarations: peer → the generation we declared dead.
+    declared: BTreeMap<String, u32>,
 }
 
 impl Peers {
@@ -62,9 +74,65 @@ impl Peers {
             my_id: node_id(me),
             dead_after,
             seq: 0,
+            generation: 0,
             sent: VecDeque::new(),
             peers: BTreeMap::new(),
+            declared: BTreeMap::new(),
         }
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// We are in generation `g` now: acks of frames of earlier generations count no more.
+    pub fn set_generation(&mut self, g: u32) {
+        if g != self.generation {
+            self.generation = g;
+            self.sent.clear();
+            for p in self.peers.values_mut() {
+                p.acked_us = None;
+            }
+        }
+    }
+
+    /// Declares every peer silent for `dead_after` dead at its generation.
+    pub fn declare_silent(&mut self, now: Instant) {
+        for (name, p) in &self.peers {
+            if now.saturating_duration_since(p.heard_at) >= self.dead_after
+                && self.declared.get(name).is_none_or(|g| *g < p.generation)
+            {
+                self.declared.insert(name.clone(), p.generation);
+            }
+        }
+    }
+
+    /// Declares `node` dead at `generation` (a member never heard, its generation read from
+    /// the API); a later declaration of a lower generation changes nothing.
+    pub fn declare(&mut self, node: &str, generation: u32) {
+        let d = self.declared.entry(node.to_string()).or_insert(generation);
+        *d = (*d).max(generation);
+    }
+
+    /// The generation at which we declared `node` dead, if we did.
+    pub fn declared(&self, node: &str) -> Option<u32> {
+        self.declared.get(node).copied()
+    }
+
+    /// Our declarations, for our frames.
+    pub fn dead_list(&self) -> Vec<(NodeId, u32)> {
+        self.declared.iter().map(|(n, g)| (node_id(n), *g)).collect()
+    }
+
+    /// Whether `by` (alive) says in its newest frame that it declared `node` dead at
+    /// `generation` or later.
+    pub fn reports_dead(&self, by: &str, node: &str, generation: u32, now: Instant) -> bool {
+        let id = node_id(node);
+        self.is_alive(by, now)
+            && self.peers[by]
+                .dead
+                .iter()
+                .any(|(d, g)| *d == id && *g >= generation)
     }
 
     pub fn me(&self) -> &str {
@@ -113,6 +181,13 @@ impl Peers {
         if hb.seq.abs_diff(wall_micros) > MAX_SKEW.as_micros() as u64 {
             return Received::Replayed;
         }
+        match self.declared.get(&hb.node) {
+            Some(g) if hb.generation <= *g => return Received::Dead,
+            Some(_) => {
+                self.declared.remove(&hb.node);
+            }
+            None => {}
+        }
         let acked_us = hb
             .acks
             .iter()
@@ -120,6 +195,8 @@ impl Peers {
             .and_then(|(_, seq)| self.sent_at(*seq));
         let peer = self.peers.entry(hb.node.clone()).or_insert_with(|| Peer {
             id: node_id(&hb.node),
+            generation: hb.generation,
+            dead: Vec::new(),
             heard_at: now,
             seq: 0,
             interval: Duration::ZERO,
@@ -137,6 +214,10 @@ impl Peers {
             peer.heard_at = now;
             peer.interval = Duration::from_millis(u64::from(hb.interval_ms));
             peer.hears = hb.acks.iter().map(|(id, _)| *id).collect();
+            peer.dead = hb.dead.clone();
+            if hb.generation != peer.generation {
+                peer.generation = hb.generation;
+            }
             // An ack of an older frame than one already counted does not make us less heard.
             peer.acked_us = match (peer.acked_us, acked_us) {
                 (Some(a), Some(b)) => Some(a.max(b)),
@@ -189,6 +270,44 @@ impl Peers {
             .collect()
     }
 
+    /// How many of `members` (us included, `node` not counted) have declared `node` dead at
+    /// `generation` or later: we by our own declaration, the others by their newest frame.
+    pub fn declarers(&self, node: &str, generation: u32, members: &[&str], now: Instant) -> usize {
+        members
+            .iter()
+            .filter(|m| **m != node)
+            .filter(|m| {
+                if **m == self.me {
+                    self.declared(node).is_some_and(|g| g >= generation)
+                } else {
+                    self.reports_dead(m, node, generation, now)
+                }
+            })
+            .count()
+    }
+
+    /// Whether we know `node` at all (heard it, or declared it).
+    pub fn knows(&self, node: &str) -> bool {
+        self.peers.contains_key(node) || self.declared.contains_key(node)
+    }
+
+    /// For each alive peer among `members`, when we sent the newest of our frames it acked.
+    pub fn acked_times(&self, members: &[&str], now: Instant) -> Vec<Instant> {
+        members
+            .iter()
+            .filter(|m| **m != self.me && self.is_alive(m, now))
+            .filter_map(|m| self.peers[*m].acked_us)
+            .collect()
+    }
+
+    /// Whether an alive peer declared us dead in our current generation.
+    pub fn declared_us(&self, now: Instant) -> bool {
+        let g = self.generation;
+        self.peers
+            .keys()
+            .any(|p| self.reports_dead(p, &self.me, g, now))
+    }
+
     pub fn get(&self, node: &str) -> Option<&Peer> {
         self.peers.get(node)
     }
@@ -210,8 +329,10 @@ mod tests {
         Heartbeat {
             node: node.into(),
             seq,
+            generation: 0,
             interval_ms: 100,
             acks: acks.iter().map(|(n, s)| (node_id(n), *s)).collect(),
+            dead: vec![],
         }
     }
 
@@ -298,6 +419,44 @@ mod tests {
         let last = before.next_seq(t0, WALL + 1000);
         let mut after = Peers::new("b", ms(400));
         assert!(after.next_seq(t0, WALL + 2000) > last);
+    }
+
+    #[test]
+    fn a_silent_peer_is_declared_dead_and_ignored_until_it_comes_back_with_a_new_generation() {
+        let t0 = Instant::now();
+        let mut p = Peers::new("a", ms(400));
+        let s1 = p.next_seq(t0, WALL);
+        p.receive(1, &hb("b", WALL + 1, &[("a", s1)]), t0, WALL);
+        p.declare_silent(t0 + ms(399));
+        assert_eq!(p.declared("b"), None);
+        p.declare_silent(t0 + ms(400));
+        assert_eq!(p.declared("b"), Some(0));
+        assert_eq!(p.dead_list(), vec![(node_id("b"), 0)]);
+        // b's frames of generation 0, even new ones, are ignored from now on.
+        assert_eq!(p.receive(1, &hb("b", WALL + 2, &[("a", s1)]), t0 + ms(500), WALL), Received::Dead);
+        assert!(!p.is_alive("b", t0 + ms(500)));
+        let mut back = hb("b", WALL + 3, &[]);
+        back.generation = 1;
+        assert_eq!(p.receive(1, &back, t0 + ms(600), WALL), Received::Accepted);
+        assert_eq!(p.declared("b"), None);
+        assert!(p.is_alive("b", t0 + ms(600)));
+        // Others' declarations are read from their frames.
+        let mut c = hb("c", WALL + 3, &[]);
+        c.dead = vec![(node_id("b"), 1)];
+        p.receive(1, &c, t0 + ms(600), WALL);
+        assert!(p.reports_dead("c", "b", 1, t0 + ms(600)));
+        assert!(!p.reports_dead("c", "b", 2, t0 + ms(600)));
+    }
+
+    #[test]
+    fn a_new_generation_forgets_the_acks_of_the_old_one() {
+        let t0 = Instant::now();
+        let mut p = Peers::new("a", ms(400));
+        let s1 = p.next_seq(t0, WALL);
+        p.receive(1, &hb("b", WALL + 1, &[("a", s1)]), t0, WALL);
+        assert_eq!(p.hearing_us(t0, ms(300)), vec!["b"]);
+        p.set_generation(1);
+        assert!(p.hearing_us(t0, ms(300)).is_empty());
     }
 
     #[test]

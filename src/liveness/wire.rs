@@ -1,8 +1,10 @@
 //! The heartbeat frame: what one speaker tells the LAN every interval, signed.
 //!
 //! ```text
-//! "L2SH" | version u8 | flags u8 | interval_ms u16 | seq u64 | name_len u8 | name
+//! "L2SH" | version u8 | flags u8 | interval_ms u16 | seq u64 | generation u32
+//!        | name_len u8 | name
 //!        | ack_count u16 | (peer u32 | seq u64) × ack_count
+//!        | dead_count u16 | (peer u32 | generation u32) × dead_count
 //!        | mac_count u8 | (key u32 | HMAC-SHA256 [32]) × mac_count
 //! ```
 //! Big-endian. Each MAC covers every byte before `mac_count`. A frame carries one MAC per key
@@ -11,7 +13,9 @@
 //! (on any interface) and starts at the sender's wall clock in microseconds, so a restarted
 //! speaker continues above its previous frames and a recorded frame replayed later is
 //! refused. An ack names the newest frame heard from a peer, so the peer knows how fresh the
-//! ack is: as fresh as the frame it names.
+//! ack is: as fresh as the frame it names. `generation` is the sender's generation (see
+//! [`crate::ownership::quorum`]); `dead` lists the peers the sender has declared dead, each at
+//! the generation it was declared dead in.
 
 use ring::hmac;
 
@@ -22,6 +26,7 @@ pub const MAX_FRAME: usize = 1472;
 pub const MAX_KEYS: usize = 4;
 const MAC_LEN: usize = 32;
 const ACK_LEN: usize = 12;
+const DEAD_LEN: usize = 8;
 
 /// A peer's short identity in acks: the first four bytes of SHA-256 of its node name.
 pub type NodeId = u32;
@@ -59,9 +64,12 @@ impl Key {
 pub struct Heartbeat {
     pub node: String,
     pub seq: u64,
+    pub generation: u32,
     pub interval_ms: u16,
     /// (peer, the newest seq heard from it).
     pub acks: Vec<(NodeId, u64)>,
+    /// (peer, the generation in which we declared it dead).
+    pub dead: Vec<(NodeId, u32)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -84,9 +92,9 @@ impl Rejected {
     }
 }
 
-/// The frame for `hb`, signed with every key in `keys`. Acks that would not fit
-/// [`MAX_FRAME`] are left out (the caller orders them, most needed first); the number kept
-/// is returned.
+/// The frame for `hb`, signed with every key in `keys`. Declarations are all kept (the frame
+/// holds 170 of them with no acks); acks that would not fit [`MAX_FRAME`] are left out (the
+/// caller orders them, most needed first); the number of acks kept is returned.
 pub fn encode(hb: &Heartbeat, keys: &[Key]) -> (Vec<u8>, usize) {
     let keys = &keys[..keys.len().min(MAX_KEYS)];
     let name = &hb.node.as_bytes()[..hb.node.len().min(255)];
@@ -96,14 +104,24 @@ pub fn encode(hb: &Heartbeat, keys: &[Key]) -> (Vec<u8>, usize) {
     out.push(0);
     out.extend_from_slice(&hb.interval_ms.to_be_bytes());
     out.extend_from_slice(&hb.seq.to_be_bytes());
+    out.extend_from_slice(&hb.generation.to_be_bytes());
     out.push(name.len() as u8);
     out.extend_from_slice(name);
-    let room = MAX_FRAME.saturating_sub(out.len() + 2 + 1 + keys.len() * (4 + MAC_LEN)) / ACK_LEN;
+    let tail = 2 + 2 + 1 + keys.len() * (4 + MAC_LEN);
+    let dead_room = MAX_FRAME.saturating_sub(out.len() + tail) / DEAD_LEN;
+    let dead = &hb.dead[..hb.dead.len().min(dead_room)];
+    let room =
+        MAX_FRAME.saturating_sub(out.len() + tail + dead.len() * DEAD_LEN) / ACK_LEN;
     let n = hb.acks.len().min(room).min(u16::MAX as usize);
     out.extend_from_slice(&(n as u16).to_be_bytes());
     for (id, seq) in &hb.acks[..n] {
         out.extend_from_slice(&id.to_be_bytes());
         out.extend_from_slice(&seq.to_be_bytes());
+    }
+    out.extend_from_slice(&(dead.len() as u16).to_be_bytes());
+    for (id, generation) in dead {
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&generation.to_be_bytes());
     }
     let body = out.len();
     out.push(keys.len() as u8);
@@ -156,6 +174,7 @@ pub fn decode(frame: &[u8], keys: &[Key]) -> Result<Heartbeat, Rejected> {
     let _flags = r.u8()?;
     let interval_ms = r.u16()?;
     let seq = r.u64()?;
+    let generation = r.u32()?;
     let len = r.u8()? as usize;
     let node = std::str::from_utf8(r.take(len)?)
         .map_err(|_| Rejected::Malformed)?
@@ -164,6 +183,11 @@ pub fn decode(frame: &[u8], keys: &[Key]) -> Result<Heartbeat, Rejected> {
     let mut acks = Vec::with_capacity(n.min(MAX_FRAME / ACK_LEN));
     for _ in 0..n {
         acks.push((r.u32()?, r.u64()?));
+    }
+    let n = r.u16()? as usize;
+    let mut dead = Vec::with_capacity(n.min(MAX_FRAME / DEAD_LEN));
+    for _ in 0..n {
+        dead.push((r.u32()?, r.u32()?));
     }
     let body = frame.len() - r.0.len();
     let macs = r.u8()? as usize;
@@ -178,8 +202,10 @@ pub fn decode(frame: &[u8], keys: &[Key]) -> Result<Heartbeat, Rejected> {
                 Ok(()) => Ok(Heartbeat {
                     node,
                     seq,
+                    generation,
                     interval_ms,
                     acks,
+                    dead,
                 }),
                 Err(_) => Err(Rejected::Forged),
             };
@@ -196,8 +222,10 @@ mod tests {
         Heartbeat {
             node: "node-a".into(),
             seq: 1_764_000_000_000_000,
+            generation: 3,
             interval_ms: 100,
             acks: (0..acks as u32).map(|i| (i, u64::from(i) * 7)).collect(),
+            dead: vec![(9, 2)],
         }
     }
 

@@ -42,6 +42,8 @@ pub struct Observed {
     pub step_down: bool,
     /// The node that stepped down from a released Lease.
     pub stepped_down_from: Option<String>,
+    /// Written by a speaker that arbitrates with node liveness (not renewed per IP).
+    pub lan: bool,
 }
 
 impl Observed {
@@ -60,7 +62,36 @@ pub struct View {
     pub lease: Option<Observed>,
     /// When the VIP was first seen without a Lease.
     pub absent_since: Instant,
+    /// This node may take, adopt and answer for VIPs now (its node keeper serves). Always
+    /// true in [`Mode::Lease`].
+    pub serving: bool,
+    /// The node the Lease names, as liveness sees it ([`Mode::Lan`], Leases marked `lan`).
+    pub holder_node: Option<HolderNode>,
 }
+
+/// What liveness says about the node a Lease names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderNode {
+    pub generation: u32,
+    /// Its node Lease records a fence of `generation`.
+    pub fenced: bool,
+    /// Since when a majority has declared it dead at `generation` (None: it has not).
+    pub dead_since: Option<Instant>,
+}
+
+/// How an owner keeps a VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Renews the VIP's Lease and fences itself at the renew deadline.
+    Lease,
+    /// Writes the VIP's Lease only on change; the node keeper and the kernel switch decide
+    /// whether the node answers (see [`super::quorum`]).
+    Lan,
+}
+
+/// How long an address bound in [`Mode::Lan`] lives if nobody refreshes it: a backstop
+/// only (the gate silences a dead speaker's node within milliseconds).
+pub const LAN_ADDRESS_BACKSTOP: Duration = Duration::from_secs(24 * 3600);
 
 /// Why the holder should end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +111,9 @@ pub enum Reply {
     Lost,
     /// Any other error, including the request's deadline passing.
     Failed(String),
+    /// A fence went through; the holder may still answer for `wait` (it was on the API
+    /// path, see [`super::node`]).
+    Fenced { wait: Duration },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +131,8 @@ pub enum Input {
         answered_by: Option<String>,
     },
     Stop(Stop),
+    /// This node's generation was fenced: withdraw now ([`Mode::Lan`]).
+    Fenced,
 }
 
 /// What the shell does. Every action that makes this node answer for the VIP carries a
@@ -107,6 +143,13 @@ pub enum Action {
     Acquire {
         req: ReqId,
         resource_version: Option<String>,
+        deadline: Instant,
+    },
+    /// Fence `node`'s `generation`: a CAS on its node Lease ([`Mode::Lan`] take-overs).
+    Fence {
+        req: ReqId,
+        node: String,
+        generation: u32,
         deadline: Instant,
     },
     /// Renew the Lease we hold (CAS on what our last write returned).
@@ -227,6 +270,18 @@ enum Phase {
         waited_since: Option<Instant>,
     },
     Owner(Owned),
+    /// `on`: the Lease's resourceVersion when the take-over was decided; it goes on only
+    /// while the Lease is still that one.
+    Fencing {
+        req: ReqId,
+        deadline: Instant,
+        on: String,
+    },
+    /// Fenced a holder that may answer on its node Lease alone: until then.
+    FenceWait {
+        until: Instant,
+        on: String,
+    },
     Leaving {
         req: ReqId,
         deadline: Instant,
@@ -240,12 +295,16 @@ pub struct Holder {
     me: String,
     timing: Timing,
     kind: Kind,
+    mode: Mode,
     view: View,
     phase: Phase,
     stop: Option<Stop>,
     next_req: ReqId,
     /// After a conflict, no new attempt before this.
     conflict_until: Option<Instant>,
+    /// The Lease's resourceVersion when we last released or deleted it: a watch still
+    /// showing that version is behind our own write, not news.
+    left_on: Option<String>,
 }
 
 /// What a speaker that does not hold a Lease should do next.
@@ -288,12 +347,24 @@ impl Holder {
             me: me.to_string(),
             timing,
             kind,
+            mode: Mode::Lease,
             view,
             phase: Phase::Standby { retry_at: None },
             stop: None,
             next_req: 1,
             conflict_until: None,
+            left_on: None,
         }
+    }
+
+    /// The same holder keeping its VIP in [`Mode::Lan`].
+    pub fn lan(mut self) -> Self {
+        self.mode = Mode::Lan;
+        self
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     /// Until when this node may act as the holder (None: it is not the holder now).
@@ -347,6 +418,21 @@ impl Holder {
             }
             Input::Reply { req, reply } => self.reply(req, reply, now, &mut out),
             Input::Probed { req, answered_by } => self.probed(req, answered_by, now, &mut out),
+            Input::Fenced => match self.phase {
+                Phase::Owner(_) => {
+                    self.withdraw(
+                        "a majority declared this node dead and fenced it",
+                        true,
+                        &mut out,
+                    );
+                }
+                // A take-over in flight is abandoned: a write that still lands names us, and
+                // is then released (a fenced node never keeps a Lease it wrote before).
+                Phase::Acquiring { .. } | Phase::Fencing { .. } | Phase::FenceWait { .. } => {
+                    self.back_off(now);
+                }
+                _ => {}
+            },
         }
         self.evaluate(now, &mut out);
         out
@@ -367,14 +453,20 @@ impl Holder {
                     // A reply that comes after the deadline is as good as none.
                     Reply::Written { resource_version } if now < *deadline => {
                         let sent = *sent;
-                        let fence_at = sent + self.timing.renew_deadline;
+                        let fence_at = match self.mode {
+                            Mode::Lease => sent + self.timing.renew_deadline,
+                            Mode::Lan => sent + LAN_ADDRESS_BACKSTOP,
+                        };
                         let iface = *iface;
                         let mut owned = Owned {
                             iface,
                             resource_version,
                             stale: Some(on.clone()),
                             fence_at,
-                            next_renew: sent + self.timing.renew_interval,
+                            next_renew: match self.mode {
+                                Mode::Lease => sent + self.timing.renew_interval,
+                                Mode::Lan => fence_at,
+                            },
                             renewing: None,
                             burst_start: now,
                             burst_round: 0,
@@ -403,7 +495,7 @@ impl Holder {
                     Reply::Written { .. } => {
                         self.phase = Phase::Standby { retry_at: None };
                     }
-                    Reply::Lost => self.back_off(now),
+                    Reply::Lost | Reply::Fenced { .. } => self.back_off(now),
                     Reply::Failed(e) => {
                         out.actions.push(Action::Report(Report::AcquireFailed(e)));
                         self.back_off(now);
@@ -427,7 +519,7 @@ impl Holder {
                         }
                     }
                     // Too late: the fence timer has already decided (evaluate withdraws).
-                    Reply::Written { .. } => {}
+                    Reply::Written { .. } | Reply::Fenced { .. } => {}
                     Reply::Lost => {
                         self.withdraw("the lease was taken", false, out);
                         self.back_off(now);
@@ -438,9 +530,33 @@ impl Holder {
                     }
                 }
             }
+            Phase::Fencing { req: r, on, .. } if *r == req => match reply {
+                // Fenced: its gate has closed already (a majority declared it dead); take
+                // the Lease now, if it is still the one we decided on.
+                Reply::Written { .. } | Reply::Fenced { wait: Duration::ZERO } => {
+                    let on = on.clone();
+                    self.phase = Phase::Standby { retry_at: None };
+                    self.acquire_if_unchanged(&on, now, out);
+                }
+                Reply::Fenced { wait } => {
+                    self.phase = Phase::FenceWait {
+                        until: now + wait,
+                        on: on.clone(),
+                    };
+                }
+                Reply::Lost => self.back_off(now),
+                Reply::Failed(e) => {
+                    out.actions.push(Action::Report(Report::AcquireFailed(format!(
+                        "fencing the holder: {e}"
+                    ))));
+                    self.back_off(now);
+                }
+            },
             Phase::Leaving { req: r, .. } if *r == req => {
                 if let Reply::Failed(e) = reply {
                     out.actions.push(Action::Report(Report::ReleaseFailed(e)));
+                    // Not released: a view still naming us is not stale.
+                    self.left_on = None;
                 }
                 self.phase = self.after_leaving();
             }
@@ -468,7 +584,10 @@ impl Holder {
                 out.actions.push(Action::Dnat(true));
                 out.actions.push(Action::Bind {
                     iface: o.iface,
-                    until: self.timing.address_until(o.sent),
+                    until: match self.mode {
+                        Mode::Lease => self.timing.address_until(o.sent),
+                        Mode::Lan => o.fence_at,
+                    },
                     not_after: o.fence_at,
                 });
                 o.burst_start = now;
@@ -525,6 +644,7 @@ impl Holder {
     }
 
     fn leave(&mut self, now: Instant, out: &mut Step, make: impl FnOnce(ReqId, Instant) -> Action) {
+        self.left_on = self.view.lease.as_ref().map(|l| l.resource_version.clone());
         let req = self.req();
         let deadline = now + RELEASE_DEADLINE;
         out.actions.push(make(req, deadline));
@@ -545,6 +665,7 @@ impl Holder {
                 Phase::Stopped => return,
                 Phase::Leaving { deadline, .. } => {
                     if now >= deadline {
+                        self.left_on = None;
                         out.actions.push(Action::Report(Report::ReleaseFailed(
                             "no reply before the deadline".into(),
                         )));
@@ -552,6 +673,26 @@ impl Holder {
                         continue;
                     }
                     out.wake = Some(deadline);
+                    return;
+                }
+                Phase::Fencing { deadline, .. } => {
+                    if now >= deadline {
+                        self.back_off(now);
+                        continue;
+                    }
+                    out.wake = Some(deadline);
+                    return;
+                }
+                Phase::FenceWait { until, on } => {
+                    if self.stop.is_some() {
+                        self.phase = Phase::Stopped;
+                        return;
+                    }
+                    if now >= until {
+                        self.phase = Phase::Standby { retry_at: None };
+                        return self.acquire_if_unchanged(&on, now, out);
+                    }
+                    out.wake = Some(until);
                     return;
                 }
                 Phase::Acquiring { deadline, .. } => {
@@ -692,6 +833,60 @@ impl Holder {
         }
     }
 
+    /// Takes over only if the Lease is still at `on`; else looks again.
+    fn acquire_if_unchanged(&mut self, on: &str, now: Instant, out: &mut Step) {
+        let same = self
+            .view
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.resource_version == on);
+        if same {
+            self.acquire(now, out);
+        } else {
+            self.settle_standby(now, out);
+        }
+    }
+
+    /// Writes the Lease naming us (create, take over or adopt) and waits for the reply.
+    fn acquire(&mut self, now: Instant, out: &mut Step) {
+        let Ok(iface) = self.view.eligible.clone() else {
+            return;
+        };
+        let lease = self.view.lease.clone();
+        let req = self.req();
+        let deadline = now + self.timing.renew_deadline;
+        let previous = lease.as_ref().and_then(|l| {
+            l.holder
+                .clone()
+                .or_else(|| l.stepped_down_from.clone())
+                .filter(|p| *p != self.me)
+        });
+        let waited_since = lease.as_ref().map(|l| match (&l.holder, &self.view.holder_node) {
+            (None, _) => l.since,
+            (Some(_), Some(HolderNode {
+                dead_since: Some(t),
+                ..
+            })) if l.lan => *t,
+            _ => l.expires_at(),
+        });
+        let on = lease.as_ref().map(|l| l.resource_version.clone());
+        out.actions.push(Action::Acquire {
+            req,
+            resource_version: on.clone(),
+            deadline,
+        });
+        self.phase = Phase::Acquiring {
+            req,
+            sent: now,
+            deadline,
+            on,
+            iface,
+            previous,
+            waited_since,
+        };
+        out.wake = Some(deadline);
+    }
+
     fn settle_standby(&mut self, now: Instant, out: &mut Step) {
         let Phase::Standby { retry_at } = &self.phase else {
             return;
@@ -700,9 +895,9 @@ impl Holder {
             self.phase = Phase::Stopped;
             return;
         }
-        let Ok(iface) = self.view.eligible.clone() else {
+        if self.view.eligible.is_err() {
             return;
-        };
+        }
         if let Some((t, _)) = retry_at
             && now < *t
         {
@@ -715,7 +910,45 @@ impl Holder {
             out.wake = Some(t);
             return;
         }
+        if self.mode == Mode::Lan && !self.view.serving {
+            // Suspended or not yet confirmed: no take-over, no adoption (the view changes
+            // when that ends).
+            return;
+        }
         let lease = self.view.lease.clone();
+        // A Lease that a live node holds without renewing it: only a majority's
+        // declaration moves it, and the holder's generation is fenced first.
+        if let Some(l) = &lease
+            && l.lan
+            && let Some(holder) = l.holder.as_deref()
+            && holder != self.me
+        {
+            let Some(h) = self.view.holder_node.clone() else {
+                return;
+            };
+            let Some(dead_since) = h.dead_since else {
+                return;
+            };
+            let at = dead_since + self.view.delay;
+            if now < at {
+                out.wake = Some(at);
+                return;
+            }
+            // Fenced already or not, through the fence: it tells whether the holder may still
+            // answer on its node Lease, and then we wait that out from now.
+            let on = l.resource_version.clone();
+            let req = self.req();
+            let deadline = now + self.timing.renew_deadline;
+            out.actions.push(Action::Fence {
+                req,
+                node: holder.to_string(),
+                generation: h.generation,
+                deadline,
+            });
+            self.phase = Phase::Fencing { req, deadline, on };
+            out.wake = Some(deadline);
+            return;
+        }
         let wake = match candidate(
             lease.as_ref(),
             &self.me,
@@ -724,39 +957,26 @@ impl Holder {
             self.view.delay,
         ) {
             Candidate::WaitUntil(t) => Some(t),
-            Candidate::Acquire | Candidate::Adopt => {
-                let req = self.req();
-                let deadline = now + self.timing.renew_deadline;
-                let previous = lease.as_ref().and_then(|l| {
-                    l.holder
-                        .clone()
-                        .or_else(|| l.stepped_down_from.clone())
-                        .filter(|p| *p != self.me)
-                });
-                let waited_since = lease.as_ref().map(|l| {
-                    if l.holder.is_none() {
-                        l.since
-                    } else {
-                        l.expires_at()
-                    }
-                });
-                let on = lease.as_ref().map(|l| l.resource_version.clone());
-                out.actions.push(Action::Acquire {
-                    req,
-                    resource_version: on.clone(),
-                    deadline,
-                });
-                self.phase = Phase::Acquiring {
-                    req,
-                    sent: now,
-                    deadline,
-                    on,
-                    iface,
-                    previous,
-                    waited_since,
-                };
-                Some(deadline)
+            // In LAN mode a Lease naming us that we do not hold in this life (a restart, a
+            // fence, an abandoned take-over) is given back rather than adopted: a candidate
+            // that fenced our old generation may be about to take it.
+            Candidate::Adopt
+                if self.mode == Mode::Lan
+                    && self.left_on.as_deref()
+                        == lease.as_ref().map(|l| l.resource_version.as_str()) =>
+            {
+                // Our own release has not reached the watch yet.
+                None
             }
+            Candidate::Adopt if self.mode == Mode::Lan => {
+                self.leave(now, out, |req, deadline| Action::Release {
+                    req,
+                    step_down: false,
+                    deadline,
+                });
+                return;
+            }
+            Candidate::Acquire | Candidate::Adopt => return self.acquire(now, out),
         };
         out.wake = wake;
     }
@@ -788,6 +1008,7 @@ mod tests {
             since,
             step_down: false,
             stepped_down_from: None,
+            lan: false,
         }
     }
 
@@ -797,7 +1018,121 @@ mod tests {
             delay: Duration::ZERO,
             lease,
             absent_since: t0,
+            serving: true,
+            holder_node: None,
         }
+    }
+
+    fn lan_lease(holder: &str, rv: &str, since: Instant) -> Observed {
+        Observed {
+            lan: true,
+            duration: Duration::from_secs(3600),
+            ..observed(Some(holder), rv, since)
+        }
+    }
+
+    #[test]
+    fn in_lan_mode_a_held_lease_moves_only_after_a_majority_declared_its_holder_dead_and_a_fence() {
+        let t0 = Instant::now();
+        let mut h = Holder::new(ME, timing(), Kind::Vip, view(Some(lan_lease("node-2", "7", t0)), t0)).lan();
+        let alive = HolderNode {
+            generation: 3,
+            fenced: false,
+            dead_since: None,
+        };
+        let mut v = view(Some(lan_lease("node-2", "7", t0)), t0);
+        v.holder_node = Some(alive.clone());
+        // Not renewed for an hour: still no take-over while nobody declared node-2 dead.
+        let s = h.step(Input::View(v.clone()), t0 + Duration::from_secs(3600));
+        assert!(s.actions.is_empty(), "{s:?}");
+        // Declared dead by a majority: fence first.
+        v.holder_node = Some(HolderNode {
+            dead_since: Some(t0 + ms(10)),
+            ..alive
+        });
+        let s = h.step(Input::View(v.clone()), t0 + ms(20));
+        let fence = s
+            .actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Fence {
+                    req,
+                    node,
+                    generation,
+                    ..
+                } => Some((*req, node.clone(), *generation)),
+                _ => None,
+            })
+            .expect("a fence");
+        assert_eq!((fence.1.as_str(), fence.2), ("node-2", 3));
+        let s = h.step(
+            Input::Reply {
+                req: fence.0,
+                reply: Reply::Written {
+                    resource_version: "x".into(),
+                },
+            },
+            t0 + ms(25),
+        );
+        let req = acquire_req(&s);
+        let s = h.step(
+            Input::Reply {
+                req,
+                reply: Reply::Written {
+                    resource_version: "8".into(),
+                },
+            },
+            t0 + ms(30),
+        );
+        let probe = s
+            .actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Probe { req, .. } => Some(*req),
+                _ => None,
+            })
+            .expect("a probe before binding");
+        let s = h.step(
+            Input::Probed {
+                req: probe,
+                answered_by: None,
+            },
+            t0 + ms(60),
+        );
+        assert!(s.actions.iter().any(|a| matches!(a, Action::Bind { .. })));
+        // And it never renews: ten minutes later, no write at all.
+        v.lease = Some(Observed {
+            lan: true,
+            ..lan_lease(ME, "8", t0 + ms(30))
+        });
+        h.step(Input::View(v.clone()), t0 + ms(100));
+        for m in (1..600).map(|s| t0 + Duration::from_secs(s)) {
+            let s = h.step(Input::Tick, m);
+            assert!(
+                !s.actions.iter().any(|a| matches!(a, Action::Renew { .. } | Action::Unbind { .. })),
+                "{s:?}"
+            );
+        }
+        // Fenced (our own node was declared dead): withdraw at once.
+        let s = h.step(Input::Fenced, t0 + Duration::from_secs(601));
+        assert!(s.actions.iter().any(|a| matches!(a, Action::Unbind { .. })));
+    }
+
+    #[test]
+    fn in_lan_mode_a_suspended_node_takes_nothing_and_a_lease_of_the_previous_release_expires_as_before()
+     {
+        let t0 = Instant::now();
+        let mut v = view(None, t0);
+        v.serving = false;
+        let mut h = Holder::new(ME, timing(), Kind::Vip, v.clone()).lan();
+        assert!(h.step(Input::Tick, t0 + ms(10)).actions.is_empty());
+        // A Lease renewed per IP by a speaker of the previous release: taken only once expired.
+        v.serving = true;
+        v.lease = Some(observed(Some("node-2"), "3", t0));
+        let s = h.step(Input::View(v), t0 + ms(3999));
+        assert!(s.actions.is_empty());
+        let s = h.step(Input::Tick, t0 + ms(4000));
+        acquire_req(&s);
     }
 
     fn acquire_req(s: &Step) -> ReqId {

@@ -8,5 +8,7 @@
 //! API server, kernels and LAN under randomized faults.
 
 pub mod machine;
+pub mod node;
+pub mod quorum;
 pub mod shell;
 pub mod timing;

@@ -56,6 +56,8 @@ pub const DNAT_WAIT: Duration = Duration::from_millis(500);
 /// What a background task reports back: an API request's result, or a probe's.
 enum Done {
     Api(ReqId, Box<Result<Option<Lease>, LeaseError>>),
+    /// A request whose reply the machine takes as is (a fence).
+    Reply(ReqId, Reply),
     Probe(ReqId, Option<String>),
 }
 
@@ -112,6 +114,7 @@ pub async fn run(
             Some(done) = shell.done.1.recv() => match done {
                 Done::Api(req, result) => shell.reply(req, *result),
                 Done::Probe(req, answered_by) => Input::Probed { req, answered_by },
+                Done::Reply(req, reply) => Input::Reply { req, reply },
             },
             r = stop.changed() => match (r, *stop.borrow_and_update()) {
                 (Ok(()), Some(s)) => Input::Stop(s),
@@ -188,6 +191,35 @@ impl Shell {
         });
     }
 
+    /// The Lease to release: the watch's copy when it names us and is newer than our last
+    /// write (someone wrote it since: a drill's step-down mark, or it is a Lease from before a
+    /// restart or a fence), else our last write.
+    fn newest_held(&self) -> Lease {
+        let me = self.shared.config.node_name.as_str();
+        let rv = |l: &Lease| {
+            l.metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let seen = self
+            .feed
+            .lease
+            .clone()
+            .filter(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(me));
+        match (seen, self.held.clone()) {
+            (Some(a), Some(b)) => {
+                if rv(&a) > rv(&b) {
+                    a
+                } else {
+                    b
+                }
+            }
+            (a, b) => a.or(b).unwrap_or_default(),
+        }
+    }
+
     fn interface(&self, index: u32) -> Option<Interface> {
         self.interfaces
             .get(&index)
@@ -239,6 +271,35 @@ impl Shell {
                         .map(Some)
                 });
             }
+            Action::Fence {
+                req,
+                node,
+                generation,
+                deadline,
+            } => {
+                let api: kube::Api<Lease> =
+                    kube::Api::namespaced(s.client.clone(), &s.config.namespace);
+                let me = s.config.node_name.clone();
+                info!(node = %node, generation, "fencing a node a majority declared dead");
+                let wait = s.config.renew_deadline + crate::ownership::quorum::CLOCK_MARGIN;
+                let tx = self.done.0.clone();
+                tokio::spawn(async move {
+                    let r = tokio::time::timeout_at(
+                        deadline,
+                        crate::node_lease::fence(&api, &node, generation, &me),
+                    )
+                    .await;
+                    let reply = match r {
+                        Ok(Ok(Some(api_path))) => Reply::Fenced {
+                            wait: if api_path { wait } else { Duration::ZERO },
+                        },
+                        Ok(Ok(None)) => Reply::Lost,
+                        Ok(Err(e)) => Reply::Failed(e.to_string()),
+                        Err(_) => Reply::Failed("fencing timed out".into()),
+                    };
+                    let _ = tx.send(Done::Reply(req, reply));
+                });
+            }
             Action::Renew { req, deadline } => {
                 let held = self.held.clone().unwrap_or_default();
                 self.request(req, deadline, async move {
@@ -250,7 +311,7 @@ impl Shell {
                 step_down,
                 deadline,
             } => {
-                let held = self.held.clone().unwrap_or_default();
+                let held = self.newest_held();
                 self.request(req, deadline, async move {
                     if step_down {
                         leases.step_down(&name, &held).await.map(|_| None)

@@ -5,6 +5,7 @@
 //! l2s-sim --seed 1234 --trace          # replay one schedule, print every event
 //! l2s-sim --schedules 1000000          # soak by count
 //! l2s-sim --duration 600               # soak for ten minutes
+//! l2s-sim --lan --schedules 10000      # LAN mode (node liveness, arbitration in the API)
 //! ```
 
 use std::time::{Duration, Instant};
@@ -30,12 +31,19 @@ struct Args {
     first_seed: u64,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// LAN-mode schedules (node liveness on the LAN, arbitration in the API).
+    #[arg(long)]
+    lan: bool,
 }
 
 fn main() {
     let a = Args::parse();
     if let Some(seed) = a.seed {
-        let s = sim::Schedule::generate(seed);
+        let s = if a.lan {
+            sim::Schedule::generate_lan(seed)
+        } else {
+            sim::Schedule::generate(seed)
+        };
         print!("{s}");
         let o = sim::run(&s, a.trace);
         for line in &o.trace {
@@ -60,7 +68,11 @@ fn main() {
     let mut seed = a.first_seed;
     let mut total = sim::Totals::default();
     loop {
-        let (failed, t) = sim::run_many(seed, batch, a.threads);
+        let (failed, t) = if a.lan {
+            sim::run_many_lan(seed, batch, a.threads)
+        } else {
+            sim::run_many(seed, batch, a.threads)
+        };
         total.schedules += t.schedules;
         total.events += t.events;
         total.moves += t.moves;

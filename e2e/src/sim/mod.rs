@@ -27,13 +27,24 @@ use l2speaker::coordinator::{FAIR_SHARE_WAIT, INITIAL_RANK_STEP, RANK_STEP, dela
 use l2speaker::dataplane::probe::PROBE_WAIT;
 use l2speaker::lease;
 use l2speaker::ownership::machine::CONFLICT_RETRY;
+use l2speaker::liveness::peers::Peers;
+use l2speaker::liveness::wire::Heartbeat;
 use l2speaker::ownership::machine::{
-    Action, Holder, Input, Kind, Observed, Reply, Report, ReqId, Stop, View,
+    Action, Holder, HolderNode, Input, Kind, Observed, Reply, Report, ReqId, Stop, View,
 };
+use l2speaker::ownership::node::{
+    NodeAction, NodeInput, NodeKeeper, NodeLeaseState, NodeReply, NodeTiming,
+};
+use l2speaker::ownership::quorum;
 use l2speaker::ownership::timing::{self, KERNEL_GRANULARITY};
 use tokio::time::Instant;
 
-pub use schedule::{Dir, Fault, FaultKind, Mutation, Outage, Rng, Schedule};
+pub use schedule::{Dir, Fault, FaultKind, LanTiming, Mutation, Outage, Rng, Schedule};
+
+/// The longest a gate refresh opens it for (the speaker's `GATE_MAX`).
+const GATE_MAX: Duration = Duration::from_millis(500);
+/// The wall clock of simulated time zero, in microseconds (heartbeat seqs carry it).
+const WALL0: u64 = 1_764_000_000_000_000;
 
 /// Simulated time since the start.
 type T = Duration;
@@ -62,7 +73,7 @@ pub struct Violation {
 pub struct Outcome {
     pub violation: Option<Violation>,
     pub events: u64,
-    /// Ownership changes seen in the API (holder A → B).
+    /// Ownership changes seen in the API (holder A → B, also by way of a release).
     pub moves: u64,
     pub trace: Vec<String>,
 }
@@ -73,6 +84,37 @@ enum Op {
     Renew(u64),
     Release { rv: u64, step_down: bool },
     Delete(u64),
+    Fence { target: usize, generation: u32 },
+}
+
+#[derive(Debug, Clone)]
+enum NodeOp {
+    Write {
+        rv: Option<u64>,
+        generation: u32,
+        api_path: bool,
+    },
+}
+
+/// A node Lease in the simulated API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeObj {
+    rv: u64,
+    generation: u32,
+    fenced: Option<u32>,
+    api_path: bool,
+    created: T,
+}
+
+impl NodeObj {
+    fn state(&self) -> NodeLeaseState {
+        NodeLeaseState {
+            resource_version: self.rv.to_string(),
+            generation: self.generation,
+            fenced: self.fenced,
+            api_path: self.api_path,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -133,11 +175,46 @@ enum Ev {
         slot: u64,
         req: ReqId,
     },
+    /// LAN mode: the node's heartbeat timer (keeper step, gate refresh, one frame out).
+    Hb {
+        node: usize,
+        inc: u32,
+        chain: u64,
+    },
+    HbArrive {
+        node: usize,
+        inc: u32,
+        frame: Heartbeat,
+    },
+    NodeArrive {
+        node: usize,
+        inc: u32,
+        req: ReqId,
+        op: NodeOp,
+    },
+    NodeReplyArrive {
+        node: usize,
+        inc: u32,
+        req: ReqId,
+        reply: NodeReply,
+    },
+    NodeDeadline {
+        node: usize,
+        inc: u32,
+        req: ReqId,
+    },
+    NodeWatch {
+        node: usize,
+        conn: u64,
+        of: usize,
+        state: Option<NodeObj>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct LeaseObj {
     rv: u64,
+    lan: bool,
     holder: Option<String>,
     duration_s: u64,
     step_down: bool,
@@ -187,6 +264,19 @@ struct Node {
     dnat: Vec<bool>,
     /// When this node was disturbed (fault intervals), for the stickiness check.
     disturbed: Vec<(T, T)>,
+    /// LAN mode: the real peer table and node keeper, the kernel gate, the node Leases as
+    /// this node's cache holds them, and since when a majority declared each node dead.
+    peers: Peers,
+    keeper: Option<NodeKeeper>,
+    gate_until: T,
+    ncache: Vec<Option<NodeObj>>,
+    /// When this node saw each node Lease change last.
+    nseen: Vec<T>,
+    dead_since: Vec<Option<T>>,
+    started: T,
+    node_pending: Option<ReqId>,
+    hb_chain: u64,
+    lan_summary: Option<(bool, Vec<Option<(u32, bool, Option<T>)>>)>,
 }
 
 pub struct Sim {
@@ -213,6 +303,10 @@ pub struct Sim {
     next_slot: u64,
     out: Outcome,
     tracing: bool,
+    /// LAN mode: node Leases in the API, and the heartbeat losses in force.
+    napi: Vec<Option<NodeObj>>,
+    hb_loss: Vec<(usize, Option<usize>, Option<usize>)>,
+    last_holder: Vec<Option<String>>,
 }
 
 fn ip(vip: usize) -> IpAddr {
@@ -233,6 +327,11 @@ fn k8s_lease(o: &LeaseObj) -> Lease {
     }
     if let Some(f) = &o.stepped_down_from {
         a.insert(lease::ANNOTATION_STEPPED_DOWN_FROM.to_string(), f.clone());
+    }
+    if o.lan
+        && let Some(h) = &o.holder
+    {
+        a.insert(lease::ANNOTATION_LAN_HOLDER.to_string(), h.clone());
     }
     if !a.is_empty() {
         l.metadata.annotations = Some(a);
@@ -277,6 +376,19 @@ impl Sim {
                 kernel: vec![None; s.vips],
                 dnat: vec![false; s.vips],
                 disturbed: vec![],
+                peers: Peers::new(
+                    &format!("node-{i}"),
+                    s.lan.map(|l| l.dead_after).unwrap_or(Duration::from_secs(1)),
+                ),
+                keeper: None,
+                gate_until: T::ZERO,
+                ncache: vec![None; s.nodes],
+                nseen: vec![T::ZERO; s.nodes],
+                dead_since: vec![None; s.nodes],
+                started: T::ZERO,
+                node_pending: None,
+                hb_chain: 0,
+                lan_summary: None,
             })
             .collect();
         Sim {
@@ -300,8 +412,50 @@ impl Sim {
             next_slot: 0,
             out: Outcome::default(),
             tracing,
+            napi: vec![None; s.nodes],
+            hb_loss: vec![],
+            last_holder: vec![None; s.vips],
             s,
         }
+    }
+
+    fn node_timing(&self) -> NodeTiming {
+        let l = self.s.lan.expect("LAN mode");
+        NodeTiming {
+            renew_interval: self.s.timing.renew_interval,
+            renew_deadline: self.s.timing.renew_deadline,
+            dead_after: if self.s.mutations.contains(&Mutation::LongAck) {
+                l.dead_after * 3
+            } else {
+                l.dead_after
+            },
+        }
+    }
+
+    fn gate_open(&self, node: usize) -> bool {
+        self.s.lan.is_none() || self.now < self.nodes[node].gate_until
+    }
+
+    /// A (re)started speaker in LAN mode: a fresh peer table and keeper (from its node Lease
+    /// as it is now), its heartbeat timer.
+    fn start_lan(&mut self, node: usize) {
+        let Some(l) = self.s.lan else { return };
+        let inst = self.instant(self.now);
+        let timing = self.node_timing();
+        let state = self.napi[node].as_ref().map(NodeObj::state);
+        let n = &mut self.nodes[node];
+        n.peers = Peers::new(&n.name, l.dead_after);
+        n.keeper = Some(NodeKeeper::new(timing, state, inst));
+        n.started = self.now;
+        n.node_pending = None;
+        n.dead_since = vec![None; self.s.nodes];
+        n.ncache = self.napi.clone();
+        n.nseen = vec![self.now; self.s.nodes];
+        n.lan_summary = None;
+        n.hb_chain += 1;
+        let (inc, chain) = (n.inc, n.hb_chain);
+        let d = self.rng.ms(0, l.interval.as_millis() as u64);
+        self.at(self.now + d, Ev::Hb { node, inc, chain });
     }
 
     fn at(&mut self, t: T, ev: Ev) {
@@ -346,6 +500,7 @@ impl Sim {
             self.at(start, Ev::Synced { node: i, inc });
             let phase = self.rng.ms(0, 999);
             self.at(phase, Ev::KernelGc { node: i });
+            self.start_lan(i);
         }
         for (i, f) in self.s.faults.clone().iter().enumerate() {
             self.at(f.at, Ev::FaultStart(i));
@@ -376,7 +531,10 @@ impl Sim {
         let (node, inc) = match &ev {
             Ev::ReplyArrive { node, inc, .. }
             | Ev::Deadline { node, inc, .. }
-            | Ev::ProbeDone { node, inc, .. } => (*node, *inc),
+            | Ev::ProbeDone { node, inc, .. }
+            | Ev::HbArrive { node, inc, .. }
+            | Ev::NodeReplyArrive { node, inc, .. }
+            | Ev::NodeDeadline { node, inc, .. } => (*node, *inc),
             _ => return Some(ev),
         };
         let n = &mut self.nodes[node];
@@ -559,17 +717,374 @@ impl Sim {
                 } else if self.foreign[vip] {
                     Some("foreign".to_string())
                 } else {
-                    self.nodes
-                        .iter()
-                        .enumerate()
-                        .find(|(i, x)| *i != node && x.link_up && x.kernel[vip].is_some())
-                        .map(|(_, x)| x.name.clone())
+                    (0..self.nodes.len())
+                        .find(|i| *i != node && self.answers(*i, vip))
+                        .map(|i| self.nodes[i].name.clone())
                 };
                 self.input(node, slot, Input::Probed { req, answered_by });
             }
             Ev::FaultStart(i) => self.fault(i, true),
             Ev::FaultEnd(i) => self.fault(i, false),
+            Ev::Hb { node, inc, chain } => {
+                let n = &self.nodes[node];
+                if !n.alive || n.inc != inc || n.frozen || n.hb_chain != chain {
+                    return;
+                }
+                self.heartbeat(node);
+                let every = self.s.lan.expect("LAN mode").interval;
+                let jitter = self.rng.ms(0, 3);
+                self.at(self.now + every + jitter, Ev::Hb { node, inc, chain });
+            }
+            Ev::HbArrive { node, frame, .. } => {
+                let wall = WALL0 + self.now.as_micros() as u64;
+                let at = self.instant(self.now).into_std();
+                self.nodes[node].peers.receive(1, &frame, at, wall);
+            }
+            Ev::NodeArrive { node, inc, req, op } => self.node_arrive(node, inc, req, op),
+            Ev::NodeReplyArrive {
+                node, req, reply, ..
+            } => {
+                if self.nodes[node].node_pending == Some(req) {
+                    self.nodes[node].node_pending = None;
+                    self.keeper_step(node, NodeInput::Reply { req, reply });
+                }
+            }
+            Ev::NodeDeadline { node, req, .. } => {
+                if self.nodes[node].node_pending == Some(req) {
+                    self.nodes[node].node_pending = None;
+                    let reply = NodeReply::Failed("deadline".into());
+                    self.keeper_step(node, NodeInput::Reply { req, reply });
+                }
+            }
+            Ev::NodeWatch {
+                node,
+                conn,
+                of,
+                state,
+            } => {
+                let n = &mut self.nodes[node];
+                if !n.alive || n.watch_conn != conn || !n.watch_ok {
+                    return;
+                }
+                if n.frozen {
+                    n.queued.push(Ev::NodeWatch {
+                        node,
+                        conn,
+                        of,
+                        state,
+                    });
+                    return;
+                }
+                if n.ncache[of] != state {
+                    n.nseen[of] = self.now;
+                }
+                n.ncache[of] = state.clone();
+                if of == node
+                    && let Some(st) = state
+                {
+                    self.keeper_step(node, NodeInput::Observed(st.state()));
+                }
+            }
         }
+    }
+
+    /// Steps the node keeper and performs its actions.
+    fn keeper_step(&mut self, node: usize, input: NodeInput) {
+        let inst = self.instant(self.now);
+        let n = &mut self.nodes[node];
+        if !n.alive {
+            return;
+        }
+        let Some(k) = n.keeper.as_mut() else { return };
+        let (actions, _wake) = k.step(input, inst);
+        for a in actions {
+            match a {
+                NodeAction::Write {
+                    req,
+                    resource_version,
+                    generation,
+                    api_path,
+                    deadline,
+                } => {
+                    let inc = self.nodes[node].inc;
+                    self.nodes[node].node_pending = Some(req);
+                    let d = deadline.saturating_duration_since(self.base).max(self.now);
+                    self.at(d, Ev::NodeDeadline { node, inc, req });
+                    let n = &self.nodes[node];
+                    if n.link_up && n.api_out {
+                        let lat = self.latency();
+                        let rv = resource_version.map(|r| r.parse::<u64>().expect("numeric"));
+                        self.at(
+                            self.now + lat,
+                            Ev::NodeArrive {
+                                node,
+                                inc,
+                                req,
+                                op: NodeOp::Write {
+                                    rv,
+                                    generation,
+                                    api_path,
+                                },
+                            },
+                        );
+                    }
+                }
+                NodeAction::DropAll { fenced } => {
+                    let name = self.nodes[node].name.clone();
+                    self.trace(|| format!("{name}: fenced in generation {fenced}: dropping every VIP"));
+                    let ids: Vec<u64> = self.nodes[node].slots.iter().map(|s| s.id).collect();
+                    for id in ids {
+                        self.input(node, id, Input::Fenced);
+                    }
+                }
+                NodeAction::Generation(g) => {
+                    let name = self.nodes[node].name.clone();
+                    self.trace(|| format!("{name}: now in generation {g}"));
+                    self.nodes[node].peers.set_generation(g);
+                }
+            }
+        }
+    }
+
+    /// One heartbeat tick: declarations, the keeper, the gate refresh, a frame to every peer,
+    /// and the take-over evidence.
+    fn heartbeat(&mut self, node: usize) {
+        let l = self.s.lan.expect("LAN mode");
+        let now = self.now;
+        let inst = self.instant(now);
+        let at = inst.into_std();
+        let wall = WALL0 + now.as_micros() as u64;
+        let members: Vec<usize> = (0..self.s.nodes)
+            .filter(|i| self.nodes[node].ncache[*i].is_some())
+            .collect();
+        let names: Vec<String> = members
+            .iter()
+            .map(|i| self.nodes[*i].name.clone())
+            .collect();
+        let n = &mut self.nodes[node];
+        n.peers.declare_silent(at);
+        // Members silent on the LAN are dead in the generation their node Lease shows too
+        // (one never heard only once we have listened for dead_after).
+        for i in &members {
+            let other = format!("node-{i}");
+            let g = n.ncache[*i].as_ref().map(|o| o.generation).unwrap_or(0);
+            let listened = now >= n.started + l.dead_after;
+            if *i != node && (n.peers.knows(&other) || listened) && !n.peers.is_alive(&other, at) {
+                n.peers.declare(&other, g);
+            }
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let acked: Vec<Instant> = n
+            .peers
+            .acked_times(&refs, at)
+            .into_iter()
+            .map(Instant::from_std)
+            .collect();
+        let declared_dead = n.peers.declared_us(at);
+        let hearing = members
+            .iter()
+            .filter(|i| **i != node && n.peers.is_alive(&format!("node-{i}"), at))
+            .count();
+        let count = members.len().max(1);
+        self.keeper_step(
+            node,
+            NodeInput::Lan {
+                members: count,
+                acked,
+                declared_dead,
+                hearing,
+            },
+        );
+        // The gate refresh: open until what the keeper allows, at most GATE_MAX from now.
+        let n = &mut self.nodes[node];
+        let open = n.keeper.as_ref().and_then(|k| k.open_until(inst));
+        n.gate_until = match open {
+            Some(u) => (u.saturating_duration_since(self.base)).min(now + GATE_MAX),
+            None => now.min(n.gate_until),
+        };
+        // One frame to every peer that can hear it.
+        let frame = Heartbeat {
+            node: n.name.clone(),
+            seq: n.peers.next_seq(at, wall),
+            generation: n.peers.generation(),
+            interval_ms: l.interval.as_millis() as u16,
+            acks: n.peers.acks(at),
+            dead: n.peers.dead_list(),
+        };
+        for to in 0..self.s.nodes {
+            if to == node || !self.nodes[to].alive || !self.nodes[node].link_up || !self.nodes[to].link_up {
+                continue;
+            }
+            if self.hb_loss.iter().any(|(_, f, t)| {
+                f.is_none_or(|f| f == node) && t.is_none_or(|t| t == to)
+            }) {
+                continue;
+            }
+            let inc = self.nodes[to].inc;
+            let lat = if self.rng.chance(5) {
+                self.rng.ms(2, 20)
+            } else {
+                Duration::from_micros(200)
+            };
+            self.at(
+                now + lat,
+                Ev::HbArrive {
+                    node: to,
+                    inc,
+                    frame: frame.clone(),
+                },
+            );
+        }
+        // Take-over evidence against every other member, at its generation.
+        let settled: Vec<String> = members
+            .iter()
+            .filter(|i| {
+                self.nodes[node].ncache[**i]
+                    .as_ref()
+                    .is_some_and(|o| now >= o.created + l.settle)
+            })
+            .map(|i| self.nodes[*i].name.clone())
+            .collect();
+        let settled: Vec<&str> = settled.iter().map(String::as_str).collect();
+        let mut dead_since = self.nodes[node].dead_since.clone();
+        let hears_someone = members.iter().any(|i| {
+            *i != node && self.nodes[node].peers.is_alive(&self.nodes[*i].name, at)
+        });
+        let stale_after = self.s.timing.renew_interval * quorum::STALE_RENEWALS;
+        for i in &members {
+            if *i == node {
+                continue;
+            }
+            let Some(o) = self.nodes[node].ncache[*i].clone() else {
+                continue;
+            };
+            let d = self.nodes[node]
+                .peers
+                .declarers(&self.nodes[*i].name, o.generation, &settled, at);
+            let stale = now >= self.nodes[node].nseen[*i] + stale_after;
+            let dead = settled.contains(&self.nodes[node].name.as_str())
+                && quorum::dead_by_majority(count, d)
+                && (hears_someone || stale);
+            if dead != dead_since[*i].is_some() {
+                let (me, them) = (self.nodes[node].name.clone(), self.nodes[*i].name.clone());
+                let g = o.generation;
+                self.trace(|| {
+                    format!("{me}: {them}@{g} declared dead by {d} of {count} members: {dead}")
+                });
+            }
+            dead_since[*i] = match (dead, dead_since[*i]) {
+                (true, Some(t)) => Some(t),
+                (true, None) => Some(now),
+                (false, _) => None,
+            };
+        }
+        self.nodes[node].dead_since = dead_since;
+        let serving = self.nodes[node]
+            .keeper
+            .as_ref()
+            .is_some_and(|k| k.may_take(inst));
+        let summary: Vec<Option<(u32, bool, Option<T>)>> = (0..self.s.nodes)
+            .map(|i| {
+                self.nodes[node].ncache[i].as_ref().map(|o| {
+                    (
+                        o.generation,
+                        o.fenced.is_some_and(|f| f >= o.generation),
+                        self.nodes[node].dead_since[i],
+                    )
+                })
+            })
+            .collect();
+        let summary = Some((serving, summary));
+        if self.nodes[node].lan_summary != summary && self.nodes[node].synced {
+            self.nodes[node].lan_summary = summary;
+            self.refresh_views(node);
+        }
+    }
+
+    fn node_arrive(&mut self, node: usize, inc: u32, req: ReqId, op: NodeOp) {
+        match self.outage {
+            Some(Outage::Hang) => return,
+            Some(Outage::Refuse) => {
+                let lat = self.latency();
+                self.node_reply(node, inc, req, NodeReply::Failed("503".into()), lat);
+                return;
+            }
+            Some(Outage::Frozen) => {
+                self.frozen_requests
+                    .push(Ev::NodeArrive { node, inc, req, op });
+                return;
+            }
+            None => {}
+        }
+        let NodeOp::Write {
+            rv,
+            generation,
+            api_path,
+        } = op;
+        let cur = self.napi[node].clone();
+        let ok = match (&rv, &cur) {
+            (None, None) => true,
+            (Some(rv), Some(c)) => c.rv == *rv,
+            _ => false,
+        };
+        let reply = if ok {
+            let new = NodeObj {
+                rv: 0,
+                generation,
+                api_path,
+                fenced: cur.as_ref().and_then(|c| c.fenced),
+                created: cur.as_ref().map(|c| c.created).unwrap_or(self.now),
+            };
+            let rv = self.write_node(node, new);
+            NodeReply::Written {
+                resource_version: rv.to_string(),
+            }
+        } else {
+            NodeReply::Changed(cur.map(|c| c.state()))
+        };
+        let lat = self.latency();
+        self.node_reply(node, inc, req, reply, lat);
+    }
+
+    fn node_reply(&mut self, node: usize, inc: u32, req: ReqId, reply: NodeReply, lat: Duration) {
+        let n = &self.nodes[node];
+        if !n.link_up || !n.api_in || n.lost_replies {
+            return;
+        }
+        let extra = n.slow.max(self.slow_all);
+        self.at(
+            self.now + lat + extra,
+            Ev::NodeReplyArrive {
+                node,
+                inc,
+                req,
+                reply,
+            },
+        );
+    }
+
+    fn write_node(&mut self, of: usize, mut new: NodeObj) -> u64 {
+        self.rv += 1;
+        new.rv = self.rv;
+        self.napi[of] = Some(new.clone());
+        for node in 0..self.nodes.len() {
+            let n = &self.nodes[node];
+            if !n.link_up || !n.api_in || !n.watch_ok || self.outage.is_some() {
+                continue;
+            }
+            let conn = n.watch_conn;
+            let d = self.rng.ms(1, 40);
+            self.at(
+                self.now + d,
+                Ev::NodeWatch {
+                    node,
+                    conn,
+                    of,
+                    state: Some(new.clone()),
+                },
+            );
+        }
+        self.rv
     }
 
     fn set_presence(&mut self, node: usize, vip: usize, present: bool) {
@@ -599,6 +1114,7 @@ impl Sim {
         let now = self.now;
         let inst = self.instant(now);
         let names: BTreeSet<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        let names_idx: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
         for vip in 0..self.s.vips {
             let n = &mut self.nodes[node];
             // Expiry by local observation, through the real `observe`.
@@ -623,6 +1139,19 @@ impl Sim {
                     observed.as_ref(),
                     false,
                 ),
+                serving: n.keeper.as_ref().is_none_or(|k| k.may_take(inst)),
+                holder_node: observed
+                    .as_ref()
+                    .filter(|o| o.lan)
+                    .and_then(|o| o.holder.as_deref())
+                    .and_then(|h| names_idx.iter().position(|x| x == h))
+                    .and_then(|i| {
+                        n.ncache[i].as_ref().map(|c| HolderNode {
+                            generation: c.generation,
+                            fenced: c.fenced.is_some_and(|f| f >= c.generation),
+                            dead_since: n.dead_since[i].map(|t| self.base + t),
+                        })
+                    }),
                 lease: observed,
                 absent_since: self.base + n.absent_since[vip],
             };
@@ -640,7 +1169,10 @@ impl Sim {
                     n.slots.push(Slot {
                         id,
                         vip,
-                        h: Holder::new(&name, self.s.timing, Kind::Vip, view.clone()),
+                        h: {
+                            let h = Holder::new(&name, self.s.timing, Kind::Vip, view.clone());
+                            if self.s.lan.is_some() { h.lan() } else { h }
+                        },
                         generation: 0,
                         pending: HashMap::new(),
                         held: None,
@@ -747,7 +1279,20 @@ impl Sim {
             .slots
             .iter()
             .find(|s| s.id == slot)
-            .and_then(|s| s.held);
+            .and_then(|s| {
+                // The Lease as the watch shows it when it names us (someone may have written
+                // it since our last write: a drill's step-down mark), else our last write.
+                let seen = s
+                    .last_view
+                    .as_ref()
+                    .and_then(|v| v.lease.as_ref())
+                    .filter(|l| l.holder.as_deref() == Some(name.as_str()))
+                    .and_then(|l| l.resource_version.parse::<u64>().ok());
+                match (seen, s.held) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                }
+            });
         match a {
             Action::Acquire {
                 req,
@@ -760,6 +1305,40 @@ impl Sim {
             }
             Action::Renew { req, deadline } => {
                 request(self, req, deadline, Op::Renew(held.unwrap_or(0)));
+            }
+            Action::Fence {
+                req,
+                node: target,
+                generation,
+                deadline,
+            } => {
+                let target = self
+                    .nodes
+                    .iter()
+                    .position(|n| n.name == target)
+                    .expect("a node");
+                self.trace(|| format!("{name}: fence node-{target} in generation {generation}"));
+                if self.s.mutations.contains(&Mutation::SkipFence) {
+                    let inc = self.nodes[node].inc;
+                    if let Some(sl) = self.nodes[node].slots.iter_mut().find(|s| s.id == slot) {
+                        sl.pending.insert(req, ());
+                    }
+                    self.at(
+                        now + Duration::from_millis(1),
+                        Ev::ReplyArrive {
+                            node,
+                            inc,
+                            slot,
+                            req,
+                            reply: Reply::Written {
+                                resource_version: "0".into(),
+                            },
+                            rv: None,
+                        },
+                    );
+                    return;
+                }
+                request(self, req, deadline, Op::Fence { target, generation });
             }
             Action::Release {
                 req,
@@ -845,15 +1424,13 @@ impl Sim {
                 if inst >= not_after && !self.s.mutations.contains(&Mutation::IgnoreNotAfter) {
                     return;
                 }
-                if !self.nodes[node].link_up {
+                // The gate drops a closed node's raw frames on the egress hook.
+                if !self.nodes[node].link_up || !self.gate_open(node) {
                     return;
                 }
-                let others: Vec<String> = self
-                    .nodes
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, n)| *i != node && n.link_up && n.kernel[vip].is_some())
-                    .map(|(_, n)| n.name.clone())
+                let others: Vec<String> = (0..self.nodes.len())
+                    .filter(|i| *i != node && self.answers(*i, vip))
+                    .map(|i| self.nodes[i].name.clone())
                     .collect();
                 if !others.is_empty() {
                     self.violate(format!(
@@ -905,11 +1482,47 @@ impl Sim {
             None => {}
         }
         let me = self.nodes[node].name.clone();
-        let dur = self.s.timing.lease.as_secs();
+        let lan = self.s.lan.is_some();
+        let dur = if lan {
+            lease::LAN_LEASE_SECONDS as u64
+        } else {
+            self.s.timing.lease.as_secs()
+        };
         let cur = self.api[vip].clone();
+        if let Op::Fence { target, generation } = op {
+            let wait = |api_path: bool| {
+                if api_path {
+                    self.s.timing.renew_deadline + quorum::CLOCK_MARGIN
+                } else {
+                    Duration::ZERO
+                }
+            };
+            let reply = match self.napi[target].clone() {
+                Some(c) if c.fenced.is_some_and(|f| f >= generation) => Reply::Fenced {
+                    wait: wait(c.api_path),
+                },
+                Some(c) if c.generation == generation => {
+                    let w = wait(c.api_path);
+                    self.write_node(
+                        target,
+                        NodeObj {
+                            fenced: Some(generation),
+                            ..c
+                        },
+                    );
+                    self.trace(|| format!("api: {me} fenced node-{target} in generation {generation}, wait {w:?}"));
+                    Reply::Fenced { wait: w }
+                }
+                _ => Reply::Lost,
+            };
+            let lat = self.latency();
+            self.reply((node, inc, slot, req), reply, None, lat);
+            return;
+        }
         let result: Result<Option<LeaseObj>, ()> = match (&op, &cur) {
             (Op::Acquire(None), None) => Ok(Some(LeaseObj {
                 rv: 0,
+                lan,
                 holder: Some(me.clone()),
                 duration_s: dur,
                 step_down: false,
@@ -917,6 +1530,7 @@ impl Sim {
             })),
             (Op::Acquire(Some(rv)), Some(c)) if c.rv == *rv => Ok(Some(LeaseObj {
                 rv: 0,
+                lan,
                 holder: Some(me.clone()),
                 duration_s: dur,
                 step_down: false,
@@ -989,9 +1603,14 @@ impl Sim {
         });
         let old_holder = self.api[vip].as_ref().and_then(|o| o.holder.clone());
         let new_holder = new.as_ref().and_then(|o| o.holder.clone());
+        if let Some(h) = &new_holder {
+            if self.last_holder[vip].as_ref().is_some_and(|l| l != h) {
+                self.out.moves += 1;
+            }
+            self.last_holder[vip] = Some(h.clone());
+        }
         if old_holder != new_holder {
             if let Some(a) = &old_holder {
-                self.out.moves += u64::from(new_holder.is_some());
                 let ai = self.nodes.iter().position(|n| n.name == *a).expect("node");
                 let since = self.holder_since[vip];
                 let touched = |iv: &[(T, T)]| iv.iter().any(|(s, e)| *s <= self.now && *e >= since);
@@ -1055,6 +1674,22 @@ impl Sim {
             let state = self.api[v].clone();
             self.watch_send(node, v, state);
         }
+        if self.outage.is_none() {
+            let conn = self.nodes[node].watch_conn;
+            for of in 0..self.napi.len() {
+                let d = self.rng.ms(1, 40);
+                let state = self.napi[of].clone();
+                self.at(
+                    self.now + d,
+                    Ev::NodeWatch {
+                        node,
+                        conn,
+                        of,
+                        state,
+                    },
+                );
+            }
+        }
     }
 
     fn disturb(&mut self, node: usize, f: &Fault) {
@@ -1096,6 +1731,7 @@ impl Sim {
                     let d = self.rng.ms(20, 300);
                     self.at(self.now + d, Ev::Synced { node, inc });
                     self.relist(node);
+                    self.start_lan(node);
                 }
             }
             FaultKind::Freeze { node } => {
@@ -1130,6 +1766,25 @@ impl Sim {
                         self.handle(ev);
                         self.check_safety();
                     }
+                    if self.s.lan.is_some() && self.nodes[node].alive {
+                        let n = &mut self.nodes[node];
+                        n.hb_chain += 1;
+                        let (inc, chain) = (n.inc, n.hb_chain);
+                        self.at(self.now, Ev::Hb { node, inc, chain });
+                    }
+                }
+            }
+            FaultKind::HbLoss { from, to } => {
+                let tail = self.s.timing.lease + RANK_STEP * self.s.nodes as u32 + FAIR_SHARE_WAIT;
+                for n in 0..self.nodes.len() {
+                    if from.is_none_or(|x| x == n) || to.is_none_or(|x| x == n) {
+                        self.nodes[n].disturbed.push((f.at, f.at + f.duration + tail));
+                    }
+                }
+                if start {
+                    self.hb_loss.push((i, from, to));
+                } else {
+                    self.hb_loss.retain(|(x, _, _)| *x != i);
                 }
             }
             FaultKind::LinkCut { node } => {
@@ -1232,14 +1887,18 @@ impl Sim {
         }
     }
 
+    /// Whether `node` answers ARP/NS for `vip` now: on the LAN, bound, gate open.
+    fn answers(&self, node: usize, vip: usize) -> bool {
+        let n = &self.nodes[node];
+        n.link_up && n.kernel[vip].is_some() && self.gate_open(node)
+    }
+
     /// At most one node on the LAN answers for each VIP.
     fn check_safety(&mut self) {
         for vip in 0..self.s.vips {
-            let answering: Vec<&str> = self
-                .nodes
-                .iter()
-                .filter(|n| n.link_up && n.kernel[vip].is_some())
-                .map(|n| n.name.as_str())
+            let answering: Vec<&str> = (0..self.nodes.len())
+                .filter(|i| self.answers(*i, vip))
+                .map(|i| self.nodes[i].name.as_str())
                 .collect();
             if answering.len() > 1 {
                 let what = format!("VIP {vip} answered by {answering:?}");
@@ -1289,7 +1948,11 @@ impl Sim {
                 })
                 .map(|n| n.name.clone())
                 .collect();
+            let gate_ok = (0..self.nodes.len())
+                .filter(|i| self.nodes[*i].kernel[vip].is_some())
+                .all(|i| self.gate_open(i));
             let ok = bound.len() == 1
+                && gate_ok
                 && holder.as_ref() == Some(&bound[0])
                 && owners == bound
                 && dnat == bound;
@@ -1310,6 +1973,24 @@ pub fn run_many(
     count: u64,
     threads: usize,
 ) -> (Option<(Schedule, Outcome)>, Totals) {
+    run_many_with(first_seed, count, threads, Schedule::generate)
+}
+
+/// [`run_many`] with LAN-mode schedules ([`Schedule::generate_lan`]).
+pub fn run_many_lan(
+    first_seed: u64,
+    count: u64,
+    threads: usize,
+) -> (Option<(Schedule, Outcome)>, Totals) {
+    run_many_with(first_seed, count, threads, Schedule::generate_lan)
+}
+
+fn run_many_with(
+    first_seed: u64,
+    count: u64,
+    threads: usize,
+    generate: fn(u64) -> Schedule,
+) -> (Option<(Schedule, Outcome)>, Totals) {
     let next = std::sync::atomic::AtomicU64::new(0);
     let results: Vec<(Option<(Schedule, Outcome)>, Totals)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads.max(1))
@@ -1322,7 +2003,7 @@ pub fn run_many(
                         if i >= count {
                             break;
                         }
-                        let s = Schedule::generate(first_seed + i);
+                        let s = generate(first_seed + i);
                         let o = run(&s, false);
                         totals.schedules += 1;
                         totals.events += o.events;
@@ -1374,12 +2055,13 @@ pub fn report(s: &Schedule) -> String {
     let o = run(&small, true);
     let tail: Vec<&String> = o.trace.iter().rev().take(60).collect();
     let mut out = format!(
-        "simulation failed: {}\nreplay: cargo run -p l2speaker-e2e --bin l2s-sim -- --seed {} --trace\nshrunk to:\n{small}violation: {:?}\nlast events:\n",
+        "simulation failed: {}\nreplay: cargo run -p l2speaker-e2e --bin l2s-sim -- --seed {}{} --trace\nshrunk to:\n{small}violation: {:?}\nlast events:\n",
         o.violation
             .as_ref()
             .map(|v| v.what.clone())
             .unwrap_or_else(|| "(the shrunk schedule passes)".into()),
         s.seed,
+        if s.lan.is_some() { " --lan" } else { "" },
         o.violation
     );
     for line in tail.into_iter().rev() {

@@ -83,6 +83,11 @@ pub enum FaultKind {
     StepDown { vip: usize },
     /// A host that is no speaker starts using the VIP (it answers probes for it).
     ForeignClaim { vip: usize },
+    /// Heartbeats from `from` to `to` are lost (None: any node), in that direction only.
+    HbLoss {
+        from: Option<usize>,
+        to: Option<usize>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +119,20 @@ pub enum Mutation {
     LifetimeFromDeadline,
     /// No probe before a bind: every probe comes back clean.
     SkipProbe,
+    /// LAN mode: a take-over skips fencing the holder's generation.
+    SkipFence,
+    /// LAN mode: acks keep an owner confirmed three times longer than a declaration takes.
+    LongAck,
+}
+
+/// The heartbeat timings of a LAN-mode schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LanTiming {
+    pub interval: Duration,
+    pub dead_after: Duration,
+    /// How long a new member waits before it counts (the speaker's `MEMBER_SETTLE`,
+    /// shortened so that schedules of seconds exercise take-overs).
+    pub settle: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +143,8 @@ pub struct Schedule {
     pub timing: Timing,
     pub faults: Vec<Fault>,
     pub mutations: Vec<Mutation>,
+    /// VIPs kept through node liveness on the LAN (None: renewed per IP).
+    pub lan: Option<LanTiming>,
 }
 
 impl Schedule {
@@ -198,7 +219,44 @@ impl Schedule {
             timing,
             faults,
             mutations: vec![],
+            lan: None,
         }
+    }
+
+    /// The randomized LAN-mode schedule for `seed`: the faults above plus heartbeat loss in
+    /// either direction, the default or the fast heartbeat profile.
+    pub fn generate_lan(seed: u64) -> Schedule {
+        let mut s = Schedule::generate(seed);
+        let mut r = Rng::new(seed ^ 0x1a2b_3c4d);
+        s.lan = Some(if r.chance(60) {
+            LanTiming {
+                interval: Duration::from_millis(100),
+                dead_after: Duration::from_millis(400),
+                settle: Duration::from_secs(1),
+            }
+        } else {
+            LanTiming {
+                interval: Duration::from_millis(50),
+                dead_after: Duration::from_millis(200),
+                settle: Duration::from_secs(1),
+            }
+        });
+        let extra = r.below(4);
+        for _ in 0..extra {
+            let node = |r: &mut Rng| Some(r.below(s.nodes as u64) as usize);
+            let (from, to) = match r.below(3) {
+                0 => (node(&mut r), None),
+                1 => (None, node(&mut r)),
+                _ => (node(&mut r), node(&mut r)),
+            };
+            s.faults.push(Fault {
+                at: r.ms(500, 20_000),
+                duration: r.ms(50, 6000),
+                kind: FaultKind::HbLoss { from, to },
+            });
+        }
+        s.faults.sort_by_key(|f| f.at);
+        s
     }
 }
 
@@ -206,13 +264,25 @@ impl fmt::Display for Schedule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "seed {}: {} nodes, {} VIPs, lease {} s / renew {} ms / deadline {} ms{}",
+            "seed {}: {} nodes, {} VIPs, {}{}",
             self.seed,
             self.nodes,
             self.vips,
-            self.timing.lease.as_secs(),
-            self.timing.renew_interval.as_millis(),
-            self.timing.renew_deadline.as_millis(),
+            match self.lan {
+                Some(l) => format!(
+                    "LAN mode: heartbeat {} ms / dead after {} ms, node lease renew {} ms / deadline {} ms",
+                    l.interval.as_millis(),
+                    l.dead_after.as_millis(),
+                    self.timing.renew_interval.as_millis(),
+                    self.timing.renew_deadline.as_millis()
+                ),
+                None => format!(
+                    "lease {} s / renew {} ms / deadline {} ms",
+                    self.timing.lease.as_secs(),
+                    self.timing.renew_interval.as_millis(),
+                    self.timing.renew_deadline.as_millis()
+                ),
+            },
             if self.mutations.is_empty() {
                 String::new()
             } else {
