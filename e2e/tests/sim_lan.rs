@@ -85,31 +85,105 @@ fn randomized_lan_mode_fault_schedules_keep_every_invariant() {
 fn every_row_of_the_fault_table_holds_in_the_simulator() {
     let owner = 0;
     let rows: Vec<(&str, usize, Vec<Fault>, Option<bool>)> = vec![
-        ("owner's link cut", 3, vec![fault(3000, 5000, FaultKind::LinkCut { node: owner })], Some(true)),
-        ("owner's speaker killed", 3, vec![fault(3000, 8000, FaultKind::Kill { node: owner })], Some(true)),
-        ("owner frozen 5 s", 3, vec![fault(3000, 5000, FaultKind::Freeze { node: owner })], Some(true)),
+        (
+            "owner's link cut",
+            3,
+            vec![fault(3000, 5000, FaultKind::LinkCut { node: owner })],
+            Some(true),
+        ),
+        (
+            "owner's speaker killed",
+            3,
+            vec![fault(3000, 8000, FaultKind::Kill { node: owner })],
+            Some(true),
+        ),
+        (
+            "owner frozen 5 s",
+            3,
+            vec![fault(3000, 5000, FaultKind::Freeze { node: owner })],
+            Some(true),
+        ),
         (
             "owner cut from the API only, 60 s",
             3,
             vec![
-                fault(3000, 60_000, FaultKind::ApiCut { node: owner, dir: Dir::Out }),
-                fault(3000, 60_000, FaultKind::ApiCut { node: owner, dir: Dir::In }),
+                fault(
+                    3000,
+                    60_000,
+                    FaultKind::ApiCut {
+                        node: owner,
+                        dir: Dir::Out,
+                    },
+                ),
+                fault(
+                    3000,
+                    60_000,
+                    FaultKind::ApiCut {
+                        node: owner,
+                        dir: Dir::In,
+                    },
+                ),
             ],
             Some(false),
         ),
-        ("API server frozen for everyone, 60 s", 3, vec![fault(3000, 60_000, FaultKind::ApiOutage { mode: Outage::Frozen })], Some(false)),
-        ("API server refusing for everyone, 60 s", 3, vec![fault(3000, 60_000, FaultKind::ApiOutage { mode: Outage::Refuse })], Some(false)),
-        ("API server black-holed for everyone, 60 s", 3, vec![fault(3000, 60_000, FaultKind::ApiOutage { mode: Outage::Hang })], Some(false)),
+        (
+            "API server frozen for everyone, 60 s",
+            3,
+            vec![fault(
+                3000,
+                60_000,
+                FaultKind::ApiOutage {
+                    mode: Outage::Frozen,
+                },
+            )],
+            Some(false),
+        ),
+        (
+            "API server refusing for everyone, 60 s",
+            3,
+            vec![fault(
+                3000,
+                60_000,
+                FaultKind::ApiOutage {
+                    mode: Outage::Refuse,
+                },
+            )],
+            Some(false),
+        ),
+        (
+            "API server black-holed for everyone, 60 s",
+            3,
+            vec![fault(
+                3000,
+                60_000,
+                FaultKind::ApiOutage { mode: Outage::Hang },
+            )],
+            Some(false),
+        ),
         (
             "every API reply delayed 1 s",
             3,
-            vec![fault(3000, 30_000, FaultKind::SlowReplies { node: None, extra: ms(1000) })],
+            vec![fault(
+                3000,
+                30_000,
+                FaultKind::SlowReplies {
+                    node: None,
+                    extra: ms(1000),
+                },
+            )],
             Some(false),
         ),
         (
             "owner's outgoing heartbeats lost",
             3,
-            vec![fault(3000, 8000, FaultKind::HbLoss { from: Some(owner), to: None })],
+            vec![fault(
+                3000,
+                8000,
+                FaultKind::HbLoss {
+                    from: Some(owner),
+                    to: None,
+                },
+            )],
             Some(true),
         ),
         (
@@ -125,15 +199,49 @@ fn every_row_of_the_fault_table_holds_in_the_simulator() {
             "heartbeats between the owner and one candidate lost, both hear a third",
             3,
             vec![
-                fault(3000, 10_000, FaultKind::HbLoss { from: Some(owner), to: Some(1) }),
-                fault(3000, 10_000, FaultKind::HbLoss { from: Some(1), to: Some(owner) }),
+                fault(
+                    3000,
+                    10_000,
+                    FaultKind::HbLoss {
+                        from: Some(owner),
+                        to: Some(1),
+                    },
+                ),
+                fault(
+                    3000,
+                    10_000,
+                    FaultKind::HbLoss {
+                        from: Some(1),
+                        to: Some(owner),
+                    },
+                ),
             ],
             Some(false),
         ),
-        ("owner frozen 1 s", 3, vec![fault(3000, 1000, FaultKind::Freeze { node: owner })], None),
-        ("drill step-down", 3, vec![fault(3000, 100, FaultKind::StepDown { vip: 0 })], Some(true)),
-        ("two nodes: owner killed", 2, vec![fault(3000, 15_000, FaultKind::Kill { node: owner })], Some(true)),
-        ("two nodes: owner's link cut", 2, vec![fault(3000, 8000, FaultKind::LinkCut { node: owner })], None),
+        (
+            "owner frozen 1 s",
+            3,
+            vec![fault(3000, 1000, FaultKind::Freeze { node: owner })],
+            None,
+        ),
+        (
+            "drill step-down",
+            3,
+            vec![fault(3000, 100, FaultKind::StepDown { vip: 0 })],
+            Some(true),
+        ),
+        (
+            "two nodes: owner killed",
+            2,
+            vec![fault(3000, 15_000, FaultKind::Kill { node: owner })],
+            Some(true),
+        ),
+        (
+            "two nodes: owner's link cut",
+            2,
+            vec![fault(3000, 8000, FaultKind::LinkCut { node: owner })],
+            None,
+        ),
     ];
     for (what, nodes, faults, moves) in rows {
         for lan in [DEFAULT, FAST] {
@@ -197,7 +305,10 @@ fn the_simulator_finds_acks_that_outlive_a_declaration() {
             .violation
             .is_some_and(|v| v.what.contains("answer"))
     });
-    assert!(found, "the simulator misses an owner confirmed by stale acks");
+    assert!(
+        found,
+        "the simulator misses an owner confirmed by stale acks"
+    );
     for s in schedules(None) {
         run(&s);
     }
@@ -223,8 +334,8 @@ fn the_simulator_finds_a_take_over_without_a_fence() {
             s
         })
     };
-    let found = schedules(Some(Mutation::SkipFence))
-        .any(|s| sim::run(&s, false).violation.is_some());
+    let found =
+        schedules(Some(Mutation::SkipFence)).any(|s| sim::run(&s, false).violation.is_some());
     assert!(found, "the simulator misses a take-over without a fence");
     for s in schedules(None) {
         run(&s);

@@ -121,7 +121,10 @@ impl Peers {
 
     /// Our declarations, for our frames.
     pub fn dead_list(&self) -> Vec<(NodeId, u32)> {
-        self.declared.iter().map(|(n, g)| (node_id(n), *g)).collect()
+        self.declared
+            .iter()
+            .map(|(n, g)| (node_id(n), *g))
+            .collect()
     }
 
     /// Whether `by` (alive) says in its newest frame that it declared `node` dead at
@@ -433,7 +436,10 @@ mod tests {
         assert_eq!(p.declared("b"), Some(0));
         assert_eq!(p.dead_list(), vec![(node_id("b"), 0)]);
         // b's frames of generation 0, even new ones, are ignored from now on.
-        assert_eq!(p.receive(1, &hb("b", WALL + 2, &[("a", s1)]), t0 + ms(500), WALL), Received::Dead);
+        assert_eq!(
+            p.receive(1, &hb("b", WALL + 2, &[("a", s1)]), t0 + ms(500), WALL),
+            Received::Dead
+        );
         assert!(!p.is_alive("b", t0 + ms(500)));
         let mut back = hb("b", WALL + 3, &[]);
         back.generation = 1;

@@ -110,8 +110,7 @@ pub fn encode(hb: &Heartbeat, keys: &[Key]) -> (Vec<u8>, usize) {
     let tail = 2 + 2 + 1 + keys.len() * (4 + MAC_LEN);
     let dead_room = MAX_FRAME.saturating_sub(out.len() + tail) / DEAD_LEN;
     let dead = &hb.dead[..hb.dead.len().min(dead_room)];
-    let room =
-        MAX_FRAME.saturating_sub(out.len() + tail + dead.len() * DEAD_LEN) / ACK_LEN;
+    let room = MAX_FRAME.saturating_sub(out.len() + tail + dead.len() * DEAD_LEN) / ACK_LEN;
     let n = hb.acks.len().min(room).min(u16::MAX as usize);
     out.extend_from_slice(&(n as u16).to_be_bytes());
     for (id, seq) in &hb.acks[..n] {

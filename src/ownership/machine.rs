@@ -533,7 +533,10 @@ impl Holder {
             Phase::Fencing { req: r, on, .. } if *r == req => match reply {
                 // Fenced: its gate has closed already (a majority declared it dead); take
                 // the Lease now, if it is still the one we decided on.
-                Reply::Written { .. } | Reply::Fenced { wait: Duration::ZERO } => {
+                Reply::Written { .. }
+                | Reply::Fenced {
+                    wait: Duration::ZERO,
+                } => {
                     let on = on.clone();
                     self.phase = Phase::Standby { retry_at: None };
                     self.acquire_if_unchanged(&on, now, out);
@@ -546,9 +549,10 @@ impl Holder {
                 }
                 Reply::Lost => self.back_off(now),
                 Reply::Failed(e) => {
-                    out.actions.push(Action::Report(Report::AcquireFailed(format!(
-                        "fencing the holder: {e}"
-                    ))));
+                    out.actions
+                        .push(Action::Report(Report::AcquireFailed(format!(
+                            "fencing the holder: {e}"
+                        ))));
                     self.back_off(now);
                 }
             },
@@ -861,14 +865,19 @@ impl Holder {
                 .or_else(|| l.stepped_down_from.clone())
                 .filter(|p| *p != self.me)
         });
-        let waited_since = lease.as_ref().map(|l| match (&l.holder, &self.view.holder_node) {
-            (None, _) => l.since,
-            (Some(_), Some(HolderNode {
-                dead_since: Some(t),
-                ..
-            })) if l.lan => *t,
-            _ => l.expires_at(),
-        });
+        let waited_since = lease
+            .as_ref()
+            .map(|l| match (&l.holder, &self.view.holder_node) {
+                (None, _) => l.since,
+                (
+                    Some(_),
+                    Some(HolderNode {
+                        dead_since: Some(t),
+                        ..
+                    }),
+                ) if l.lan => *t,
+                _ => l.expires_at(),
+            });
         let on = lease.as_ref().map(|l| l.resource_version.clone());
         out.actions.push(Action::Acquire {
             req,
@@ -1034,7 +1043,13 @@ mod tests {
     #[test]
     fn in_lan_mode_a_held_lease_moves_only_after_a_majority_declared_its_holder_dead_and_a_fence() {
         let t0 = Instant::now();
-        let mut h = Holder::new(ME, timing(), Kind::Vip, view(Some(lan_lease("node-2", "7", t0)), t0)).lan();
+        let mut h = Holder::new(
+            ME,
+            timing(),
+            Kind::Vip,
+            view(Some(lan_lease("node-2", "7", t0)), t0),
+        )
+        .lan();
         let alive = HolderNode {
             generation: 3,
             fenced: false,
@@ -1109,7 +1124,9 @@ mod tests {
         for m in (1..600).map(|s| t0 + Duration::from_secs(s)) {
             let s = h.step(Input::Tick, m);
             assert!(
-                !s.actions.iter().any(|a| matches!(a, Action::Renew { .. } | Action::Unbind { .. })),
+                !s.actions
+                    .iter()
+                    .any(|a| matches!(a, Action::Renew { .. } | Action::Unbind { .. })),
                 "{s:?}"
             );
         }

@@ -44,7 +44,9 @@ pub struct NodeLeaseState {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeReply {
-    Written { resource_version: String },
+    Written {
+        resource_version: String,
+    },
     /// The Lease is not as we last wrote it (409 or 404): here it is as it is now.
     Changed(Option<NodeLeaseState>),
     Failed(String),
@@ -343,7 +345,9 @@ mod tests {
         actions
             .iter()
             .find_map(|a| match a {
-                NodeAction::Write { req, generation, .. } => Some((*req, *generation)),
+                NodeAction::Write {
+                    req, generation, ..
+                } => Some((*req, *generation)),
                 _ => None,
             })
             .expect("a write")
@@ -372,7 +376,13 @@ mod tests {
         let (req, g) = write(&a);
         assert_eq!(g, 4, "a new process takes a new generation");
         assert!(
-            a.iter().any(|x| matches!(x, NodeAction::Write { api_path: false, .. })),
+            a.iter().any(|x| matches!(
+                x,
+                NodeAction::Write {
+                    api_path: false,
+                    ..
+                }
+            )),
             "acks to spare: no API path"
         );
         let (a, _) = k.step(
@@ -386,7 +396,11 @@ mod tests {
         );
         assert!(a.contains(&NodeAction::Generation(4)));
         assert_eq!(k.phase(), Phase::Confirming);
-        assert_eq!(k.open_until(now), None, "closed until the LAN confirms the new generation");
+        assert_eq!(
+            k.open_until(now),
+            None,
+            "closed until the LAN confirms the new generation"
+        );
         k.step(
             NodeInput::Lan {
                 members: 3,
@@ -415,7 +429,10 @@ mod tests {
             t0 + ms(1000),
         );
         let (req, _) = write(&a);
-        assert!(a.iter().any(|x| matches!(x, NodeAction::Write { api_path: true, .. })));
+        assert!(
+            a.iter()
+                .any(|x| matches!(x, NodeAction::Write { api_path: true, .. }))
+        );
         k.step(
             NodeInput::Reply {
                 req,

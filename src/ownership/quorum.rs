@@ -85,7 +85,7 @@ pub fn lan_until(members: usize, acked: &[Instant], t_ack: Duration) -> Option<I
 /// Whether `declarers` members (the candidate included, the owner not) declaring the owner
 /// dead leave it no majority of `members`.
 pub fn dead_by_majority(members: usize, declarers: usize) -> bool {
-    members >= 2 && declarers >= members - majority(members) + 1
+    members >= 2 && declarers > members - majority(members)
 }
 
 /// The ack lifetime for a declaration time: `dead_after - CLOCK_MARGIN`.
@@ -104,12 +104,21 @@ mod tests {
             let others = n - 1;
             // The fewest declarers that suffice, and the most that can avoid every acker.
             let need = (0..=others).find(|d| dead_by_majority(n, *d)).unwrap();
-            assert!(need + acks > others, "n={n}: {need} declarers and {acks} ackers fit apart");
+            assert!(
+                need + acks > others,
+                "n={n}: {need} declarers and {acks} ackers fit apart"
+            );
             // And it can be reached with the owner dead and everyone else alive.
             assert!(dead_by_majority(n, others), "n={n}");
         }
-        assert!(!dead_by_majority(1, 0), "a lone member has nobody to take over from");
-        assert!(dead_by_majority(2, 1), "two members: the candidate alone decides");
+        assert!(
+            !dead_by_majority(1, 0),
+            "a lone member has nobody to take over from"
+        );
+        assert!(
+            dead_by_majority(2, 1),
+            "two members: the candidate alone decides"
+        );
     }
 
     #[test]

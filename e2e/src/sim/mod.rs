@@ -26,9 +26,9 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use l2speaker::coordinator::{FAIR_SHARE_WAIT, INITIAL_RANK_STEP, RANK_STEP, delay_for};
 use l2speaker::dataplane::probe::PROBE_WAIT;
 use l2speaker::lease;
-use l2speaker::ownership::machine::CONFLICT_RETRY;
 use l2speaker::liveness::peers::Peers;
 use l2speaker::liveness::wire::Heartbeat;
+use l2speaker::ownership::machine::CONFLICT_RETRY;
 use l2speaker::ownership::machine::{
     Action, Holder, HolderNode, Input, Kind, Observed, Reply, Report, ReqId, Stop, View,
 };
@@ -233,6 +233,10 @@ struct Slot {
     last_view: Option<View>,
 }
 
+/// What a node's views depend on in LAN mode: whether it may take VIPs, and for each node
+/// Lease (generation, fenced, declared dead since).
+type LanSummary = (bool, Vec<Option<(u32, bool, Option<T>)>>);
+
 struct Node {
     name: String,
     alive: bool,
@@ -276,7 +280,7 @@ struct Node {
     started: T,
     node_pending: Option<ReqId>,
     hb_chain: u64,
-    lan_summary: Option<(bool, Vec<Option<(u32, bool, Option<T>)>>)>,
+    lan_summary: Option<LanSummary>,
 }
 
 pub struct Sim {
@@ -378,7 +382,9 @@ impl Sim {
                 disturbed: vec![],
                 peers: Peers::new(
                     &format!("node-{i}"),
-                    s.lan.map(|l| l.dead_after).unwrap_or(Duration::from_secs(1)),
+                    s.lan
+                        .map(|l| l.dead_after)
+                        .unwrap_or(Duration::from_secs(1)),
                 ),
                 keeper: None,
                 gate_until: T::ZERO,
@@ -831,7 +837,9 @@ impl Sim {
                 }
                 NodeAction::DropAll { fenced } => {
                     let name = self.nodes[node].name.clone();
-                    self.trace(|| format!("{name}: fenced in generation {fenced}: dropping every VIP"));
+                    self.trace(|| {
+                        format!("{name}: fenced in generation {fenced}: dropping every VIP")
+                    });
                     let ids: Vec<u64> = self.nodes[node].slots.iter().map(|s| s.id).collect();
                     for id in ids {
                         self.input(node, id, Input::Fenced);
@@ -912,12 +920,18 @@ impl Sim {
             dead: n.peers.dead_list(),
         };
         for to in 0..self.s.nodes {
-            if to == node || !self.nodes[to].alive || !self.nodes[node].link_up || !self.nodes[to].link_up {
+            if to == node
+                || !self.nodes[to].alive
+                || !self.nodes[node].link_up
+                || !self.nodes[to].link_up
+            {
                 continue;
             }
-            if self.hb_loss.iter().any(|(_, f, t)| {
-                f.is_none_or(|f| f == node) && t.is_none_or(|t| t == to)
-            }) {
+            if self
+                .hb_loss
+                .iter()
+                .any(|(_, f, t)| f.is_none_or(|f| f == node) && t.is_none_or(|t| t == to))
+            {
                 continue;
             }
             let inc = self.nodes[to].inc;
@@ -947,9 +961,9 @@ impl Sim {
             .collect();
         let settled: Vec<&str> = settled.iter().map(String::as_str).collect();
         let mut dead_since = self.nodes[node].dead_since.clone();
-        let hears_someone = members.iter().any(|i| {
-            *i != node && self.nodes[node].peers.is_alive(&self.nodes[*i].name, at)
-        });
+        let hears_someone = members
+            .iter()
+            .any(|i| *i != node && self.nodes[node].peers.is_alive(&self.nodes[*i].name, at));
         let stale_after = self.s.timing.renew_interval * quorum::STALE_RENEWALS;
         for i in &members {
             if *i == node {
@@ -958,9 +972,10 @@ impl Sim {
             let Some(o) = self.nodes[node].ncache[*i].clone() else {
                 continue;
             };
-            let d = self.nodes[node]
-                .peers
-                .declarers(&self.nodes[*i].name, o.generation, &settled, at);
+            let d =
+                self.nodes[node]
+                    .peers
+                    .declarers(&self.nodes[*i].name, o.generation, &settled, at);
             let stale = now >= self.nodes[node].nseen[*i] + stale_after;
             let dead = settled.contains(&self.nodes[node].name.as_str())
                 && quorum::dead_by_majority(count, d)
@@ -983,7 +998,7 @@ impl Sim {
             .keeper
             .as_ref()
             .is_some_and(|k| k.may_take(inst));
-        let summary: Vec<Option<(u32, bool, Option<T>)>> = (0..self.s.nodes)
+        let summary: Vec<_> = (0..self.s.nodes)
             .map(|i| {
                 self.nodes[node].ncache[i].as_ref().map(|o| {
                     (
@@ -1510,7 +1525,11 @@ impl Sim {
                             ..c
                         },
                     );
-                    self.trace(|| format!("api: {me} fenced node-{target} in generation {generation}, wait {w:?}"));
+                    self.trace(|| {
+                        format!(
+                            "api: {me} fenced node-{target} in generation {generation}, wait {w:?}"
+                        )
+                    });
                     Reply::Fenced { wait: w }
                 }
                 _ => Reply::Lost,
@@ -1778,7 +1797,9 @@ impl Sim {
                 let tail = self.s.timing.lease + RANK_STEP * self.s.nodes as u32 + FAIR_SHARE_WAIT;
                 for n in 0..self.nodes.len() {
                     if from.is_none_or(|x| x == n) || to.is_none_or(|x| x == n) {
-                        self.nodes[n].disturbed.push((f.at, f.at + f.duration + tail));
+                        self.nodes[n]
+                            .disturbed
+                            .push((f.at, f.at + f.duration + tail));
                     }
                 }
                 if start {
