@@ -29,6 +29,16 @@ pub struct Cli {
     pub run: Config,
 }
 
+/// How an owner keeps its VIPs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Liveness {
+    /// Node liveness on the LAN (heartbeats), arbitration in the API (VIP Leases written on
+    /// change only), a kernel switch per node.
+    Lan,
+    /// Every VIP's Lease renewed through the API (the previous release's way).
+    Lease,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Text,
@@ -108,6 +118,10 @@ pub struct Config {
         default_value = "0.0.0.0:9473"
     )]
     pub metrics_address: SocketAddr,
+    /// How owners keep their VIPs: `lan` (heartbeats on the LAN decide who is alive, the API
+    /// only who owns what) or `lease` (every VIP's Lease renewed through the API).
+    #[arg(long, env = "L2SPEAKER_LIVENESS", value_enum, default_value_t = Liveness::Lan)]
+    pub liveness: Liveness,
     /// The UDP port of the heartbeats speakers broadcast on the LAN (open it between nodes).
     #[arg(long, env = "L2SPEAKER_HEARTBEAT_PORT", default_value_t = crate::liveness::DEFAULT_PORT)]
     pub heartbeat_port: u16,

@@ -47,6 +47,11 @@ pub struct Shared {
     pub api_server: Option<IpAddr>,
     /// Who is alive on the LAN (heartbeats).
     pub liveness: std::sync::Arc<crate::liveness::Lan>,
+    /// LAN mode: the writer of VIP Leases (marked, not renewed), the kernel gate, and what
+    /// the node keeper says.
+    pub vip_leases: Leases,
+    pub gate: crate::keeper::SharedGate,
+    pub lan_state: watch::Sender<crate::keeper::LanState>,
     /// VIPs whose DNAT should be in place here, with their Service key.
     pub(crate) owned: Mutex<BTreeMap<IpAddr, (String, Interface)>>,
     /// Moves when `owned` changes: the DNAT task wakes up.

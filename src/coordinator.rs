@@ -263,10 +263,17 @@ impl Coordinator {
             let name = lease::lease_name(*ip);
             let observed = self.seen.get(&name).cloned();
             let absent_since = *self.absent_since.entry(*ip).or_insert(now);
+            let lan = s.lan_state.borrow().clone();
+            let lan_mode = s.config.liveness == crate::config::Liveness::Lan;
+            let holder_node = observed
+                .as_ref()
+                .and_then(|o| o.holder.as_ref())
+                .and_then(|h| lan.nodes.get(h).cloned());
             let feed = Feed {
+                fenced_epoch: lan.fenced_epoch,
                 view: View {
-                    serving: true,
-                    holder_node: None,
+                    serving: !lan_mode || lan.may_take,
+                    holder_node,
                     eligible: eligible.as_ref().map(|i| i.index).map_err(Clone::clone),
                     delay: delay_for(
                         &me,

@@ -31,6 +31,7 @@ pub mod coordinator;
 pub mod dataplane;
 pub mod drill;
 pub mod events;
+pub mod keeper;
 pub mod lease;
 pub mod lease_gc;
 pub mod liveness;

@@ -83,8 +83,25 @@ pub async fn run(
         config.heartbeat(),
         metrics.clone(),
     ));
+    let lan_mode = config.liveness == crate::config::Liveness::Lan;
+    let vip_leases = if lan_mode {
+        Leases::lan(
+            Api::namespaced(client.clone(), &config.namespace),
+            &config.node_name,
+        )
+    } else {
+        Leases::new(
+            Api::namespaced(client.clone(), &config.namespace),
+            &config.node_name,
+            config.lease_duration,
+        )
+    };
+    let (lan_state, _) = watch::channel(crate::keeper::LanState::default());
     let shared = Arc::new(Shared {
         liveness,
+        vip_leases,
+        gate: std::sync::Mutex::new(crate::keeper::Gate::new()),
+        lan_state,
         leases: Leases::new(
             Api::namespaced(client.clone(), &config.namespace),
             &config.node_name,
@@ -118,6 +135,9 @@ pub async fn run(
         Ok(_) => {}
         Err(e) => error!(error = %e, "could not remove stale addresses"),
     }
+    if lan_mode {
+        crate::keeper::remove_table().await;
+    }
     if shared.config.dnat && !dataplane::forwards_v4() {
         warn!(
             "net.ipv4.ip_forward is 0: DNAT to pods on other nodes will not work (not changed; that is the node's owner's call)"
@@ -127,6 +147,9 @@ pub async fn run(
     let (stop_loops, stop_rx) = watch::channel(false);
     let alloc = tokio::spawn(crate::allocation::run(shared.clone(), stop_rx.clone()));
     let dnat = tokio::spawn(dnat_loop(shared.clone(), stop_rx.clone()));
+    let keeper =
+        lan_mode.then(|| tokio::spawn(crate::keeper::run(shared.clone(), stop_rx.clone())));
+    let mut lan_changed = shared.lan_state.subscribe();
     let s = shared.clone();
     let heartbeats = tokio::spawn(crate::liveness::run(
         shared.liveness.clone(),
@@ -149,6 +172,7 @@ pub async fn run(
             .store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::select! {
             _ = changed.changed() => {}
+            _ = lan_changed.changed() => {}
             _ = tick.tick() => {}
             _ = &mut shutdown => break,
         }
@@ -177,6 +201,10 @@ pub async fn run(
         warn!("the allocator did not stop in time");
     }
     dnat.abort();
+    if let Some(k) = keeper {
+        let _ = tokio::time::timeout(Duration::from_millis(500), k).await;
+        crate::keeper::remove_table().await;
+    }
     heartbeats.abort();
     claims_stop.store(true, std::sync::atomic::Ordering::SeqCst);
     claims.abort();

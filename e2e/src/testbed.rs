@@ -34,6 +34,8 @@ pub struct Timing {
     pub lease_seconds: u64,
     pub renew_ms: u64,
     pub deadline_ms: u64,
+    /// LAN mode (`--liveness lan`) with this heartbeat interval and dead-after time (ms).
+    pub lan: Option<(u64, u64)>,
 }
 
 impl Timing {
@@ -42,12 +44,28 @@ impl Timing {
         lease_seconds: 4,
         renew_ms: 1000,
         deadline_ms: 2000,
+        lan: None,
+    };
+    /// LAN mode with the default heartbeat profile.
+    pub const LAN: Timing = Timing {
+        lease_seconds: 4,
+        renew_ms: 1000,
+        deadline_ms: 2000,
+        lan: Some((100, 400)),
+    };
+    /// LAN mode with the fast heartbeat profile.
+    pub const LAN_FAST: Timing = Timing {
+        lease_seconds: 4,
+        renew_ms: 1000,
+        deadline_ms: 2000,
+        lan: Some((50, 200)),
     };
     /// The shortest lease the start-up timing check accepts.
     pub const SHORT: Timing = Timing {
         lease_seconds: 3,
         renew_ms: 500,
         deadline_ms: 1500,
+        lan: None,
     };
 }
 
@@ -197,6 +215,16 @@ impl Testbed {
         );
         let kubeconfig = self.lab_kubeconfig.to_string_lossy().to_string();
         let n = self.speakers.lock().unwrap().len();
+        let lan: Vec<String> = match t.lan {
+            Some((interval, dead)) => vec![
+                "--heartbeat-interval".into(),
+                interval.to_string(),
+                "--heartbeat-dead-after".into(),
+                dead.to_string(),
+            ],
+            None => vec![],
+        };
+        let lan: Vec<&str> = lan.iter().map(String::as_str).collect();
         let p = self
             .lab
             .spawn(
@@ -204,14 +232,16 @@ impl Testbed {
                 &format!("speaker-{host}-{n}"),
                 &self.speaker_bin,
                 &[
-                    &[
+                    [
                         "--lease-duration",
                         lease.as_str(),
                         "--renew-interval",
                         renew.as_str(),
                         "--renew-deadline",
                         deadline.as_str(),
-                    ],
+                    ]
+                    .as_slice(),
+                    lan.as_slice(),
                     extra,
                 ]
                 .concat(),
@@ -220,6 +250,12 @@ impl Testbed {
                     ("KUBECONFIG", &kubeconfig),
                     ("L2SPEAKER_NAMESPACE", NAMESPACE),
                     ("RUST_LOG", "info"),
+                    // An environment variable, not a flag: a build of the previous release
+                    // (L2S_SPEAKER_BIN) ignores it.
+                    (
+                        "L2SPEAKER_LIVENESS",
+                        if t.lan.is_some() { "lan" } else { "lease" },
+                    ),
                 ],
             )
             .expect("the speaker starts");

@@ -65,6 +65,8 @@ pub struct Peers {
     peers: BTreeMap<String, Peer>,
     /// Our declarations: peer → the generation we declared dead.
     declared: BTreeMap<String, u32>,
+    /// When any authentic frame of each peer arrived last (also of a generation we ignore).
+    last_any: BTreeMap<String, Instant>,
 }
 
 impl Peers {
@@ -78,7 +80,17 @@ impl Peers {
             sent: VecDeque::new(),
             peers: BTreeMap::new(),
             declared: BTreeMap::new(),
+            last_any: BTreeMap::new(),
         }
+    }
+
+    /// Whether no authentic frame at all came from `node` for `dead_after` (a node still
+    /// sending frames of a generation we declared dead is not silent: it is moving on to a
+    /// new one, which must not be declared dead before it is heard).
+    pub fn silent(&self, node: &str, now: Instant) -> bool {
+        self.last_any
+            .get(node)
+            .is_none_or(|t| now.saturating_duration_since(*t) >= self.dead_after)
     }
 
     pub fn generation(&self) -> u32 {
@@ -185,7 +197,10 @@ impl Peers {
             return Received::Replayed;
         }
         match self.declared.get(&hb.node) {
-            Some(g) if hb.generation <= *g => return Received::Dead,
+            Some(g) if hb.generation <= *g => {
+                self.last_any.insert(hb.node.clone(), now);
+                return Received::Dead;
+            }
             Some(_) => {
                 self.declared.remove(&hb.node);
             }
@@ -212,6 +227,7 @@ impl Peers {
             return Received::Replayed;
         }
         *newest = hb.seq;
+        self.last_any.insert(hb.node.clone(), now);
         if hb.seq > peer.seq {
             peer.seq = hb.seq;
             peer.heard_at = now;
@@ -319,6 +335,8 @@ impl Peers {
     pub fn forget_silent(&mut self, now: Instant) {
         self.peers
             .retain(|_, p| now.saturating_duration_since(p.heard_at) < FORGET_AFTER);
+        self.last_any
+            .retain(|_, t| now.saturating_duration_since(*t) < FORGET_AFTER);
     }
 }
 

@@ -31,6 +31,8 @@ pub struct Feed {
     pub lease: Option<Lease>,
     pub interface: Option<Interface>,
     pub service: String,
+    /// LAN mode: moves each time this node's generation was fenced (withdraw at once).
+    pub fenced_epoch: u64,
 }
 
 /// Which Lease a holder holds.
@@ -79,6 +81,12 @@ pub async fn run(
         target.kind(),
         first.view.clone(),
     );
+    let lan = shared.config.liveness == crate::config::Liveness::Lan;
+    if lan && matches!(target, Target::Vip(_)) {
+        holder = holder.lan();
+    }
+    let mut fenced_epoch = first.fenced_epoch;
+    let mut queued: Vec<Input> = Vec::new();
     let mut shell = Shell {
         shared: shared.clone(),
         target,
@@ -107,6 +115,10 @@ pub async fn run(
         if holder.is_stopped() {
             return;
         }
+        if let Some(next) = queued.pop() {
+            input = next;
+            continue;
+        }
         let wake = step.wake.unwrap_or_else(|| now + Duration::from_secs(3600));
         input = tokio::select! {
             biased;
@@ -129,7 +141,14 @@ pub async fn run(
                     if let Some(i) = &shell.feed.interface {
                         shell.interfaces.insert(i.index, i.clone());
                     }
-                    Input::View(shell.feed.view.clone())
+                    if shell.feed.fenced_epoch != fenced_epoch {
+                        // Withdraw first, then look at the new view.
+                        fenced_epoch = shell.feed.fenced_epoch;
+                        queued.push(Input::View(shell.feed.view.clone()));
+                        Input::Fenced
+                    } else {
+                        Input::View(shell.feed.view.clone())
+                    }
                 }
             }
         };
@@ -245,7 +264,11 @@ impl Shell {
 
     async fn perform(&mut self, action: Action) {
         let s = self.shared.clone();
-        let leases = s.leases.clone();
+        let leases = match self.target {
+            Target::Vip(_) => s.vip_leases.clone(),
+            Target::Allocator => s.leases.clone(),
+        };
+        let lan = s.config.liveness == crate::config::Liveness::Lan;
         let name = self.name.clone();
         match action {
             Action::Acquire {
@@ -354,6 +377,12 @@ impl Shell {
                     return;
                 };
                 self.bound = Some(iface);
+                // Under the gate before the kernel can answer for it.
+                if lan && let Err(e) = s.gate.lock().unwrap_or_else(|e| e.into_inner()).add_vip(ip)
+                {
+                    warn!(ip = %ip, error = %e, "cannot put the VIP under the gate: not binding");
+                    return;
+                }
                 match tokio::time::timeout_at(not_after, s.dataplane.bind(&i, ip, valid)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
@@ -399,6 +428,15 @@ impl Shell {
                     Err(_) => {
                         warn!(ip = %ip, "unbinding timed out (the address expires on its own)")
                     }
+                }
+                if lan
+                    && let Err(e) = s
+                        .gate
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove_vip(ip)
+                {
+                    warn!(ip = %ip, error = %e, "cannot take the VIP out of the gate");
                 }
             }
             Action::Announce {

@@ -877,7 +877,7 @@ impl Sim {
             let other = format!("node-{i}");
             let g = n.ncache[*i].as_ref().map(|o| o.generation).unwrap_or(0);
             let listened = now >= n.started + l.dead_after;
-            if *i != node && (n.peers.knows(&other) || listened) && !n.peers.is_alive(&other, at) {
+            if *i != node && (n.peers.knows(&other) || listened) && n.peers.silent(&other, at) {
                 n.peers.declare(&other, g);
             }
         }

@@ -1,0 +1,401 @@
+//! The node keeper task (LAN mode): every heartbeat interval it reads the peer table and the
+//! node Leases, steps the [`NodeKeeper`](crate::ownership::node::NodeKeeper), renews this
+//! node's Lease when due, refreshes the kernel gate, and works out which nodes a majority has
+//! declared dead — what the coordinator hands the VIP holders.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::ResourceExt;
+use kube::api::Api;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::context::Shared;
+use crate::dataplane::gate::{self, Netlink, Op};
+use crate::node_lease::{self, NodeWriteError};
+use crate::ownership::machine::HolderNode;
+use crate::ownership::node::{NodeAction, NodeInput, NodeKeeper, NodeReply, NodeTiming};
+use crate::ownership::quorum;
+
+/// What the keeper tells the coordinator (and through it every VIP holder).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LanState {
+    /// This node may take VIPs now.
+    pub may_take: bool,
+    /// Moves each time this node's generation was fenced: every holder withdraws.
+    pub fenced_epoch: u64,
+    /// The other nodes as liveness sees them.
+    pub nodes: BTreeMap<String, HolderNode>,
+}
+
+/// The kernel gate of this node: its table, the interfaces it covers, the VIPs in it.
+pub struct Gate {
+    netlink: Option<Netlink>,
+    interfaces: Vec<String>,
+    vips: BTreeSet<IpAddr>,
+}
+
+impl Gate {
+    pub fn new() -> Self {
+        Gate {
+            netlink: None,
+            interfaces: Vec::new(),
+            vips: BTreeSet::new(),
+        }
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> std::io::Result<()> {
+        if self.netlink.is_none() {
+            self.netlink = Some(Netlink::open()?);
+        }
+        let r = self.netlink.as_mut().expect("opened").apply(ops);
+        if r.is_err() {
+            self.netlink = None;
+        }
+        r
+    }
+
+    /// Puts `ip` under the gate (before it is bound).
+    pub fn add_vip(&mut self, ip: IpAddr) -> std::io::Result<()> {
+        self.vips.insert(ip);
+        let ops: Vec<Op> = gate::vip_keys(ip)
+            .into_iter()
+            .map(|(set, key)| Op::Add {
+                set,
+                key,
+                timeout: None,
+            })
+            .collect();
+        self.apply(&ops)
+    }
+
+    /// Takes `ip` out of the gate (after it is unbound).
+    pub fn remove_vip(&mut self, ip: IpAddr) -> std::io::Result<()> {
+        self.vips.remove(&ip);
+        let ops: Vec<Op> = gate::vip_keys(ip)
+            .into_iter()
+            .map(|(set, key)| Op::Destroy { set, key })
+            .collect();
+        self.apply(&ops)
+    }
+
+    /// Opens the gate until `until` at the latest (at most `max` from now), or closes it.
+    /// The timeout is computed here, right before the send.
+    fn refresh(&mut self, until: Option<Instant>, max: Duration) -> std::io::Result<()> {
+        let now = Instant::now();
+        let ops = match until {
+            Some(u) if u > now + Duration::from_millis(1) => {
+                gate::refresh_ops(&self.interfaces, (u - now).min(max))
+            }
+            _ => self
+                .interfaces
+                .iter()
+                .map(|i| Op::Destroy {
+                    set: gate::LIVE,
+                    key: gate::ifname_key(i),
+                })
+                .collect(),
+        };
+        self.apply(&ops)
+    }
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A node Lease as seen here: its state, its creation time, and when we saw it change last.
+struct Member {
+    lease: Lease,
+    since: Instant,
+}
+
+/// Runs until `stop`.
+pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let s = shared;
+    let me = s.config.node_name.clone();
+    let hb = s.config.heartbeat();
+    let timing = NodeTiming {
+        renew_interval: s.config.renew_interval,
+        renew_deadline: s.config.renew_deadline,
+        dead_after: hb.dead_after,
+    };
+    let gate_max = quorum::t_ack(hb.dead_after);
+    let api: Api<Lease> = Api::namespaced(s.client.clone(), &s.config.namespace);
+    let mine = node_lease::name(&me);
+    // The node Lease as it is now: a new process starts from it (and in a new generation).
+    let mut last: Option<Lease> = loop {
+        match tokio::time::timeout(Duration::from_secs(5), api.get_opt(&mine)).await {
+            Ok(Ok(l)) => break l,
+            Ok(Err(e)) => warn!(error = %e, "cannot read this node's Lease; retrying"),
+            Err(_) => warn!("reading this node's Lease timed out; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    };
+    let started = Instant::now();
+    let mut keeper = NodeKeeper::new(timing, last.as_ref().map(node_lease::state), started);
+    let (reply_tx, mut reply_rx) = mpsc::unbounded_channel();
+    let mut members: HashMap<String, Member> = HashMap::new();
+    let mut own_rv: Option<String> = None;
+    let mut tick = tokio::time::interval(hb.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dead_since: HashMap<String, (u32, Instant)> = HashMap::new();
+    loop {
+        let mut inputs = Vec::new();
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some((req, reply, lease)) = reply_rx.recv() => {
+                if let Some(l) = lease {
+                    last = Some(l);
+                }
+                inputs.push(NodeInput::Reply { req, reply });
+            }
+            _ = stop.changed() => break,
+        }
+        let now = Instant::now();
+        let at = now.into_std();
+        // Members: the node Leases in the cache.
+        let leases = s.cluster.leases.state();
+        let mut present = BTreeSet::new();
+        for l in leases {
+            let name = l.name_any();
+            let Some(node) = name.strip_prefix(node_lease::PREFIX) else {
+                continue;
+            };
+            present.insert(node.to_string());
+            let rv = l.resource_version();
+            match members.get_mut(node) {
+                Some(m) if m.lease.resource_version() == rv => {}
+                Some(m) => {
+                    m.lease = (*l).clone();
+                    m.since = now;
+                }
+                None => {
+                    members.insert(
+                        node.to_string(),
+                        Member {
+                            lease: (*l).clone(),
+                            since: now,
+                        },
+                    );
+                }
+            }
+        }
+        members.retain(|n, _| present.contains(n));
+        if let Some(m) = members.get(&me)
+            && own_rv.as_deref() != m.lease.resource_version().as_deref()
+        {
+            own_rv = m.lease.resource_version();
+            inputs.push(NodeInput::Observed(node_lease::state(&m.lease)));
+        }
+        let mut names: Vec<String> = members.keys().cloned().collect();
+        if !names.contains(&me) {
+            names.push(me.clone());
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (acked, declared_dead, hearing) = {
+            let mut peers = s.liveness.peers.lock().unwrap_or_else(|e| e.into_inner());
+            peers.declare_silent(at);
+            let listened = now >= started + hb.dead_after;
+            for (n, m) in &members {
+                if *n != me && (peers.knows(n) || listened) && peers.silent(n, at) {
+                    peers.declare(n, node_lease::state(&m.lease).generation);
+                }
+            }
+            let acked: Vec<Instant> = peers
+                .acked_times(&refs, at)
+                .into_iter()
+                .map(Instant::from_std)
+                .collect();
+            let hearing = refs
+                .iter()
+                .filter(|n| **n != me && peers.is_alive(n, at))
+                .count();
+            (acked, peers.declared_us(at), hearing)
+        };
+        inputs.push(NodeInput::Lan {
+            members: names.len(),
+            acked,
+            declared_dead,
+            hearing,
+        });
+        let mut fenced = false;
+        for input in inputs {
+            let (actions, _) = keeper.step(input, Instant::now());
+            for a in actions {
+                match a {
+                    NodeAction::Write {
+                        req,
+                        generation,
+                        api_path,
+                        deadline,
+                        ..
+                    } => {
+                        let (api, me, base, tx) =
+                            (api.clone(), me.clone(), last.clone(), reply_tx.clone());
+                        tokio::spawn(async move {
+                            let r = tokio::time::timeout_at(
+                                deadline,
+                                node_lease::renew(&api, &me, base.as_ref(), generation, api_path),
+                            )
+                            .await;
+                            let (reply, lease) = match r {
+                                Ok(Ok(l)) => (
+                                    NodeReply::Written {
+                                        resource_version: l.resource_version().unwrap_or_default(),
+                                    },
+                                    Some(l),
+                                ),
+                                Ok(Err(NodeWriteError::Changed(now))) => (
+                                    NodeReply::Changed(now.as_deref().map(node_lease::state)),
+                                    now.map(|b| *b),
+                                ),
+                                Ok(Err(NodeWriteError::Api(e))) => {
+                                    (NodeReply::Failed(e.to_string()), None)
+                                }
+                                Err(_) => (NodeReply::Failed("timed out".into()), None),
+                            };
+                            let _ = tx.send((req, reply, lease));
+                        });
+                    }
+                    NodeAction::DropAll { fenced: g } => {
+                        warn!(
+                            generation = g,
+                            "a majority declared this node dead and fenced it: withdrawing every VIP"
+                        );
+                        s.metrics.fenced();
+                        fenced = true;
+                    }
+                    NodeAction::Generation(g) => {
+                        info!(generation = g, "now in a new generation");
+                        s.liveness
+                            .peers
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .set_generation(g);
+                    }
+                }
+            }
+        }
+        // The gate's table follows the interfaces (rarely: `nft -f`), then the refresh,
+        // computed and sent right here with no queue in between.
+        let want: Vec<String> = s.owned_interfaces().into_iter().map(|i| i.name).collect();
+        let have = s
+            .gate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .interfaces
+            .clone();
+        if want != have {
+            use crate::dataplane::nft::NftApply;
+            match crate::dataplane::nft::Nft.apply(&gate::render(&want)).await {
+                Ok(()) => {
+                    let mut g = s.gate.lock().unwrap_or_else(|e| e.into_inner());
+                    g.interfaces = want;
+                    let vips: Vec<IpAddr> = g.vips.iter().copied().collect();
+                    for ip in vips {
+                        if let Err(e) = g.add_vip(ip) {
+                            error!(ip = %ip, error = %e, "cannot put the VIP under the gate");
+                        }
+                    }
+                }
+                Err(e) => error!(error = %e, "cannot install the gate table"),
+            }
+        }
+        {
+            let mut g = s.gate.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = g.refresh(keeper.open_until(Instant::now()), gate_max) {
+                error!(error = %e, "cannot refresh the gate");
+            }
+        }
+        // Who a majority has declared dead (counting only settled members).
+        let settled: Vec<&str> = refs
+            .iter()
+            .copied()
+            .filter(|n| {
+                members.get(*n).is_some_and(|m| {
+                    m.lease
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .is_none_or(|c| {
+                            let age = k8s_openapi::jiff::Timestamp::now().duration_since(c.0);
+                            age.as_secs() >= quorum::MEMBER_SETTLE.as_secs() as i64
+                        })
+                })
+            })
+            .collect();
+        let stale_after = s.config.renew_interval * quorum::STALE_RENEWALS;
+        let mut nodes = BTreeMap::new();
+        {
+            let peers = s.liveness.peers.lock().unwrap_or_else(|e| e.into_inner());
+            for (n, m) in &members {
+                if *n == me {
+                    continue;
+                }
+                let st = node_lease::state(&m.lease);
+                let d = peers.declarers(n, st.generation, &settled, at);
+                let dead = settled.contains(&me.as_str())
+                    && quorum::dead_by_majority(names.len(), d)
+                    && (hearing > 0 || now >= m.since + stale_after);
+                let since = match (dead, dead_since.get(n)) {
+                    (true, Some((g, t))) if *g == st.generation => Some(*t),
+                    (true, _) => Some(now),
+                    (false, _) => None,
+                };
+                match since {
+                    Some(t) => dead_since.insert(n.clone(), (st.generation, t)),
+                    None => dead_since.remove(n),
+                };
+                nodes.insert(
+                    n.clone(),
+                    HolderNode {
+                        generation: st.generation,
+                        fenced: st.fenced.is_some_and(|f| f >= st.generation),
+                        dead_since: since,
+                    },
+                );
+            }
+        }
+        let state = LanState {
+            may_take: keeper.may_take(Instant::now()),
+            fenced_epoch: s.lan_state.borrow().fenced_epoch + u64::from(fenced),
+            nodes,
+        };
+        s.lan_state.send_if_modified(|cur| {
+            if *cur == state {
+                false
+            } else {
+                *cur = state;
+                true
+            }
+        });
+    }
+    let mut g = s.gate.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = g.refresh(None, gate_max);
+}
+
+/// Shared handle to the gate.
+pub type SharedGate = Mutex<Gate>;
+
+/// Removes the gate's table (at start, before anything is bound; and at the end).
+pub async fn remove_table() {
+    use crate::dataplane::nft::NftApply;
+    let script = format!(
+        "table netdev {t}\ndelete table netdev {t}\n",
+        t = gate::TABLE
+    );
+    if let Err(e) = crate::dataplane::nft::Nft.apply(&script).await {
+        warn!(error = %e, "could not remove the gate table");
+    }
+}
