@@ -147,8 +147,10 @@ pub async fn run(
     let (stop_loops, stop_rx) = watch::channel(false);
     let alloc = tokio::spawn(crate::allocation::run(shared.clone(), stop_rx.clone()));
     let dnat = tokio::spawn(dnat_loop(shared.clone(), stop_rx.clone()));
-    let keeper =
-        lan_mode.then(|| tokio::spawn(crate::keeper::run(shared.clone(), stop_rx.clone())));
+    // The keeper runs until every holder has withdrawn (it keeps the gate open meanwhile:
+    // unbinding is what stops a graceful owner answering).
+    let (stop_keeper, keeper_rx) = watch::channel(false);
+    let keeper = lan_mode.then(|| tokio::spawn(crate::keeper::run(shared.clone(), keeper_rx)));
     let mut lan_changed = shared.lan_state.subscribe();
     let s = shared.clone();
     let heartbeats = tokio::spawn(crate::liveness::run(
@@ -201,6 +203,7 @@ pub async fn run(
         warn!("the allocator did not stop in time");
     }
     dnat.abort();
+    let _ = stop_keeper.send(true);
     if let Some(k) = keeper {
         let _ = tokio::time::timeout(Duration::from_millis(500), k).await;
         crate::keeper::remove_table().await;

@@ -30,7 +30,8 @@ struct Args {
     /// IP counts for the API-load runs.
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
     ips: Vec<usize>,
-    /// Only these parts (failover, shutdown, api, dnat); all by default.
+    /// Only these parts (failover, failover-lease, shutdown, api, api-lease, dnat); all by
+    /// default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -54,6 +55,13 @@ fn stats(v: &[u64]) -> Value {
     json!({"n": s.len(), "p50_ms": p(50.0), "p99_ms": p(99.0), "max_ms": s.last().copied().unwrap_or(0), "all_ms": v})
 }
 
+fn profile(t: Timing) -> String {
+    match t.lan {
+        Some((i, d)) => format!("LAN mode, heartbeat {i} ms, dead after {d} ms"),
+        None => format!("lease {} s per IP", t.lease_seconds),
+    }
+}
+
 async fn drill_bed(timing: Timing) -> (Testbed, IpAddr) {
     let tb = Testbed::new(vec![0, 0, 1], timing).await;
     for n in ["node-1", "node-2"] {
@@ -69,6 +77,10 @@ async fn drill_bed(timing: Timing) -> (Testbed, IpAddr) {
         .await;
     let ip = tb.wait_ips("default", "drill", 1).await[0];
     tb.wait_owner(ip).await;
+    if timing.lan.is_some() {
+        // New members count after they settle (10 s).
+        tokio::time::sleep(Duration::from_secs(11)).await;
+    }
     (tb, ip)
 }
 
@@ -137,7 +149,14 @@ async fn failover(kind: &str, timing: Timing, n: usize, out: &std::path::Path) -
                     }
                 }
             }
-            tb.other_owner(ip, &owner).await
+            if timing.lan.is_some() {
+                // A killed owner keeps its address (its gate is closed): the new owner is the
+                // holder once it has the address bound.
+                let host = tb.host_of(&tb.holder(ip).await?);
+                (host != owner && tb.bound_on(ip).contains(&host)).then_some(host)
+            } else {
+                tb.other_owner(ip, &owner).await
+            }
         })
         .await;
         if draw {
@@ -155,9 +174,9 @@ async fn failover(kind: &str, timing: Timing, n: usize, out: &std::path::Path) -
         let t = prober.stop();
         let outage = t.outage_after(fault);
         println!(
-            "{kind} drill {} (lease {} s): {owner} → {new_owner}, outage {} ms",
+            "{kind} drill {} ({}): {owner} → {new_owner}, outage {} ms",
             i + 1,
-            timing.lease_seconds,
+            profile(timing),
             outage.as_millis()
         );
         outages.push(outage.as_millis() as u64);
@@ -182,11 +201,14 @@ async fn failover(kind: &str, timing: Timing, n: usize, out: &std::path::Path) -
                 .unwrap_or(fault)
                 + Duration::from_millis(300);
             let title = format!(
-                "{kind} failover, lease {} s: outage {} ms seen by a client connecting every 10 ms",
-                timing.lease_seconds,
+                "{kind} failover, {}: outage {} ms seen by a client connecting every 10 ms",
+                profile(timing),
                 outage.as_millis()
             );
-            let name = format!("failover-{kind}-lease{}s.svg", timing.lease_seconds);
+            let name = match timing.lan {
+                Some((i, _)) => format!("failover-{kind}-lan{i}ms.svg"),
+                None => format!("failover-{kind}-lease{}s.svg", timing.lease_seconds),
+            };
             std::fs::write(
                 out.join(&name),
                 timeline(&title, &attempts, &marks, from, to),
@@ -283,10 +305,10 @@ fn footprint(tb: &Testbed, window: Duration, during: impl FnOnce()) -> Value {
     json!(per)
 }
 
-async fn api_load(counts: &[usize]) -> Value {
+async fn api_load(counts: &[usize], timing: Timing) -> Value {
     let mut out = Vec::new();
     for &n in counts {
-        let tb = Testbed::new(vec![0, 0, 0], Timing::DEFAULT).await;
+        let tb = Testbed::new(vec![0, 0, 0], timing).await;
         tb.apply("apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: many\nspec:\n  addresses: [2001:db8::1:0/112]\n").await;
         let api: Api<Service> = Api::namespaced(tb.client.clone(), "default");
         let created = Instant::now();
@@ -495,6 +517,13 @@ async fn main() {
                     "build": if cfg!(debug_assertions) { "debug" } else { "release" }},
     });
     if want("failover") {
+        results["failover_lan"] = json!({
+            "hard_default": failover("hard", Timing::LAN, args.drills, &args.out).await,
+            "hard_fast": failover("hard", Timing::LAN_FAST, args.drills, &args.out).await,
+            "graceful": failover("graceful", Timing::LAN, args.drills, &args.out).await,
+        });
+    }
+    if want("failover-lease") {
         results["failover"] = json!({
             "hard_short": failover("hard", Timing::SHORT, args.drills, &args.out).await,
             "hard_default": failover("hard", Timing::DEFAULT, args.drills, &args.out).await,
@@ -508,7 +537,10 @@ async fn main() {
         results["dnat"] = tokio::task::spawn_blocking(dnat).await.unwrap();
     }
     if want("api") {
-        results["api_load"] = api_load(&args.ips).await;
+        results["api_load_lan"] = api_load(&args.ips, Timing::LAN).await;
+    }
+    if want("api-lease") {
+        results["api_load"] = api_load(&args.ips, Timing::DEFAULT).await;
     }
     let path = args.out.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap()).unwrap();

@@ -608,6 +608,41 @@ impl Lab {
         Ok(())
     }
 
+    /// Fault: `host` drops heartbeats — all it sends (`from: None`), or those it receives
+    /// from `from` — and keeps everything else.
+    pub fn drop_heartbeats(&self, host: &str, from: Option<&str>) -> Result<(), LabError> {
+        let h = self.host(host)?;
+        let rule = match from {
+            None => format!(
+                "chain output {{ type filter hook output priority -200; udp dport {p} drop; }}",
+                p = l2speaker::liveness::DEFAULT_PORT
+            ),
+            Some(peer) => format!(
+                "chain input {{ type filter hook input priority -200; ip saddr {a} udp dport {p} drop; }}",
+                a = self.host(peer)?.ipv4,
+                p = l2speaker::liveness::DEFAULT_PORT
+            ),
+        };
+        let name = format!(
+            "{PREFIX}hb{}",
+            from.map(|p| format!("-{p}")).unwrap_or_default()
+        );
+        let rules = format!("table inet {name} {{\n{rule}\n}}\n");
+        netns::exec(&h.ns, "nft", &["-f", "-"], Some(&rules))?;
+        Ok(())
+    }
+
+    /// Undoes [`Lab::drop_heartbeats`].
+    pub fn pass_heartbeats(&self, host: &str, from: Option<&str>) -> Result<(), LabError> {
+        let h = self.host(host)?;
+        let name = format!(
+            "{PREFIX}hb{}",
+            from.map(|p| format!("-{p}")).unwrap_or_default()
+        );
+        netns::exec(&h.ns, "nft", &["delete", "table", "inet", &name], None)?;
+        Ok(())
+    }
+
     pub fn heal_api(&self, host: &str) -> Result<(), LabError> {
         let h = self.host(host)?;
         netns::exec(
