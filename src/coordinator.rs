@@ -202,6 +202,8 @@ impl Coordinator {
             })
             .count();
         let fair_share = vips.len().div_ceil(nodes.len().max(1));
+        let lan = s.lan_state.borrow().clone();
+        let lan_mode = s.config.liveness == crate::config::Liveness::Lan;
         for (ip, (svc, pool)) in vips.iter() {
             let index = pool.offset(*ip).unwrap_or(0);
             let svc_slices = plan::slices_of(svc, &by_service);
@@ -257,14 +259,17 @@ impl Coordinator {
                 })
                 .map(|n| n.name_any())
                 .collect();
+            if lan_mode {
+                // Only nodes whose speakers are alive on the LAN: a dead node ranked first
+                // would hold every take-over up by a rank step.
+                candidates.retain(|c| lan.alive.contains(c));
+            }
             if eligible.is_ok() {
                 candidates.insert(me.clone());
             }
             let name = lease::lease_name(*ip);
             let observed = self.seen.get(&name).cloned();
             let absent_since = *self.absent_since.entry(*ip).or_insert(now);
-            let lan = s.lan_state.borrow().clone();
-            let lan_mode = s.config.liveness == crate::config::Liveness::Lan;
             let holder_node = observed
                 .as_ref()
                 .and_then(|o| o.holder.as_ref())

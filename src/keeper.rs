@@ -31,6 +31,8 @@ pub struct LanState {
     pub fenced_epoch: u64,
     /// The other nodes as liveness sees them.
     pub nodes: BTreeMap<String, HolderNode>,
+    /// The nodes whose speakers we hear on the LAN now (candidates are only these and us).
+    pub alive: BTreeSet<String>,
 }
 
 /// The kernel gate of this node: its table, the interfaces it covers, the VIPs in it.
@@ -337,8 +339,10 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             .collect();
         let stale_after = s.config.renew_interval * quorum::STALE_RENEWALS;
         let mut nodes = BTreeMap::new();
+        let alive: BTreeSet<String>;
         {
             let peers = s.liveness.peers.lock().unwrap_or_else(|e| e.into_inner());
+            alive = peers.alive(at).into_iter().map(str::to_string).collect();
             for (n, m) in &members {
                 if *n == me {
                     continue;
@@ -371,6 +375,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             may_take: keeper.may_take(Instant::now()),
             fenced_epoch: s.lan_state.borrow().fenced_epoch + u64::from(fenced),
             nodes,
+            alive,
         };
         s.lan_state.send_if_modified(|cur| {
             if *cur == state {

@@ -365,7 +365,8 @@ async fn lan_an_owner_that_dies_during_an_api_outage_is_replaced_once_the_api_is
     println!("{what}: answered again {first:?} after the API server came back");
 }
 
-/// Planned moves: a graceful stop (SIGTERM) and a drill step-down cost at most 100 ms.
+/// Planned moves: a graceful stop (SIGTERM) and a drill step-down never have two nodes
+/// answering; their outage is printed (the goal, 100 ms, is measured by `l2s-bench`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lan_a_graceful_stop_and_a_drill_hand_over_within_100_ms() {
     let tb = Testbed::new(vec![1, 1, 0], Timing::LAN).await;
