@@ -106,6 +106,8 @@ pub struct NodeKeeper {
     resource_version: Option<String>,
     /// (request, sent, deadline, generation written, API path).
     writing: Option<(ReqId, Instant, Instant, u32, bool)>,
+    /// The API path mark as last written (or being written).
+    api_path_written: bool,
     next_write: Instant,
     /// When the last successful renewal that set the API path mark was sent (None once a
     /// renewal without it was sent).
@@ -133,6 +135,7 @@ impl NodeKeeper {
             generation,
             resource_version: rv,
             writing: None,
+            api_path_written: false,
             next_write: now,
             api_since: None,
             members: 1,
@@ -229,7 +232,11 @@ impl NodeKeeper {
         // declared this one dead (that member would never ack us again in it).
         let suspended = self.phase == Phase::Suspended;
         let bump = suspended || self.declared_dead;
-        if self.writing.is_none() && (now >= self.next_write || suspended) {
+        // A change of the API path mark is written at once: a candidate that fences this
+        // node waits out the renew deadline only while the Lease carries it.
+        let mark_changed =
+            self.phase == Phase::Serving && self.wants_api_path(now) != self.api_path_written;
+        if self.writing.is_none() && (now >= self.next_write || suspended || mark_changed) {
             self.next_req += 1;
             let generation = self.generation + u32::from(bump);
             let deadline = now + self.timing.renew_deadline;
@@ -239,6 +246,7 @@ impl NodeKeeper {
                 // the wait: stop relying on the API path now.
                 self.api_since = None;
             }
+            self.api_path_written = api_path;
             out.push(NodeAction::Write {
                 req: self.next_req,
                 resource_version: self.resource_version.clone(),

@@ -30,8 +30,8 @@ struct Args {
     /// IP counts for the API-load runs.
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
     ips: Vec<usize>,
-    /// Only these parts (failover, failover-lease, shutdown, api, api-lease, dnat); all by
-    /// default.
+    /// Only these parts (failover, failover-lease, shutdown, api, api-lease, heartbeat,
+    /// dnat); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -482,6 +482,120 @@ fn dnat() -> Value {
     r
 }
 
+/// The heartbeats' cost: on a lab of 3 speakers (CPU, memory, bytes per second of each),
+/// then with 97 more peers on the LAN — a process on the client sends their heartbeats,
+/// signed with the real key, every 100 ms, each acking the 99 others — as at 100 nodes.
+async fn heartbeat_cost() -> Value {
+    let tb = Testbed::new(vec![0, 0, 0], Timing::LAN).await;
+    let hosts = tb.node_names();
+    eventually(
+        Duration::from_secs(20),
+        "the speakers hear each other",
+        async || {
+            hosts
+                .iter()
+                .all(|h| metric_sum(&tb, h, "l2speaker_peers_alive") == 2.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let sums = |tb: &Testbed| -> Vec<(f64, f64)> {
+        hosts
+            .iter()
+            .map(|h| {
+                (
+                    metric_sum(tb, h, "l2speaker_heartbeat_sent_bytes_total"),
+                    metric_sum(tb, h, "l2speaker_heartbeat_received_bytes_total"),
+                )
+            })
+            .collect()
+    };
+    let window = Duration::from_secs(10);
+    let measure = |tb: &Testbed, during: Box<dyn FnOnce()>| {
+        let a = sums(tb);
+        let fp = footprint(tb, window, during);
+        let b = sums(tb);
+        let secs = window.as_secs_f64();
+        let bytes: Vec<Value> = a
+            .iter()
+            .zip(b)
+            .map(|((s0, r0), (s1, r1))| {
+                json!({"sent_bytes_per_s": ((s1 - s0) / secs).round(), "received_bytes_per_s": ((r1 - r0) / secs).round()})
+            })
+            .collect();
+        json!({"footprint": fp, "traffic": bytes})
+    };
+    let three = measure(&tb, Box::new(|| {}));
+    println!("heartbeats, 3 speakers: {three}");
+    // 97 more peers.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(tb.client.clone(), "l2speaker-system");
+    let secret = secrets
+        .get(l2speaker::liveness::keys::SECRET)
+        .await
+        .unwrap();
+    let (keys, _) = l2speaker::liveness::keys::keys_from(&secret.data.unwrap_or_default());
+    let real: Vec<String> = hosts
+        .iter()
+        .map(|h| tb.lab.host(h).unwrap().node_name())
+        .collect();
+    let ns = tb.lab.client().ns.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let st = stop.clone();
+    let sender = netns::enter_thread(&ns, move || {
+        use l2speaker::liveness::wire::{Heartbeat, encode, node_id};
+        let s = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+        s.set_broadcast(true).unwrap();
+        let fake: Vec<String> = (0..97).map(|i| format!("sim-{i}")).collect();
+        let everyone: Vec<u32> = fake.iter().chain(real.iter()).map(|n| node_id(n)).collect();
+        let mut frames = 0u64;
+        while !st.load(std::sync::atomic::Ordering::SeqCst) {
+            let t0 = Instant::now();
+            for n in &fake {
+                let seq = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_micros() as u64;
+                let me = node_id(n);
+                let hb = Heartbeat {
+                    node: n.clone(),
+                    seq,
+                    generation: 1,
+                    interval_ms: 100,
+                    acks: everyone
+                        .iter()
+                        .filter(|x| **x != me)
+                        .map(|x| (*x, seq))
+                        .collect(),
+                    dead: vec![],
+                };
+                let (f, _) = encode(&hb, &keys);
+                let _ = s.send_to(&f, ("192.0.2.255", l2speaker::liveness::DEFAULT_PORT));
+                frames += 1;
+            }
+            std::thread::sleep(Duration::from_millis(100).saturating_sub(t0.elapsed()));
+        }
+        frames
+    })
+    .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the simulated peers are heard",
+        async || {
+            hosts
+                .iter()
+                .all(|h| metric_sum(&tb, h, "l2speaker_peers_alive") >= 99.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let hundred = measure(&tb, Box::new(|| {}));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let frames = sender.join();
+    println!("heartbeats, 3 speakers + 97 simulated peers ({frames} frames sent): {hundred}");
+    json!({"three_nodes": three, "hundred_nodes": hundred})
+}
+
 /// Time from SIGTERM to exit: of a speaker that owns nothing, and of the owner (which
 /// unbinds and releases first). The speaker is started again between runs.
 async fn shutdown(n: usize) -> Value {
@@ -532,6 +646,9 @@ async fn main() {
     }
     if want("shutdown") {
         results["shutdown"] = shutdown(args.drills.min(10)).await;
+    }
+    if want("heartbeat") {
+        results["heartbeat"] = heartbeat_cost().await;
     }
     if want("dnat") {
         results["dnat"] = tokio::task::spawn_blocking(dnat).await.unwrap();
