@@ -164,6 +164,15 @@ impl Shared {
         let services = self.services();
         let slices = self.cluster.slices.state();
         let by_service = plan::slices_by_service(&slices);
+        // Nodes a majority declared dead on the LAN (LAN mode): their endpoints leave now.
+        let gone: std::collections::BTreeSet<String> = self
+            .lan_state
+            .borrow()
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.dead_since.is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
         let entries: Vec<Dnat> = owned
             .iter()
             .filter_map(|(ip, key)| {
@@ -171,7 +180,7 @@ impl Shared {
                 let mine = plan::slices_of(svc, &by_service);
                 Some(Dnat {
                     vip: *ip,
-                    ports: plan::port_maps(*ip, svc, &mine, &self.config.node_name),
+                    ports: plan::port_maps(*ip, svc, &mine, &self.config.node_name, &gone),
                 })
             })
             .collect();

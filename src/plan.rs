@@ -154,12 +154,15 @@ pub fn ready_nodes(slices: &[&EndpointSlice]) -> BTreeSet<String> {
 }
 
 /// Where the VIP's ports lead: ready endpoints of the VIP's family (only this node's for
-/// `externalTrafficPolicy: Local`), matched to the Service's ports by port name.
+/// `externalTrafficPolicy: Local`), matched to the Service's ports by port name. Endpoints
+/// on `gone` nodes (a majority on the LAN declared their speakers dead) are left out before
+/// Kubernetes marks them not ready, which takes it 40 s or more.
 pub fn port_maps(
     vip: IpAddr,
     svc: &ServiceInfo,
     slices: &[&EndpointSlice],
     me: &str,
+    gone: &BTreeSet<String>,
 ) -> Vec<PortMap> {
     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
     svc.ports
@@ -177,6 +180,9 @@ pub fn port_maps(
                     continue;
                 };
                 for e in s.endpoints.iter().filter(|e| ready(e)) {
+                    if e.node_name.as_ref().is_some_and(|n| gone.contains(n)) {
+                        continue;
+                    }
                     let local = e.node_name.as_deref() == Some(me);
                     if svc.local_traffic && !local {
                         continue;
@@ -362,7 +368,8 @@ mod tests {
     fn port_maps_use_ready_endpoints_and_only_local_ones_for_local_traffic() {
         let sl = slice();
         let vip = "192.0.2.201".parse().unwrap();
-        let maps = port_maps(vip, &svc(false, &[]), &[&sl], "node-1");
+        let none = BTreeSet::new();
+        let maps = port_maps(vip, &svc(false, &[]), &[&sl], "node-1", &none);
         let eps: Vec<(String, u16, bool)> = maps[0]
             .endpoints
             .iter()
@@ -375,14 +382,20 @@ mod tests {
                 ("198.51.100.34".into(), 8080, false)
             ]
         );
-        let local = port_maps(vip, &svc(true, &[]), &[&sl], "node-2");
+        let local = port_maps(vip, &svc(true, &[]), &[&sl], "node-2", &none);
         assert_eq!(local[0].endpoints.len(), 1);
+        // node-2 declared dead on the LAN: its endpoint leaves before Kubernetes says so.
+        let gone = BTreeSet::from(["node-2".to_string()]);
+        let maps = port_maps(vip, &svc(false, &[]), &[&sl], "node-1", &gone);
+        assert_eq!(maps[0].endpoints.len(), 1);
+        assert_eq!(maps[0].endpoints[0].ip.to_string(), "198.51.100.18");
         assert!(
             port_maps(
                 "2001:db8::201".parse().unwrap(),
                 &svc(false, &[]),
                 &[&sl],
-                "node-1"
+                "node-1",
+                &none
             )[0]
             .endpoints
             .is_empty(),

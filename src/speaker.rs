@@ -36,6 +36,8 @@ pub const PASS_SPACING: Duration = Duration::from_millis(20);
 async fn dnat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut wake = shared.dnat_wake.subscribe();
     let mut changed = shared.cluster.changed.clone();
+    // Nodes declared dead on the LAN leave the endpoints (LAN mode).
+    let mut lan = shared.lan_state.subscribe();
     loop {
         let generation = *wake.borrow_and_update();
         shared.sync_dnat().await;
@@ -43,6 +45,7 @@ async fn dnat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = wake.changed() => {}
             _ = changed.changed() => {}
+            _ = lan.changed() => {}
             _ = stop.changed() => return,
         }
         // Fold a burst of changes into one transaction.

@@ -233,6 +233,26 @@ async fn failover(kind: &str, timing: Timing, n: usize, out: &std::path::Path) -
             },
         )
         .await;
+        if timing.lan.is_some() {
+            // Steady state again before the next drill: every speaker heard by the others,
+            // and no node Lease marked as answering on its renewals alone (a node the
+            // returning one had not acked yet; a take-over from it would wait 2 s).
+            eventually(Duration::from_secs(20), "steady state on the LAN", async || {
+                let all_heard = tb.node_names().iter().all(|h| {
+                    metric_sum(&tb, h, "l2speaker_peers_hearing_us") == 2.0
+                });
+                let leases = l2speaker::status::fetch(tb.client.clone(), "l2speaker-system")
+                    .await
+                    .ok()?;
+                let marked = leases.iter().any(|l| {
+                    l.metadata.annotations.as_ref().is_some_and(|a| {
+                        a.get(l2speaker::node_lease::ANNOTATION_API_PATH).is_some()
+                    })
+                });
+                (all_heard && !marked).then_some(())
+            })
+            .await;
+        }
     }
     stats(&outages)
 }
