@@ -368,7 +368,7 @@ async fn lan_an_owner_that_dies_during_an_api_outage_is_replaced_once_the_api_is
 /// Planned moves: a graceful stop (SIGTERM) and a drill step-down never have two nodes
 /// answering; their outage is printed (the goal, 100 ms, is measured by `l2s-bench`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lan_a_graceful_stop_and_a_drill_hand_over_within_100_ms() {
+async fn lan_a_graceful_stop_and_a_drill_hand_over_with_one_answering_node() {
     let tb = Testbed::new(vec![1, 1, 0], Timing::LAN).await;
     ready(&tb).await;
     let (ip, owner) = web(&tb).await;
@@ -416,4 +416,54 @@ async fn lan_an_owner_frozen_for_1_s_never_answers_beside_another_node() {
         "owner frozen 1 s: outage {} ms",
         outage(&s, ip, at).as_millis()
     );
+}
+
+/// A node with one of the Service's two pods dies (its link is cut; it is not the owner):
+/// once a majority has declared its speaker dead on the LAN, the owner's DNAT sends no
+/// connection to that node's pod — every request succeeds, long before Kubernetes would mark
+/// the pod not ready (the lab's EndpointSlices keep it ready throughout, as they would for
+/// 40 s or more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_a_dead_nodes_endpoints_leave_the_dnat_at_once() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::LAN).await;
+    ready(&tb).await;
+    let (ip, owner) = web(&tb).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let victim = ["n1", "n2"].into_iter().find(|n| *n != owner).unwrap();
+    let vip = SocketAddr::new(ip, 80);
+    let pod_of = |answer: &str| answer.split_whitespace().next().unwrap_or("").to_string();
+    let victim_pod = tb
+        .lab
+        .pods()
+        .find(|p| p.node == victim)
+        .unwrap()
+        .name
+        .clone();
+    // Before: connections are spread over both pods.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        if let Ok(a) = tb.lab.connect("client", vip) {
+            seen.insert(pod_of(&a));
+        }
+    }
+    assert!(
+        seen.contains(&victim_pod),
+        "both pods serve before: {seen:?}"
+    );
+    tb.lab.cut_link(victim).unwrap();
+    // Declared dead within the dead-after time and one heartbeat; then every request works.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut failed = 0;
+    for _ in 0..60 {
+        match tb.lab.connect("client", vip) {
+            Ok(a) => assert_ne!(pod_of(&a), victim_pod, "a connection went to the dead node"),
+            Err(_) => failed += 1,
+        }
+    }
+    println!("after {victim} died: {failed} of 60 requests failed");
+    assert_eq!(
+        failed, 0,
+        "requests failed after the dead node was declared"
+    );
+    tb.lab.heal_link(victim).unwrap();
 }

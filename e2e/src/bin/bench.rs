@@ -237,20 +237,25 @@ async fn failover(kind: &str, timing: Timing, n: usize, out: &std::path::Path) -
             // Steady state again before the next drill: every speaker heard by the others,
             // and no node Lease marked as answering on its renewals alone (a node the
             // returning one had not acked yet; a take-over from it would wait 2 s).
-            eventually(Duration::from_secs(20), "steady state on the LAN", async || {
-                let all_heard = tb.node_names().iter().all(|h| {
-                    metric_sum(&tb, h, "l2speaker_peers_hearing_us") == 2.0
-                });
-                let leases = l2speaker::status::fetch(tb.client.clone(), "l2speaker-system")
-                    .await
-                    .ok()?;
-                let marked = leases.iter().any(|l| {
-                    l.metadata.annotations.as_ref().is_some_and(|a| {
-                        a.get(l2speaker::node_lease::ANNOTATION_API_PATH).is_some()
-                    })
-                });
-                (all_heard && !marked).then_some(())
-            })
+            eventually(
+                Duration::from_secs(20),
+                "steady state on the LAN",
+                async || {
+                    let all_heard = tb
+                        .node_names()
+                        .iter()
+                        .all(|h| metric_sum(&tb, h, "l2speaker_peers_hearing_us") == 2.0);
+                    let leases = l2speaker::status::fetch(tb.client.clone(), "l2speaker-system")
+                        .await
+                        .ok()?;
+                    let marked = leases.iter().any(|l| {
+                        l.metadata.annotations.as_ref().is_some_and(|a| {
+                            a.get(l2speaker::node_lease::ANNOTATION_API_PATH).is_some()
+                        })
+                    });
+                    (all_heard && !marked).then_some(())
+                },
+            )
             .await;
         }
     }
@@ -419,8 +424,12 @@ async fn api_load(counts: &[usize], timing: Timing) -> Value {
                 let left = leases
                     .iter()
                     .filter(|l| {
-                        l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
-                            == Some(victim.as_str())
+                        l.metadata
+                            .name
+                            .as_deref()
+                            .is_some_and(|x| x.starts_with("vip-"))
+                            && l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                                == Some(victim.as_str())
                     })
                     .count();
                 (left == 0).then_some(())
