@@ -426,6 +426,20 @@ impl Testbed {
         (host != old && self.bound_on(ip) == [host.clone()]).then_some(host)
     }
 
+    /// LAN mode: waits until the Lease of `ip` names a node other than `old` that has it
+    /// bound (a killed `old` keeps its address, silenced by its closed gate).
+    pub async fn wait_new_owner_lan(&self, ip: IpAddr, old: &str) -> String {
+        eventually(
+            Duration::from_secs(30),
+            &format!("a new owner of {ip}"),
+            async || {
+                let host = self.host_of(&self.holder(ip).await?);
+                (host != old && self.bound_on(ip).contains(&host)).then_some(host)
+            },
+        )
+        .await
+    }
+
     /// Waits until a node other than `old` owns `ip` (see [`Testbed::other_owner`]).
     pub async fn wait_new_owner(&self, ip: IpAddr, old: &str) -> String {
         eventually(

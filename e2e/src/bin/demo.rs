@@ -22,7 +22,7 @@ async fn main() -> std::process::ExitCode {
     println!(
         "== A lab: switch, control plane (test API server), 3 nodes with speakers, pods on two nodes, a client"
     );
-    let tb = Testbed::new(vec![2, 1, 0], Timing::DEFAULT).await;
+    let tb = Testbed::new(vec![2, 1, 0], Timing::LAN).await;
     for h in &tb.lab.hosts {
         let pods: Vec<String> = h
             .pods
@@ -69,6 +69,10 @@ async fn main() -> std::process::ExitCode {
     )
     .await;
 
+    println!(
+        "\n== Waiting 10 s: a new speaker counts for take-overs 10 s after its node Lease appeared"
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
     println!("\n== Failover drill: the owner {owner} loses its link and its speaker is killed");
     let prober = match Prober::start(
         &tb.lab.client().ns,
@@ -96,7 +100,7 @@ async fn main() -> std::process::ExitCode {
         eprintln!("l2s-demo: error: {e}");
         return std::process::ExitCode::FAILURE;
     }
-    let new_owner = tb.wait_new_owner(ip, &owner).await;
+    let new_owner = tb.wait_new_owner_lan(ip, &owner).await;
     if prober
         .wait_for(Duration::from_secs(20), "answers after the failover", |t| {
             t.successes_after(fault) >= 20
