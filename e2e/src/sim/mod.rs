@@ -1198,6 +1198,10 @@ impl Sim {
             }
         }
         let _ = now;
+        // Views computed here (on a watch event, a carrier change…) used the keeper's state
+        // of this moment: the next heartbeat tick compares afresh, so a change back is
+        // not missed (the speaker re-feeds every view on each pass anyway).
+        self.nodes[node].lan_summary = None;
     }
 
     /// Steps one holder and performs its actions as the shell would.
