@@ -368,7 +368,13 @@ async fn an_ip_another_host_uses_is_never_bound_and_the_service_is_told() {
                 .unwrap_or(0.0)
         })
         .sum();
-    assert!(counted >= 1.0, "l2speaker_ip_conflicts_total counts it");
+    // Either a probe was answered (counted), or — when the listening speakers heard the
+    // host's claim first, as happens under load — no speaker even took the Lease and the
+    // Event says the address is used on the LAN. Both keep the address unbound.
+    assert!(
+        counted >= 1.0 || events.contains("is used by"),
+        "l2speaker_ip_conflicts_total counts it, or the Event says who uses it: {events}"
+    );
     // The host lets it go: a speaker takes it after its wait.
     netns::ip(
         &client.ns,
