@@ -207,13 +207,11 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let (acked, declared_dead, hearing) = {
             let mut peers = s.liveness.peers.lock().unwrap_or_else(|e| e.into_inner());
-            peers.declare_silent(at);
-            let listened = now >= started + hb.dead_after;
-            for (n, m) in &members {
-                if *n != me && (peers.knows(n) || listened) && peers.silent(n, at) {
-                    peers.declare(n, node_lease::state(&m.lease).generation);
-                }
-            }
+            let gens: Vec<(&str, u32)> = members
+                .iter()
+                .map(|(n, m)| (n.as_str(), node_lease::state(&m.lease).generation))
+                .collect();
+            peers.declare_silent_members(&gens, now >= started + hb.dead_after, at);
             let acked: Vec<Instant> = peers
                 .acked_times(&refs, at)
                 .into_iter()

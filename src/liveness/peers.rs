@@ -119,6 +119,23 @@ impl Peers {
         }
     }
 
+    /// Declares every silent peer dead (see [`Peers::declare_silent`]) and every silent
+    /// `member` (name, the generation its node Lease shows) dead in that generation too; a
+    /// member never heard only once we have `listened` for dead_after.
+    pub fn declare_silent_members(
+        &mut self,
+        members: &[(&str, u32)],
+        listened: bool,
+        now: Instant,
+    ) {
+        self.declare_silent(now);
+        for (m, generation) in members {
+            if *m != self.me && (self.knows(m) || listened) && self.silent(m, now) {
+                self.declare(m, *generation);
+            }
+        }
+    }
+
     /// Declares `node` dead at `generation` (a member never heard, its generation read from
     /// the API); a later declaration of a lower generation changes nothing.
     pub fn declare(&mut self, node: &str, generation: u32) {

@@ -870,17 +870,16 @@ impl Sim {
             .map(|i| self.nodes[*i].name.clone())
             .collect();
         let n = &mut self.nodes[node];
-        n.peers.declare_silent(at);
-        // Members silent on the LAN are dead in the generation their node Lease shows too
-        // (one never heard only once we have listened for dead_after).
-        for i in &members {
-            let other = format!("node-{i}");
-            let g = n.ncache[*i].as_ref().map(|o| o.generation).unwrap_or(0);
-            let listened = now >= n.started + l.dead_after;
-            if *i != node && (n.peers.knows(&other) || listened) && n.peers.silent(&other, at) {
-                n.peers.declare(&other, g);
-            }
-        }
+        let gens: Vec<(&str, u32)> = members
+            .iter()
+            .zip(&names)
+            .map(|(i, name)| {
+                let g = n.ncache[*i].as_ref().map(|o| o.generation).unwrap_or(0);
+                (name.as_str(), g)
+            })
+            .collect();
+        n.peers
+            .declare_silent_members(&gens, now >= n.started + l.dead_after, at);
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let acked: Vec<Instant> = n
             .peers
