@@ -59,6 +59,16 @@ async fn ready(tb: &Testbed) {
     }
 }
 
+/// Three speakers with the Service's IP owned and answering, past the 10 s settle time of
+/// new members (so every node counts for take-overs).
+async fn settled(timing: Timing) -> (Testbed, IpAddr, String) {
+    let tb = Testbed::new(vec![1, 1, 0], timing).await;
+    ready(&tb).await;
+    let (ip, owner) = web(&tb).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    (tb, ip, owner)
+}
+
 /// Fails with every round in which two MACs answered.
 fn assert_never_two(what: &str, s: &AllSamples) {
     println!("{what}:\n{}", s.summary());
@@ -80,11 +90,7 @@ fn outage(s: &AllSamples, ip: IpAddr, from: Duration) -> Duration {
 }
 
 async fn hard_failover(timing: Timing, kill: bool) {
-    let tb = Testbed::new(vec![1, 1, 0], timing).await;
-    ready(&tb).await;
-    let (ip, owner) = web(&tb).await;
-    // Past the settle time of new members, so every node counts.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (tb, ip, owner) = settled(timing).await;
     let sampler = tb.sample(&[ip]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let fault = sampler.now();
@@ -135,10 +141,7 @@ async fn lan_an_api_server_black_holed_for_everyone_for_60_s_costs_no_answer() {
 /// bound, and the old owner never answers again after resuming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lan_a_frozen_owner_is_replaced_and_stays_silent_after_resuming() {
-    let tb = Testbed::new(vec![1, 1, 0], Timing::LAN).await;
-    ready(&tb).await;
-    let (ip, owner) = web(&tb).await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (tb, ip, owner) = settled(Timing::LAN).await;
     let sampler = tb.sample(&[ip]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let fault = sampler.now();
@@ -192,10 +195,7 @@ async fn around<F: AsyncFnOnce(&Testbed, &str)>(
 
 /// A row whose expected result is "no outage, no move".
 async fn no_outage_no_move<F: AsyncFnOnce(&Testbed, &str)>(what: &str, fault: F) {
-    let tb = Testbed::new(vec![1, 1, 0], Timing::LAN).await;
-    ready(&tb).await;
-    let (ip, owner) = web(&tb).await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (tb, ip, owner) = settled(Timing::LAN).await;
     let (s, at, before, after) = around(&tb, ip, &owner, fault).await;
     assert_never_two(what, &s);
     let worst = outage(&s, ip, at);
@@ -318,10 +318,7 @@ async fn lan_forged_heartbeats_from_another_host_move_nothing() {
 /// others: the others declare it dead and take over; it stops answering before they do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lan_an_owner_whose_heartbeats_do_not_get_out_is_replaced_and_never_two_answer() {
-    let tb = Testbed::new(vec![1, 1, 0], Timing::LAN).await;
-    ready(&tb).await;
-    let (ip, owner) = web(&tb).await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (tb, ip, owner) = settled(Timing::LAN).await;
     let (s, at, before, after) = around(&tb, ip, &owner, async |tb, owner| {
         tb.lab.drop_heartbeats(owner, None).unwrap();
         let _ = lan_owner(tb, ip, Some(owner)).await;
@@ -340,10 +337,7 @@ async fn lan_an_owner_whose_heartbeats_do_not_get_out_is_replaced_and_never_two_
 /// bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lan_an_owner_that_dies_during_an_api_outage_is_replaced_once_the_api_is_back() {
-    let tb = Testbed::new(vec![1, 1, 0], Timing::LAN).await;
-    ready(&tb).await;
-    let (ip, owner) = web(&tb).await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (tb, ip, owner) = settled(Timing::LAN).await;
     let sampler = tb.sample(&[ip]);
     tb.api_fault(json!({"action": "hang"}));
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -369,10 +363,7 @@ async fn lan_an_owner_that_dies_during_an_api_outage_is_replaced_once_the_api_is
 /// answering; their outage is printed (the goal, 100 ms, is measured by `l2s-bench`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lan_a_graceful_stop_and_a_drill_hand_over_with_one_answering_node() {
-    let tb = Testbed::new(vec![1, 1, 0], Timing::LAN).await;
-    ready(&tb).await;
-    let (ip, owner) = web(&tb).await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (tb, ip, owner) = settled(Timing::LAN).await;
     let (s, at, _, _) = around(&tb, ip, &owner, async |tb, owner| {
         tb.speaker(owner).signal(Signal::SIGTERM).unwrap();
         let _ = lan_owner(tb, ip, Some(owner)).await;
@@ -397,10 +388,7 @@ async fn lan_a_graceful_stop_and_a_drill_hand_over_with_one_answering_node() {
 /// once it has moved to a new generation through the API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lan_an_owner_frozen_for_1_s_never_answers_beside_another_node() {
-    let tb = Testbed::new(vec![1, 1, 0], Timing::LAN).await;
-    ready(&tb).await;
-    let (ip, owner) = web(&tb).await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (tb, ip, owner) = settled(Timing::LAN).await;
     let (s, at, _, _) = around(&tb, ip, &owner, async |tb, owner| {
         let p = tb.speaker(owner);
         p.signal(Signal::SIGSTOP).unwrap();
@@ -423,10 +411,7 @@ async fn lan_an_owner_frozen_for_1_s_never_answers_beside_another_node() {
 /// 40 s or more).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lan_a_dead_nodes_endpoints_leave_the_dnat_at_once() {
-    let tb = Testbed::new(vec![1, 1, 0], Timing::LAN).await;
-    ready(&tb).await;
-    let (ip, owner) = web(&tb).await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (tb, ip, owner) = settled(Timing::LAN).await;
     let victim = ["n1", "n2"].into_iter().find(|n| *n != owner).unwrap();
     let vip = SocketAddr::new(ip, 80);
     let pod_of = |answer: &str| answer.split_whitespace().next().unwrap_or("").to_string();
