@@ -1,4 +1,5 @@
-//! The node keeper task (LAN mode): every heartbeat interval it reads the peer table and the
+//! The node keeper task (LAN mode): every heartbeat interval — and at once when a peer falls
+//! silent for dead-after or a peer's declarations change — it reads the peer table and the
 //! node Leases, steps the [`NodeKeeper`](crate::ownership::node::NodeKeeper), renews this
 //! node's Lease when due, refreshes the kernel gate, and works out which nodes a majority has
 //! declared dead — what the coordinator hands the VIP holders.
@@ -152,10 +153,15 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(hb.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dead_since: HashMap<String, (u32, Instant)> = HashMap::new();
+    // When the next peer falls silent for dead-after: it is declared then, not at the tick.
+    let mut next_silence: Option<Instant> = None;
     loop {
         let mut inputs = Vec::new();
+        let silence = next_silence.map(|t| t + Duration::from_millis(1));
         tokio::select! {
             _ = tick.tick() => {}
+            _ = s.liveness.news.notified() => {}
+            _ = sleep_until_some(silence) => {}
             Some((req, reply, lease)) = reply_rx.recv() => {
                 if let Some(l) = lease {
                     last = Some(l);
@@ -211,7 +217,15 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 .iter()
                 .map(|(n, m)| (n.as_str(), node_lease::state(&m.lease).generation))
                 .collect();
+            let before = peers.dead_list();
             peers.declare_silent_members(&gens, now >= started + hb.dead_after, at);
+            let after = peers.dead_list();
+            if after != before {
+                s.liveness.send_now.notify_one();
+                let new = after.iter().filter(|d| !before.contains(d)).count();
+                s.metrics.declared_dead(new);
+            }
+            next_silence = peers.next_silence(at).map(Instant::from_std);
             let acked: Vec<Instant> = peers
                 .acked_times(&refs, at)
                 .into_iter()
@@ -386,6 +400,14 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
     let mut g = s.gate.lock().unwrap_or_else(|e| e.into_inner());
     let _ = g.refresh(None, gate_max);
+}
+
+/// Sleeps until `t`, or forever when there is none.
+async fn sleep_until_some(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Shared handle to the gate.

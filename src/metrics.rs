@@ -51,6 +51,7 @@ pub struct Metrics {
     heartbeats_received: Counter,
     heartbeat_bytes_received: Counter,
     heartbeats_rejected: Family<KindLabel, Counter>,
+    declarations: Counter,
     peers_alive: Gauge<i64, AtomicI64>,
     peers_hearing_us: Gauge<i64, AtomicI64>,
     api_latency: Family<VerbLabel, Histogram, fn() -> Histogram>,
@@ -173,6 +174,13 @@ impl Metrics {
             "Frames on the heartbeat port ignored, by why: forged, unknown_key, replayed, malformed",
             heartbeats_rejected.clone(),
         );
+        let declarations = Counter::default();
+        registry.register(
+            "peers_declared_dead",
+            "Peers this speaker declared dead (silent for the dead-after time); on a healthy LAN \
+             every one is a node that really stopped, a stray one a heartbeat setting too short",
+            declarations.clone(),
+        );
         let peers_alive = Gauge::default();
         registry.register(
             "peers_alive",
@@ -191,6 +199,7 @@ impl Metrics {
             heartbeats_received,
             heartbeat_bytes_received,
             heartbeats_rejected,
+            declarations,
             peers_alive,
             peers_hearing_us,
             api_latency,
@@ -230,6 +239,11 @@ impl Metrics {
     /// An owner withdrew because it could not renew in time.
     pub fn fenced(&self) {
         self.fences.inc();
+    }
+
+    /// This speaker declared `n` more peers dead.
+    pub fn declared_dead(&self, n: usize) {
+        self.declarations.inc_by(n as u64);
     }
 
     /// Another host answered a probe before a bind.

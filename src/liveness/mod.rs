@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::runtime::watcher;
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::dataplane::addr::Interface;
@@ -71,6 +71,12 @@ fn wall_micros() -> u64 {
 pub struct Lan {
     pub settings: Heartbeat,
     pub peers: Mutex<Peers>,
+    /// Signalled when a peer appears or changes whom it declares dead (see
+    /// [`Peers::take_news`]): the keeper weighs the evidence then, not at its next tick.
+    pub news: Notify,
+    /// Signalled when our own declarations changed: a frame goes out at once, so the others
+    /// count them without waiting for the next interval.
+    pub send_now: Notify,
     keys: Mutex<Keyring>,
     metrics: Arc<Metrics>,
 }
@@ -80,6 +86,8 @@ impl Lan {
         Lan {
             settings,
             peers: Mutex::new(Peers::new(node, settings.dead_after)),
+            news: Notify::new(),
+            send_now: Notify::new(),
             keys: Mutex::new(Keyring::default()),
             metrics,
         }
@@ -122,14 +130,18 @@ impl Lan {
             .checking(Instant::now());
         let verdict = match wire::decode(frame, &keys) {
             Err(e) => Err(e.label()),
-            Ok(hb) => match self
-                .peers()
-                .receive(ifindex, &hb, Instant::now(), wall_micros())
-            {
-                Received::Accepted => Ok(true),
-                Received::Own | Received::Dead => Ok(false),
-                Received::Replayed => Err("replayed"),
-            },
+            Ok(hb) => {
+                let mut peers = self.peers();
+                let r = peers.receive(ifindex, &hb, Instant::now(), wall_micros());
+                if peers.take_news() {
+                    self.news.notify_one();
+                }
+                match r {
+                    Received::Accepted => Ok(true),
+                    Received::Own | Received::Dead => Ok(false),
+                    Received::Replayed => Err("replayed"),
+                }
+            }
         };
         match verdict {
             Ok(true) => self.metrics.heartbeat_received(frame.len(), true),
@@ -248,7 +260,7 @@ async fn receive_on(lan: Arc<Lan>, sock: Arc<UdpSocket>, ifindex: u32) {
 }
 
 /// Sends and receives heartbeats on every interface `interfaces()` names (re-read every
-/// interval) until `stop`.
+/// interval) until `stop`: every interval, and at once when [`Lan::send_now`] is signalled.
 pub async fn run(
     lan: Arc<Lan>,
     secrets: Api<Secret>,
@@ -266,6 +278,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = lan.send_now.notified() => {}
             _ = stop.changed() => break,
         }
         let want = interfaces();

@@ -67,6 +67,8 @@ pub struct Peers {
     declared: BTreeMap<String, u32>,
     /// When any authentic frame of each peer arrived last (also of a generation we ignore).
     last_any: BTreeMap<String, Instant>,
+    /// A peer appeared or changed its declarations since [`Peers::take_news`] was last asked.
+    news: bool,
 }
 
 impl Peers {
@@ -81,7 +83,24 @@ impl Peers {
             peers: BTreeMap::new(),
             declared: BTreeMap::new(),
             last_any: BTreeMap::new(),
+            news: false,
         }
+    }
+
+    /// Whether a peer appeared or changed whom it declares dead since the last call: what
+    /// the take-over evidence is made of, worth acting on before the next tick.
+    pub fn take_news(&mut self) -> bool {
+        std::mem::take(&mut self.news)
+    }
+
+    /// When the next alive peer falls silent for `dead_after` if nothing more arrives from
+    /// it: the moment to declare it, rather than at the next tick.
+    pub fn next_silence(&self, now: Instant) -> Option<Instant> {
+        self.peers
+            .values()
+            .map(|p| p.heard_at + self.dead_after)
+            .filter(|t| *t > now)
+            .min()
     }
 
     /// Whether no authentic frame at all came from `node` for `dead_after` (a node still
@@ -228,6 +247,9 @@ impl Peers {
             .iter()
             .find(|(id, _)| *id == self.my_id)
             .and_then(|(_, seq)| self.sent_at(*seq));
+        if !self.peers.contains_key(&hb.node) {
+            self.news = true;
+        }
         let peer = self.peers.entry(hb.node.clone()).or_insert_with(|| Peer {
             id: node_id(&hb.node),
             generation: hb.generation,
@@ -250,7 +272,10 @@ impl Peers {
             peer.heard_at = now;
             peer.interval = Duration::from_millis(u64::from(hb.interval_ms));
             peer.hears = hb.acks.iter().map(|(id, _)| *id).collect();
-            peer.dead = hb.dead.clone();
+            if peer.dead != hb.dead {
+                peer.dead = hb.dead.clone();
+                self.news = true;
+            }
             if hb.generation != peer.generation {
                 peer.generation = hb.generation;
             }
@@ -390,6 +415,25 @@ mod tests {
         assert!(p.alive(t0 + ms(400)).is_empty());
         assert_eq!(p.acks(t0 + ms(10)), vec![(node_id("b"), WALL)]);
         assert!(p.acks(t0 + ms(400)).is_empty());
+    }
+
+    #[test]
+    fn a_new_peer_or_a_new_declaration_is_news_and_silence_has_a_deadline() {
+        let t0 = Instant::now();
+        let mut p = Peers::new("a", ms(400));
+        assert!(!p.take_news());
+        assert_eq!(p.next_silence(t0), None);
+        p.receive(1, &hb("b", WALL, &[]), t0, WALL);
+        assert!(p.take_news(), "a new peer");
+        assert!(!p.take_news(), "asked once");
+        p.receive(1, &hb("b", WALL + 1, &[]), t0 + ms(100), WALL);
+        assert!(!p.take_news(), "the same declarations again");
+        assert_eq!(p.next_silence(t0 + ms(100)), Some(t0 + ms(500)));
+        let mut f = hb("b", WALL + 2, &[]);
+        f.dead = vec![(node_id("c"), 3)];
+        p.receive(1, &f, t0 + ms(200), WALL);
+        assert!(p.take_news(), "b declared c dead");
+        assert_eq!(p.next_silence(t0 + ms(600)), None, "b is silent already");
     }
 
     #[test]

@@ -21,9 +21,15 @@ use serde_json::{Value, json};
 #[derive(Parser, Debug)]
 #[command(about = "Failover, API load, DNAT and footprint benchmarks in the lab")]
 struct Args {
-    /// Drills per failover kind.
+    /// Drills per failover kind (see also --default-drills).
     #[arg(long, default_value_t = 20)]
     drills: usize,
+    /// How long each false-declaration run lasts (idle, then both cores busy), per profile.
+    #[arg(long, default_value_t = 120)]
+    load_seconds: u64,
+    /// Hard drills of the default LAN profile over IPv4 (the headline number).
+    #[arg(long, default_value_t = 100)]
+    default_drills: usize,
     /// Where results.json and the SVG go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -31,7 +37,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
     ips: Vec<usize>,
     /// Only these parts (failover, failover-lease, shutdown, api, api-lease, heartbeat,
-    /// dnat); all by default.
+    /// false-declarations, dnat); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -43,7 +49,7 @@ kind: IPPool
 metadata:
   name: drill
 spec:
-  addresses: [192.0.2.252/30]
+  addresses: [192.0.2.252/30, \"2001:db8::fc/126\"]
   autoAssign: false
   nodeSelector: {l2speaker.io/drill: \"yes\"}
 ";
@@ -62,7 +68,7 @@ fn profile(t: Timing) -> String {
     }
 }
 
-async fn drill_bed(timing: Timing) -> (Testbed, IpAddr) {
+async fn drill_bed(timing: Timing, v6: bool) -> (Testbed, IpAddr) {
     let tb = Testbed::new(vec![0, 0, 1], timing).await;
     for n in ["node-1", "node-2"] {
         tb.kubectl
@@ -73,7 +79,12 @@ async fn drill_bed(timing: Timing) -> (Testbed, IpAddr) {
     tb.apply(DRILL_POOL).await;
     let pods: Vec<_> = tb.lab.pods().cloned().collect();
     tb.apply(&endpoints("drill", &pods)).await;
-    tb.apply(&service("drill", "", "l2speaker.io/pool: drill"))
+    let family = if v6 {
+        "  ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv6]\n"
+    } else {
+        "  ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv4]\n"
+    };
+    tb.apply(&service("drill", family, "l2speaker.io/pool: drill"))
         .await;
     let ip = tb.wait_ips("default", "drill", 1).await[0];
     tb.wait_owner(ip).await;
@@ -98,8 +109,8 @@ fn metric_sum(tb: &Testbed, host: &str, prefix: &str) -> f64 {
 }
 
 /// Hard (link cut + kill) or graceful (SIGTERM) drills; the first one is drawn.
-async fn failover(kind: &str, timing: Timing, n: usize, out: &std::path::Path) -> Value {
-    let (tb, ip) = drill_bed(timing).await;
+async fn failover(kind: &str, timing: Timing, n: usize, v6: bool, out: &std::path::Path) -> Value {
+    let (tb, ip) = drill_bed(timing, v6).await;
     let mut outages = Vec::new();
     for i in 0..n {
         let owner = tb.wait_owner(ip).await;
@@ -174,7 +185,7 @@ async fn failover(kind: &str, timing: Timing, n: usize, out: &std::path::Path) -
         let t = prober.stop();
         let outage = t.outage_after(fault);
         println!(
-            "{kind} drill {} ({}): {owner} → {new_owner}, outage {} ms",
+            "{kind} drill {} ({}, {ip}): {owner} → {new_owner}, outage {} ms",
             i + 1,
             profile(timing),
             outage.as_millis()
@@ -206,6 +217,7 @@ async fn failover(kind: &str, timing: Timing, n: usize, out: &std::path::Path) -
                 outage.as_millis()
             );
             let name = match timing.lan {
+                Some((i, _)) if v6 => format!("failover-{kind}-lan{i}ms-ipv6.svg"),
                 Some((i, _)) => format!("failover-{kind}-lan{i}ms.svg"),
                 None => format!("failover-{kind}-lease{}s.svg", timing.lease_seconds),
             };
@@ -514,6 +526,82 @@ fn dnat() -> Value {
 /// The heartbeats' cost: on a lab of 3 speakers (CPU, memory, bytes per second of each),
 /// then with 97 more peers on the LAN — a process on the client sends their heartbeats,
 /// signed with the real key, every 100 ms, each acking the 99 others — as at 100 nodes.
+/// False declarations: three speakers holding ten VIPs, left alone for `secs`, then for
+/// `secs` with both cores kept busy by two spinning threads at normal priority (the API
+/// server, in this process, competes too). A declaration of a live peer is a false one; a
+/// VIP that moves is what a user would notice.
+async fn false_declarations(secs: u64) -> Value {
+    let mut out = serde_json::Map::new();
+    for (name, timing) in [("default", Timing::LAN), ("fast", Timing::LAN_FAST)] {
+        let tb = Testbed::new(vec![1, 1, 0], timing).await;
+        let pods: Vec<_> = tb.lab.pods().cloned().collect();
+        let mut ips = Vec::new();
+        for i in 0..10 {
+            let svc = format!("fd{i}");
+            tb.apply(&endpoints(&svc, &pods)).await;
+            tb.apply(&service(&svc, "", "")).await;
+            ips.push(tb.wait_ips("default", &svc, 1).await[0]);
+        }
+        for ip in &ips {
+            tb.wait_owner(*ip).await;
+        }
+        // New members count after they settle.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let mut rows = Vec::new();
+        for busy in [false, true] {
+            let declared = |tb: &Testbed| -> f64 {
+                tb.node_names()
+                    .iter()
+                    .map(|h| metric_sum(tb, h, "l2speaker_peers_declared_dead"))
+                    .sum()
+            };
+            let transitions = async |tb: &Testbed| -> i64 {
+                let mut n = 0;
+                for ip in &ips {
+                    n += tb
+                        .lease(*ip)
+                        .await
+                        .and_then(|l| l.spec?.lease_transitions)
+                        .unwrap_or(0) as i64;
+                }
+                n
+            };
+            let (d0, t0) = (declared(&tb), transitions(&tb).await);
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let spinners: Vec<_> = (0..if busy { 2 } else { 0 })
+                .map(|_| {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        let mut x = 0u64;
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            x = std::hint::black_box(x.wrapping_add(1));
+                        }
+                    })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            for t in spinners {
+                t.join().unwrap();
+            }
+            let (d1, t1) = (declared(&tb), transitions(&tb).await);
+            println!(
+                "false declarations ({}, {}): {} declarations, {} VIP moves in {secs} s",
+                profile(timing),
+                if busy { "both cores busy" } else { "idle" },
+                d1 - d0,
+                t1 - t0
+            );
+            rows.push(json!({"both_cores_busy": busy, "seconds": secs, "declarations": d1 - d0, "vip_moves": t1 - t0}));
+        }
+        out.insert(
+            name.to_string(),
+            json!({"profile": profile(timing), "runs": rows}),
+        );
+    }
+    Value::Object(out)
+}
+
 async fn heartbeat_cost() -> Value {
     let tb = Testbed::new(vec![0, 0, 0], Timing::LAN).await;
     let hosts = tb.node_names();
@@ -628,7 +716,7 @@ async fn heartbeat_cost() -> Value {
 /// Time from SIGTERM to exit: of a speaker that owns nothing, and of the owner (which
 /// unbinds and releases first). The speaker is started again between runs.
 async fn shutdown(n: usize) -> Value {
-    let (tb, ip) = drill_bed(Timing::DEFAULT).await;
+    let (tb, ip) = drill_bed(Timing::DEFAULT, false).await;
     let mut idle = Vec::new();
     let mut owner_ms = Vec::new();
     for _ in 0..n {
@@ -660,17 +748,20 @@ async fn main() {
                     "build": if cfg!(debug_assertions) { "debug" } else { "release" }},
     });
     if want("failover") {
+        let (d, n, out) = (args.default_drills, args.drills, &args.out);
         results["failover_lan"] = json!({
-            "hard_default": failover("hard", Timing::LAN, args.drills, &args.out).await,
-            "hard_fast": failover("hard", Timing::LAN_FAST, args.drills, &args.out).await,
-            "graceful": failover("graceful", Timing::LAN, args.drills, &args.out).await,
+            "hard_default": failover("hard", Timing::LAN, d, false, out).await,
+            "hard_default_ipv6": failover("hard", Timing::LAN, n, true, out).await,
+            "hard_fast": failover("hard", Timing::LAN_FAST, n, false, out).await,
+            "hard_fast_ipv6": failover("hard", Timing::LAN_FAST, n, true, out).await,
+            "graceful": failover("graceful", Timing::LAN, n, false, out).await,
         });
     }
     if want("failover-lease") {
         results["failover"] = json!({
-            "hard_short": failover("hard", Timing::SHORT, args.drills, &args.out).await,
-            "hard_default": failover("hard", Timing::DEFAULT, args.drills, &args.out).await,
-            "graceful": failover("graceful", Timing::DEFAULT, args.drills, &args.out).await,
+            "hard_short": failover("hard", Timing::SHORT, args.drills, false, &args.out).await,
+            "hard_default": failover("hard", Timing::DEFAULT, args.drills, false, &args.out).await,
+            "graceful": failover("graceful", Timing::DEFAULT, args.drills, false, &args.out).await,
         });
     }
     if want("shutdown") {
@@ -678,6 +769,9 @@ async fn main() {
     }
     if want("heartbeat") {
         results["heartbeat"] = heartbeat_cost().await;
+    }
+    if want("false-declarations") {
+        results["false_declarations"] = false_declarations(args.load_seconds).await;
     }
     if want("dnat") {
         results["dnat"] = tokio::task::spawn_blocking(dnat).await.unwrap();

@@ -186,6 +186,14 @@ enum Ev {
         inc: u32,
         frame: Heartbeat,
     },
+    /// LAN mode: the keeper woken between ticks (a peer fell silent for dead-after, or a
+    /// peer's declarations changed); a frame goes out only if ours changed.
+    HbWake {
+        node: usize,
+        inc: u32,
+        /// For a peer falling silent (stale once a later deadline replaced it).
+        silence: bool,
+    },
     NodeArrive {
         node: usize,
         inc: u32,
@@ -280,6 +288,8 @@ struct Node {
     started: T,
     node_pending: Option<ReqId>,
     hb_chain: u64,
+    /// When the keeper is woken next for a peer falling silent.
+    silence_at: Option<T>,
     lan_summary: Option<LanSummary>,
 }
 
@@ -394,6 +404,7 @@ impl Sim {
                 started: T::ZERO,
                 node_pending: None,
                 hb_chain: 0,
+                silence_at: None,
                 lan_summary: None,
             })
             .collect();
@@ -459,6 +470,7 @@ impl Sim {
         n.nseen = vec![self.now; self.s.nodes];
         n.lan_summary = None;
         n.hb_chain += 1;
+        n.silence_at = None;
         let (inc, chain) = (n.inc, n.hb_chain);
         let d = self.rng.ms(0, l.interval.as_millis() as u64);
         self.at(self.now + d, Ev::Hb { node, inc, chain });
@@ -539,6 +551,7 @@ impl Sim {
             | Ev::Deadline { node, inc, .. }
             | Ev::ProbeDone { node, inc, .. }
             | Ev::HbArrive { node, inc, .. }
+            | Ev::HbWake { node, inc, .. }
             | Ev::NodeReplyArrive { node, inc, .. }
             | Ev::NodeDeadline { node, inc, .. } => (*node, *inc),
             _ => return Some(ev),
@@ -736,15 +749,32 @@ impl Sim {
                 if !n.alive || n.inc != inc || n.frozen || n.hb_chain != chain {
                     return;
                 }
-                self.heartbeat(node);
+                self.heartbeat(node, false);
                 let every = self.s.lan.expect("LAN mode").interval;
                 let jitter = self.rng.ms(0, 3);
                 self.at(self.now + every + jitter, Ev::Hb { node, inc, chain });
             }
-            Ev::HbArrive { node, frame, .. } => {
+            Ev::HbArrive { node, inc, frame } => {
                 let wall = WALL0 + self.now.as_micros() as u64;
                 let at = self.instant(self.now).into_std();
                 self.nodes[node].peers.receive(1, &frame, at, wall);
+                if self.nodes[node].peers.take_news() {
+                    let lat = self.rng.ms(0, 2);
+                    self.at(
+                        self.now + lat,
+                        Ev::HbWake {
+                            node,
+                            inc,
+                            silence: false,
+                        },
+                    );
+                }
+            }
+            Ev::HbWake { node, silence, .. } => {
+                // A silence timer the keeper has since moved (the peer was heard) is no wake.
+                if !silence || self.nodes[node].silence_at == Some(self.now) {
+                    self.heartbeat(node, true);
+                }
             }
             Ev::NodeArrive { node, inc, req, op } => self.node_arrive(node, inc, req, op),
             Ev::NodeReplyArrive {
@@ -854,9 +884,10 @@ impl Sim {
         }
     }
 
-    /// One heartbeat tick: declarations, the keeper, the gate refresh, a frame to every peer,
-    /// and the take-over evidence.
-    fn heartbeat(&mut self, node: usize) {
+    /// One heartbeat tick (or a wake between ticks): declarations, the keeper, the gate
+    /// refresh, a frame to every peer (on a wake only when our declarations changed), and the
+    /// take-over evidence.
+    fn heartbeat(&mut self, node: usize, wake: bool) {
         let l = self.s.lan.expect("LAN mode");
         let now = self.now;
         let inst = self.instant(now);
@@ -878,8 +909,28 @@ impl Sim {
                 (name.as_str(), g)
             })
             .collect();
+        let before = n.peers.dead_list();
         n.peers
             .declare_silent_members(&gens, now >= n.started + l.dead_after, at);
+        let send = !wake || n.peers.dead_list() != before;
+        let silence = n.peers.next_silence(at).map(|t| {
+            Instant::from_std(t).saturating_duration_since(self.base) + Duration::from_millis(1)
+        });
+        if let Some(t) = silence
+            && silence != n.silence_at
+        {
+            n.silence_at = silence;
+            let inc = n.inc;
+            self.at(
+                t,
+                Ev::HbWake {
+                    node,
+                    inc,
+                    silence: true,
+                },
+            );
+        }
+        let n = &mut self.nodes[node];
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let acked: Vec<Instant> = n
             .peers
@@ -910,15 +961,16 @@ impl Sim {
             None => now.min(n.gate_until),
         };
         // One frame to every peer that can hear it.
-        let frame = Heartbeat {
+        let frame = send.then(|| Heartbeat {
             node: n.name.clone(),
             seq: n.peers.next_seq(at, wall),
             generation: n.peers.generation(),
             interval_ms: l.interval.as_millis() as u16,
             acks: n.peers.acks(at),
             dead: n.peers.dead_list(),
-        };
+        });
         for to in 0..self.s.nodes {
+            let Some(frame) = &frame else { break };
             if to == node
                 || !self.nodes[to].alive
                 || !self.nodes[node].link_up
