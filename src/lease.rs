@@ -37,9 +37,10 @@ pub const ANNOTATION_STEPPED_DOWN_FROM: &str = "l2speaker.io/stepped-down-from";
 /// and does not renew the Lease: the Lease is such a Lease while this names its holder (a
 /// speaker of the previous release that takes the Lease over leaves it naming someone else).
 pub const ANNOTATION_LAN_HOLDER: &str = "l2speaker.io/lan-holder";
-/// `leaseDurationSeconds` of such Leases: speakers of the previous release judge expiry by
-/// it, so they never take over a Lease that is simply not renewed.
-pub const LAN_LEASE_SECONDS: i32 = 3600;
+/// `leaseDurationSeconds` of such Leases (ten years): speakers of the previous release judge
+/// expiry by it, so they never take over a Lease that is simply not renewed — however long
+/// its holder keeps it.
+pub const LAN_LEASE_SECONDS: i32 = 10 * 365 * 24 * 3600;
 
 fn annotation<'a>(lease: &'a Lease, key: &str) -> Option<&'a str> {
     lease

@@ -90,8 +90,12 @@ pub enum Mode {
 }
 
 /// How long an address bound in [`Mode::Lan`] lives if nobody refreshes it: a backstop
-/// only (the gate silences a dead speaker's node within milliseconds).
+/// only (the gate silences a dead speaker's node within milliseconds). The holder extends it
+/// every [`LAN_ADDRESS_REFRESH`] on its own, with no API request: in this mode the Lease is
+/// written on change only, and nothing else ends an ownership.
 pub const LAN_ADDRESS_BACKSTOP: Duration = Duration::from_secs(24 * 3600);
+/// How often a [`Mode::Lan`] holder extends its address's lifetime.
+pub const LAN_ADDRESS_REFRESH: Duration = Duration::from_secs(3600);
 
 /// Why the holder should end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -465,7 +469,7 @@ impl Holder {
                             fence_at,
                             next_renew: match self.mode {
                                 Mode::Lease => sent + self.timing.renew_interval,
-                                Mode::Lan => fence_at,
+                                Mode::Lan => sent + LAN_ADDRESS_REFRESH,
                             },
                             renewing: None,
                             burst_start: now,
@@ -802,6 +806,18 @@ impl Holder {
                     let Phase::Owner(o) = &mut self.phase else {
                         unreachable!()
                     };
+                    if self.mode == Mode::Lan && now >= o.next_renew {
+                        // No API request: the address's backstop lifetime moves on.
+                        o.fence_at = now + LAN_ADDRESS_BACKSTOP;
+                        o.next_renew = now + LAN_ADDRESS_REFRESH;
+                        if self.kind == Kind::Vip && o.probing.is_none() {
+                            out.actions.push(Action::Bind {
+                                iface: o.iface,
+                                until: o.fence_at,
+                                not_after: o.fence_at,
+                            });
+                        }
+                    }
                     if o.renewing.is_none() && now >= o.next_renew {
                         self.next_req += 1;
                         let req = self.next_req;
@@ -1115,13 +1131,16 @@ mod tests {
             t0 + ms(60),
         );
         assert!(s.actions.iter().any(|a| matches!(a, Action::Bind { .. })));
-        // And it never renews: ten minutes later, no write at all.
+        // And it never writes again: three days later it still answers, with no API request,
+        // and the address's backstop lifetime has kept moving on.
         v.lease = Some(Observed {
             lan: true,
             ..lan_lease(ME, "8", t0 + ms(30))
         });
         h.step(Input::View(v.clone()), t0 + ms(100));
-        for m in (1..600).map(|s| t0 + Duration::from_secs(s)) {
+        let mut lifetime_ends = t0 + LAN_ADDRESS_BACKSTOP;
+        let days = 3 * 24 * 3600;
+        for m in (1..days).step_by(60).map(|s| t0 + Duration::from_secs(s)) {
             let s = h.step(Input::Tick, m);
             assert!(
                 !s.actions
@@ -1129,9 +1148,18 @@ mod tests {
                     .any(|a| matches!(a, Action::Renew { .. } | Action::Unbind { .. })),
                 "{s:?}"
             );
+            for a in &s.actions {
+                if let Action::Bind { until, .. } = a {
+                    lifetime_ends = *until;
+                }
+            }
+            assert!(
+                lifetime_ends > m + LAN_ADDRESS_BACKSTOP - LAN_ADDRESS_REFRESH - ms(60_001),
+                "the address would lapse by itself"
+            );
         }
         // Fenced (our own node was declared dead): withdraw at once.
-        let s = h.step(Input::Fenced, t0 + Duration::from_secs(601));
+        let s = h.step(Input::Fenced, t0 + Duration::from_secs(days + 1));
         assert!(s.actions.iter().any(|a| matches!(a, Action::Unbind { .. })));
     }
 
