@@ -180,6 +180,9 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             let Some(node) = name.strip_prefix(node_lease::PREFIX) else {
                 continue;
             };
+            if node != me && !node_lease::is_member(&l) {
+                continue;
+            }
             present.insert(node.to_string());
             let rv = l.resource_version();
             match members.get_mut(node) {

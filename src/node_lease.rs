@@ -59,6 +59,14 @@ fn number(lease: &Lease, key: &str) -> Option<u32> {
     lease.metadata.annotations.as_ref()?.get(key)?.parse().ok()
 }
 
+/// Whether the node's speaker takes part in LAN mode: its Lease records a generation. A
+/// speaker of the previous release (which wrote node Leases for refused addresses only) or
+/// one in lease mode does not: it never acks, declares or holds a VIP through the LAN, so it
+/// is no member and counts in no majority.
+pub fn is_member(lease: &Lease) -> bool {
+    number(lease, ANNOTATION_GENERATION).is_some()
+}
+
 /// The generation and fence a node Lease records.
 pub fn state(lease: &Lease) -> crate::ownership::node::NodeLeaseState {
     crate::ownership::node::NodeLeaseState {

@@ -106,6 +106,23 @@ pub fn speaker_bin() -> PathBuf {
     bin
 }
 
+/// The speaker of the previous release (VIP Leases renewed per IP), for the rolling-upgrade
+/// test: `<target>/previous/l2speaker`, which `scripts/build-previous.sh` builds from the
+/// repository's history (`scripts/test.sh` runs it first).
+pub fn previous_speaker_bin() -> PathBuf {
+    let bin = lab_bin()
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("a target dir")
+        .join("previous/l2speaker");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run scripts/build-previous.sh (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
 pub fn lab_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
     let dir = exe.parent().expect("a target dir");
@@ -206,6 +223,23 @@ impl Testbed {
 
     /// The same, with extra flags (`--dnat=false`).
     pub fn start_speaker_with(&self, host: &str, extra: &[&str]) -> Arc<Proc> {
+        let bin = self.speaker_bin.clone();
+        self.spawn_speaker(host, &bin, extra, true)
+    }
+
+    /// Starts the speaker build `bin` of the previous release on `host` (its flags only: the
+    /// Lease timing; no heartbeat settings).
+    pub fn start_previous_speaker(&self, host: &str, bin: &std::path::Path) -> Arc<Proc> {
+        self.spawn_speaker(host, bin, &[], false)
+    }
+
+    fn spawn_speaker(
+        &self,
+        host: &str,
+        bin: &std::path::Path,
+        extra: &[&str],
+        heartbeat_flags: bool,
+    ) -> Arc<Proc> {
         let h = self.lab.host(host).unwrap().clone();
         let t = self.timing;
         let (lease, renew, deadline) = (
@@ -215,7 +249,7 @@ impl Testbed {
         );
         let kubeconfig = self.lab_kubeconfig.to_string_lossy().to_string();
         let n = self.speakers.lock().unwrap().len();
-        let lan: Vec<String> = match t.lan {
+        let lan: Vec<String> = match t.lan.filter(|_| heartbeat_flags) {
             Some((interval, dead)) => vec![
                 "--heartbeat-interval".into(),
                 interval.to_string(),
@@ -230,7 +264,7 @@ impl Testbed {
             .spawn(
                 host,
                 &format!("speaker-{host}-{n}"),
-                &self.speaker_bin,
+                bin,
                 &[
                     [
                         "--lease-duration",

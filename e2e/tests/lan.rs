@@ -450,3 +450,85 @@ async fn lan_a_dead_nodes_endpoints_leave_the_dnat_at_once() {
     );
     tb.lab.heal_link(victim).unwrap();
 }
+
+/// A rolling upgrade from the previous release (VIP Leases renewed per IP): n3 runs the
+/// previous release's speaker, n1 and n2 this one, with six Services spread over all three.
+/// - The old speaker never takes a Lease the new ones keep without renewing it (held for
+///   several of its lease durations, and when their holder dies).
+/// - A new speaker killed: its VIPs go to the other new one (the old one is no member).
+/// - The old speaker stopped and replaced by a new one, the killed one restarted: every VIP
+///   is owned again. At no sample do two nodes answer for any VIP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_a_rolling_upgrade_from_the_previous_release_never_has_two_owners() {
+    let previous = l2speaker_e2e::testbed::previous_speaker_bin();
+    let tb = Testbed::without_speakers(vec![1, 1, 0], Timing::LAN).await;
+    // The old speaker first, with two Services (so it owns both), then the new ones and
+    // four more Services (the old one holds its fair share already).
+    tb.start_previous_speaker("n3", &previous);
+    let mut ips = Vec::new();
+    for i in 0..6 {
+        if i == 2 {
+            tb.start_speaker("n1");
+            tb.start_speaker("n2");
+            ready(&tb).await;
+        }
+        let name = format!("up{i}");
+        tb.apply(&endpoints(&name, &pods(&tb))).await;
+        tb.apply(&service(&name, "", "")).await;
+        ips.push(tb.wait_ips("default", &name, 1).await[0]);
+        if i < 2 {
+            lan_owner(&tb, ips[i], None).await;
+        }
+    }
+    let owners = async || {
+        let mut v = Vec::new();
+        for ip in &ips {
+            v.push(lan_owner(&tb, *ip, None).await);
+        }
+        v
+    };
+    let before = owners().await;
+    println!("owners at the start: {before:?}");
+    assert!(
+        before.iter().any(|o| o == "n3") && before.iter().any(|o| o != "n3"),
+        "the old and the new speakers each own VIPs: {before:?}"
+    );
+    // New members count after they settle.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let sampler = tb.sample(&ips);
+
+    // Three lease durations of the old release: no Lease changes hands.
+    tokio::time::sleep(Duration::from_secs(3 * Timing::LAN.lease_seconds)).await;
+    assert_eq!(owners().await, before, "an unrenewed Lease was taken over");
+
+    // A new owner dies: its VIPs go to the other new speaker, never to the old one.
+    let victim = if before.iter().any(|o| o == "n1") {
+        "n1"
+    } else {
+        "n2"
+    };
+    let heir = if victim == "n1" { "n2" } else { "n1" };
+    tb.speaker(victim).kill();
+    for (ip, was) in ips.iter().zip(&before) {
+        if was == victim {
+            let now = lan_owner(&tb, *ip, Some(victim)).await;
+            assert_eq!(now, heir, "{ip} of the killed {victim} went to {now}");
+        }
+    }
+
+    // The old speaker is upgraded, the killed one restarted.
+    tb.speaker("n3").signal(Signal::SIGTERM).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the old speaker exits",
+        async || tb.speaker("n3").wait_timeout(Duration::ZERO).map(|_| ()),
+    )
+    .await;
+    tb.start_speaker("n3");
+    tb.start_speaker(victim);
+    let after = owners().await;
+    println!("owners after the upgrade: {after:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = sampler.stop().unwrap();
+    assert_never_two("rolling upgrade from the previous release", &s);
+}

@@ -1,8 +1,9 @@
 //! The rules that keep one owner per VIP when liveness travels on the LAN and the API only
 //! arbitrates. Pure arithmetic; [`super::node`] and [`super::vip`] apply it.
 //!
-//! **Members.** The speakers with a node Lease (`node-<node>`), whether renewed lately or
-//! not: a node that vanished counts until its Lease is collected (after
+//! **Members.** The speakers with a node Lease (`node-<node>`) that records a generation
+//! (written by a speaker in LAN mode; a speaker of the previous release is no member),
+//! whether renewed lately or not: a node that vanished counts until its Lease is collected (after
 //! [`MEMBER_GC_AFTER`] without renewal, or at once when its Node object is deleted). Each
 //! member has a *generation*, kept in its node Lease and carried in its heartbeats; it changes
 //! only by a compare-and-swap write on that Lease.
