@@ -26,6 +26,9 @@ use crate::pool::{IPPool, IPPoolSpec, IPPoolStatus, PoolCondition, Pools};
 /// The allocator's own Lease: one speaker assigns IPs at a time.
 pub const ALLOCATOR_LEASE: &str = "l2speaker-allocator";
 
+/// With nothing changed, the allocator still goes over everything this often.
+pub const ALLOCATE_EVERY: Duration = Duration::from_secs(10);
+
 /// Runs until `stop` says so; then releases the allocator's Lease (bounded).
 pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let since = Instant::now();
@@ -69,6 +72,11 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     ));
     let mut reported: HashSet<(String, String)> = HashSet::new();
     let mut changed = shared.cluster.changed.clone();
+    // What the last assignment pass saw: another one runs when the cluster changed, when
+    // this speaker just became the allocator, or every ALLOCATE_EVERY (retries, and Leases
+    // that became garbage by age).
+    let mut last: Option<(u64, Instant)> = None;
+    let mut was_holding = false;
     loop {
         let f = feed(&mut seen);
         feed_tx.send_if_modified(|old| {
@@ -81,7 +89,12 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         let holding = holds
             .borrow_and_update()
             .is_some_and(|t| Instant::now() < t);
-        if holding {
+        let counter = *changed.borrow_and_update();
+        let due =
+            !was_holding || last.is_none_or(|(c, t)| c != counter || t.elapsed() >= ALLOCATE_EVERY);
+        was_holding = holding;
+        if holding && due {
+            last = Some((counter, Instant::now()));
             allocate_once(&shared, &mut reported, &holds).await;
         }
         tokio::select! {

@@ -1,6 +1,8 @@
 //! The speaker's view of the cluster: one reflector per kind, and a counter that moves on
 //! every change so the loops that depend on them wake up.
 
+use std::collections::HashMap;
+
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -20,11 +22,20 @@ pub struct Cluster {
     pub nodes: Store<Node>,
     pub pools: Store<IPPool>,
     pub leases: Store<Lease>,
-    /// Moves on every change of any of the above.
+    /// Moves on every change of any of the above (except node Lease renewals).
     pub changed: watch::Receiver<u64>,
 }
 
-fn reflect<K>(api: Api<K>, config: watcher::Config, bump: watch::Sender<u64>) -> Store<K>
+/// What of an object the loops act on, when that is less than the whole object: a change
+/// that leaves it alone does not wake them. None: every change counts.
+type Digest<K> = fn(&K) -> Option<u64>;
+
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    bump: watch::Sender<u64>,
+    digest: Digest<K>,
+) -> Store<K>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
@@ -36,14 +47,53 @@ where
             .default_backoff()
             .reflect(writer)
             .boxed();
+        let mut seen: HashMap<String, u64> = HashMap::new();
         while let Some(ev) = events.next().await {
             match ev {
+                Ok(watcher::Event::Apply(o)) => {
+                    let name = o.meta().name.clone().unwrap_or_default();
+                    if let Some(d) = digest(&o)
+                        && seen.insert(name, d) == Some(d)
+                    {
+                        continue;
+                    }
+                    bump.send_modify(|n| *n += 1)
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    seen.remove(o.meta().name.as_deref().unwrap_or_default());
+                    bump.send_modify(|n| *n += 1)
+                }
                 Ok(_) => bump.send_modify(|n| *n += 1),
                 Err(e) => tracing::warn!(kind = %kind, error = %e, "watch failed; retrying"),
             }
         }
     });
     reader
+}
+
+fn every_change<K>(_: &K) -> Option<u64> {
+    None
+}
+
+/// A node Lease or the allocator's Lease without its renewal time: their renewals (every
+/// node and the allocator, every renew interval) wake no loop — the node keeper and the
+/// allocation loop read them on their own clocks, at least every renew interval (a renewal
+/// seen late only makes a standby's expiry later). Every VIP Lease, and every other change of
+/// these (holder, generation, fence, refused addresses), counts.
+fn lease_digest(l: &Lease) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    if !l.metadata.name.as_deref().is_some_and(|n| {
+        n.starts_with(crate::node_lease::PREFIX) || n == crate::allocation::ALLOCATOR_LEASE
+    }) {
+        return None;
+    }
+    let mut spec = l.spec.clone().unwrap_or_default();
+    spec.renew_time = None;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&spec).ok()?.hash(&mut h);
+    l.metadata.annotations.hash(&mut h);
+    l.metadata.labels.hash(&mut h);
+    Some(h.finish())
 }
 
 impl Cluster {
@@ -56,18 +106,31 @@ impl Cluster {
                 Api::<Service>::all(client.clone()),
                 all.clone(),
                 bump.clone(),
+                every_change,
             ),
             slices: reflect(
                 Api::<EndpointSlice>::all(client.clone()),
                 all.clone(),
                 bump.clone(),
+                every_change,
             ),
-            nodes: reflect(Api::<Node>::all(client.clone()), all.clone(), bump.clone()),
-            pools: reflect(Api::<IPPool>::all(client.clone()), all, bump.clone()),
+            nodes: reflect(
+                Api::<Node>::all(client.clone()),
+                all.clone(),
+                bump.clone(),
+                every_change,
+            ),
+            pools: reflect(
+                Api::<IPPool>::all(client.clone()),
+                all,
+                bump.clone(),
+                every_change,
+            ),
             leases: reflect(
                 Api::<Lease>::namespaced(client.clone(), namespace),
                 watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}")),
                 bump,
+                lease_digest,
             ),
             changed,
         }

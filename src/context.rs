@@ -106,6 +106,19 @@ impl Shared {
             .filter(|(_, ago)| *ago < FOREIGN_CLAIM_TTL)
     }
 
+    /// Every pool address another host claimed within [`FOREIGN_CLAIM_TTL`], with its MAC.
+    pub fn fresh_foreign_claims(&self) -> Vec<(IpAddr, String)> {
+        let lan = self.lan.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(IpAddr, String)> = lan
+            .foreign
+            .iter()
+            .filter(|(_, (_, t))| t.elapsed() < FOREIGN_CLAIM_TTL)
+            .map(|(ip, (m, _))| (*ip, m.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// The VIP bound here now on `index`, with its Service, if any.
     pub fn owner_of(&self, ip: IpAddr) -> Option<(String, Interface)> {
         self.owned

@@ -103,6 +103,25 @@ pub struct Coordinator {
     publishing: Option<JoinHandle<bool>>,
     /// (Service, IP) pairs already told that this node refuses the IP.
     reported: HashSet<(String, IpAddr)>,
+    /// What the last full pass was computed from: a pass with the same inputs would feed
+    /// every holder the same view again, so it stops early (the periodic pass of an idle
+    /// speaker with a thousand VIPs costs an interface listing, not a thousand views).
+    last_inputs: Option<PassInputs>,
+}
+
+/// Everything a pass's views depend on besides the clock (nothing in a view does; holders
+/// keep their own timers).
+#[derive(Debug, Clone, PartialEq)]
+struct PassInputs {
+    /// Moves on every relevant change of a watched object.
+    cluster: u64,
+    lan: crate::keeper::LanState,
+    interfaces: Vec<Interface>,
+    gateways: Vec<IpAddr>,
+    /// Pool addresses other hosts claimed lately (they expire with time).
+    foreign: Vec<(IpAddr, String)>,
+    /// Moves when the VIPs bound here change.
+    owned: u64,
 }
 
 impl Coordinator {
@@ -118,6 +137,7 @@ impl Coordinator {
             published: None,
             publishing: None,
             reported: HashSet::new(),
+            last_inputs: None,
         }
     }
 
@@ -167,6 +187,20 @@ impl Coordinator {
             .map(|m| format_mac(&m))
             .collect();
         self.publish(&published, &my_macs);
+        let inputs = PassInputs {
+            cluster: *s.cluster.changed.borrow(),
+            lan: s.lan_state.borrow().clone(),
+            interfaces: self.interfaces.clone(),
+            gateways: self.gateways.clone(),
+            foreign: s.fresh_foreign_claims(),
+            owned: *s.dnat_wake.borrow(),
+        };
+        if self.last_inputs.as_ref() == Some(&inputs)
+            && !self.tasks.values().any(|t| t.handle.is_finished())
+        {
+            return;
+        }
+        self.last_inputs = Some(inputs);
         self.update_lan_view(&pools, &my_macs);
         let services: Vec<ServiceInfo> = s
             .services()
