@@ -108,12 +108,21 @@ fn host_prefix(ip: IpAddr) -> u8 {
     if ip.is_ipv4() { 32 } else { 128 }
 }
 
+/// The kernel gave up on a dump because the list changed while it was read (EBUSY, as
+/// rtnetlink reports an interrupted dump): read it again.
+fn is_interrupted(e: &AddrError) -> bool {
+    matches!(e, AddrError::Netlink { source: rtnetlink::Error::NetlinkError(m), .. } if m.raw_code() == -libc::EBUSY)
+}
+
+/// How many times an interrupted dump is read again before the error is reported.
+const DUMP_ATTEMPTS: usize = 5;
+
 fn is_missing(e: &rtnetlink::Error) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EADDRNOTAVAIL || m.raw_code() == -libc::ENODEV)
 }
 
-impl AddrOps for Netlink {
-    async fn interfaces(&self) -> Result<Vec<Interface>, AddrError> {
+impl Netlink {
+    async fn links(&self) -> Result<Vec<Interface>, AddrError> {
         let nl = |what: &str| {
             let what = what.to_string();
             move |source| AddrError::Netlink { what, source }
@@ -141,26 +150,10 @@ impl AddrOps for Netlink {
             }
             out.push(iface);
         }
-        for a in self.addresses().await? {
-            if a.ours {
-                continue;
-            }
-            if let Some(i) = out.iter_mut().find(|i| i.index == a.index) {
-                if let IpAddr::V6(v6) = a.ip
-                    && v6.is_unicast_link_local()
-                {
-                    i.link_local = Some(v6);
-                    continue;
-                }
-                if let Ok(net) = IpNet::new(a.ip, a.prefix_len) {
-                    i.nets.push(net);
-                }
-            }
-        }
         Ok(out)
     }
 
-    async fn addresses(&self) -> Result<Vec<KernelAddr>, AddrError> {
+    async fn addresses_once(&self) -> Result<Vec<KernelAddr>, AddrError> {
         let mut addrs = self.handle.address().get().execute();
         let mut out = Vec::new();
         while let Some(m) = addrs
@@ -199,7 +192,54 @@ impl AddrOps for Netlink {
         Ok(out)
     }
 
-    async fn gateways(&self) -> Result<Vec<IpAddr>, AddrError> {
+    /// Our address `ip` on interface `index` (if there), and whether anything else holds
+    /// `ip` there.
+    async fn lookup(
+        &self,
+        index: u32,
+        ip: IpAddr,
+    ) -> Result<
+        (
+            Option<rtnetlink::packet_route::address::AddressMessage>,
+            bool,
+        ),
+        AddrError,
+    > {
+        let mut req = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(ip)
+            .execute();
+        let mut found = None;
+        let mut foreign = false;
+        loop {
+            match req.try_next().await {
+                Ok(Some(m)) => {
+                    let ours = m.attributes.iter().any(|a| {
+                        matches!(a, AddressAttribute::Protocol(AddressProtocol::Other(p)) if *p == PROTO)
+                    });
+                    if ours && m.header.prefix_len == host_prefix(ip) {
+                        found = Some(m);
+                    } else {
+                        foreign = true;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) if is_missing(&e) => break,
+                Err(source) => {
+                    return Err(AddrError::Netlink {
+                        what: format!("looking up {ip} on interface {index}"),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok((found, foreign))
+    }
+
+    async fn gateways_once(&self) -> Result<Vec<IpAddr>, AddrError> {
         use rtnetlink::RouteMessageBuilder;
         use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
         let mut out = Vec::new();
@@ -229,6 +269,51 @@ impl AddrOps for Netlink {
             }
         }
         Ok(out)
+    }
+}
+
+/// Runs the dump `f` again while the kernel reports it interrupted (at most
+/// [`DUMP_ATTEMPTS`] times).
+async fn dump<T, F: Future<Output = Result<T, AddrError>>>(
+    mut f: impl FnMut() -> F,
+) -> Result<T, AddrError> {
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Err(e) if is_interrupted(&e) && attempt < DUMP_ATTEMPTS => attempt += 1,
+            r => return r,
+        }
+    }
+}
+
+impl AddrOps for Netlink {
+    async fn interfaces(&self) -> Result<Vec<Interface>, AddrError> {
+        let mut out = dump(|| self.links()).await?;
+        for a in self.addresses().await? {
+            if a.ours {
+                continue;
+            }
+            if let Some(i) = out.iter_mut().find(|i| i.index == a.index) {
+                if let IpAddr::V6(v6) = a.ip
+                    && v6.is_unicast_link_local()
+                {
+                    i.link_local = Some(v6);
+                    continue;
+                }
+                if let Ok(net) = IpNet::new(a.ip, a.prefix_len) {
+                    i.nets.push(net);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn addresses(&self) -> Result<Vec<KernelAddr>, AddrError> {
+        dump(|| self.addresses_once()).await
+    }
+
+    async fn gateways(&self) -> Result<Vec<IpAddr>, AddrError> {
+        dump(|| self.gateways_once()).await
     }
 
     async fn bind(&self, index: u32, ip: IpAddr, valid: Duration) -> Result<(), AddrError> {
@@ -266,37 +351,7 @@ impl AddrOps for Netlink {
     }
 
     async fn unbind(&self, index: u32, ip: IpAddr) -> Result<(), AddrError> {
-        let mut req = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .set_address_filter(ip)
-            .execute();
-        let mut found = None;
-        let mut foreign = false;
-        loop {
-            match req.try_next().await {
-                Ok(Some(m)) => {
-                    let ours = m.attributes.iter().any(|a| {
-                        matches!(a, AddressAttribute::Protocol(AddressProtocol::Other(p)) if *p == PROTO)
-                    });
-                    if ours && m.header.prefix_len == host_prefix(ip) {
-                        found = Some(m);
-                    } else {
-                        foreign = true;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) if is_missing(&e) => break,
-                Err(source) => {
-                    return Err(AddrError::Netlink {
-                        what: format!("looking up {ip} on interface {index}"),
-                        source,
-                    });
-                }
-            }
-        }
+        let (found, foreign) = dump(|| self.lookup(index, ip)).await?;
         let Some(m) = found else {
             return if foreign {
                 Err(AddrError::NotOurs { ip, index })

@@ -23,6 +23,9 @@ use crate::dataplane::packet::format_mac;
 use crate::dataplane::probe::PROBE_WAIT;
 use crate::lease::{Description, LeaseError};
 
+/// How often a failed bind is tried, and how far apart.
+const BIND_ATTEMPTS: u32 = 3;
+const BIND_RETRY: Duration = Duration::from_millis(100);
 /// What the coordinator tells a holder: the machine's view, plus what the shell needs to
 /// perform actions (the full Lease for CAS writes, the interface, the Service).
 #[derive(Debug, Clone, PartialEq)]
@@ -383,13 +386,24 @@ impl Shell {
                     warn!(ip = %ip, error = %e, "cannot put the VIP under the gate: not binding");
                     return;
                 }
-                match tokio::time::timeout_at(not_after, s.dataplane.bind(&i, ip, valid)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        s.metrics.dataplane_error(&e);
-                        warn!(ip = %ip, interface = %i.name, error = %e, "could not bind");
+                // A few attempts: in LAN mode nothing binds again later by itself (the Lease
+                // is not renewed), so a passing failure must not leave the VIP unbound.
+                for attempt in 1..=BIND_ATTEMPTS {
+                    match tokio::time::timeout_at(not_after, s.dataplane.bind(&i, ip, valid)).await
+                    {
+                        Ok(Ok(())) => break,
+                        Ok(Err(e)) => {
+                            s.metrics.dataplane_error(&e);
+                            warn!(ip = %ip, interface = %i.name, error = %e, attempt, "could not bind");
+                        }
+                        Err(_) => {
+                            warn!(ip = %ip, interface = %i.name, "binding timed out");
+                            break;
+                        }
                     }
-                    Err(_) => warn!(ip = %ip, interface = %i.name, "binding timed out"),
+                    if attempt < BIND_ATTEMPTS {
+                        tokio::time::sleep(BIND_RETRY).await;
+                    }
                 }
             }
             Action::Probe { req, iface } => {
