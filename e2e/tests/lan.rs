@@ -1,10 +1,11 @@
 //! LAN mode in the lab (needs root): speakers started with `--liveness lan`, faults from the
 //! fault table, a sampler on the client's segment asking ARP for the VIP every 5 ms and
-//! counting every reply to each request. At no sample may two nodes answer.
+//! counting every reply to each request, and reading every node's addresses and gate over
+//! netlink just as often. At no sample may two nodes answer, and never may two nodes hold the
+//! address with their gates open over overlapping stretches of reads.
 //!
 //! (In LAN mode an address may stay bound on a node whose gate is closed — a killed
-//! speaker's, until the speaker restarts — so the check is on what answers, not on what is
-//! bound.)
+//! speaker's, until the speaker restarts: it answers nothing and does not count.)
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -79,6 +80,17 @@ fn assert_never_two(what: &str, s: &AllSamples) {
             "{what}: {ip} answered by two nodes in {} rounds, first {:?}",
             doubles.len(),
             doubles.first()
+        );
+        let kernels = one.double_binds();
+        assert!(
+            kernels.is_empty(),
+            "{what}: {ip} bound with the gate open on two nodes {} times, first {:?}",
+            kernels.len(),
+            kernels.first()
+        );
+        assert!(
+            one.kernels.values().map(Vec::len).sum::<usize>() > 0,
+            "{ip}: the sampler read the kernels"
         );
         assert!(one.answered() > 0, "{ip}: the sampler saw answers");
     }

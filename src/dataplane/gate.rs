@@ -77,6 +77,10 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DESTROYSETELEM: u16 = 30;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_DONE: u16 = 0x3;
+const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
 const NFPROTO_NETDEV: u8 = 5;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
@@ -240,6 +244,50 @@ pub fn batch(ops: &[Op], first_seq: u32) -> Vec<u8> {
     out
 }
 
+/// The attributes in `buf`: (type without its flags, payload).
+fn attrs(buf: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 4 <= buf.len() {
+        let len = u16::from_ne_bytes([buf[at], buf[at + 1]]) as usize;
+        let ty = u16::from_ne_bytes([buf[at + 2], buf[at + 3]]) & 0x3fff;
+        if len < 4 || at + len > buf.len() {
+            break;
+        }
+        out.push((ty, &buf[at + 4..at + len]));
+        at += (len + 3) & !3;
+    }
+    out
+}
+
+/// The live keys in one NEWSETELEM message's attributes (an element listed with no time
+/// left counts as gone).
+fn element_keys(body: &[u8], keys: &mut Vec<Vec<u8>>) {
+    for (t, list) in attrs(body) {
+        if t != NFTA_SET_ELEM_LIST_ELEMENTS {
+            continue;
+        }
+        for (t, elem) in attrs(list) {
+            if t != NFTA_LIST_ELEM {
+                continue;
+            }
+            let a = attrs(elem);
+            let expired = a.iter().any(|(t, v)| {
+                *t == NFTA_SET_ELEM_EXPIRATION && v.len() == 8 && v.iter().all(|b| *b == 0)
+            });
+            let key = a
+                .iter()
+                .filter(|(t, _)| *t == NFTA_SET_ELEM_KEY)
+                .flat_map(|(_, k)| attrs(k))
+                .find(|(t, _)| *t == NFTA_DATA_VALUE)
+                .map(|(_, v)| v.to_vec());
+            if let (Some(k), false) = (key, expired) {
+                keys.push(k);
+            }
+        }
+    }
+}
+
 /// A netlink socket to nf_tables in the current network namespace.
 pub struct Netlink {
     fd: OwnedFd,
@@ -279,6 +327,71 @@ impl Netlink {
             return Err(io::Error::last_os_error());
         }
         Ok(Netlink { fd, seq: 1 })
+    }
+
+    /// The keys in the gate's `set` now (the kernel leaves timed-out elements out): `None`
+    /// when the gate's table is not there. Read over netlink, no process: what a lab sampler
+    /// asks every few milliseconds.
+    pub fn set_keys(&mut self, set: &str) -> io::Result<Option<Vec<Vec<u8>>>> {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let mut body = Vec::new();
+        attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &cstr(TABLE));
+        attr(&mut body, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+        let mut buf = Vec::new();
+        message(
+            &mut buf,
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            seq,
+            NFPROTO_NETDEV,
+            0,
+            &body,
+        );
+        // SAFETY: buf is valid for its length; the kernel is the default destination.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut keys = Vec::new();
+        let mut rx = vec![0u8; 65536];
+        loop {
+            // SAFETY: rx is valid for its length.
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), rx.as_mut_ptr().cast(), rx.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let n = n as usize;
+            let mut at = 0usize;
+            while at + 16 <= n {
+                let len =
+                    u32::from_ne_bytes(rx[at..at + 4].try_into().unwrap_or_default()) as usize;
+                let ty = u16::from_ne_bytes(rx[at + 4..at + 6].try_into().unwrap_or_default());
+                let rseq = u32::from_ne_bytes(rx[at + 8..at + 12].try_into().unwrap_or_default());
+                if len < 16 || at + len > n {
+                    return Err(io::Error::other("malformed netlink reply"));
+                }
+                if rseq == seq {
+                    match ty {
+                        NLMSG_DONE => return Ok(Some(keys)),
+                        NLMSG_ERROR if len >= 20 => {
+                            let errno = i32::from_ne_bytes(
+                                rx[at + 16..at + 20].try_into().unwrap_or_default(),
+                            );
+                            if -errno == libc::ENOENT {
+                                return Ok(None);
+                            }
+                            if errno != 0 {
+                                return Err(io::Error::from_raw_os_error(-errno));
+                            }
+                        }
+                        _ if len >= 20 => element_keys(&rx[at + 20..at + len], &mut keys),
+                        _ => {}
+                    }
+                }
+                at += (len + 3) & !3;
+            }
+        }
     }
 
     /// Sends `ops` as one transaction and waits for the kernel's verdict (at most 1 s).

@@ -5,9 +5,11 @@
 //!   source MAC (and sender address 0.0.0.0, an RFC 5227 probe, so no node learns anything
 //!   from it); every reply names the request it answers, so two MACs answering one request
 //!   are two nodes answering at the same moment;
-//! - in the kernels: each node's address list read over netlink from a thread inside its
-//!   namespace; two nodes holding the address over overlapping stretches of samples are two
-//!   owners at once.
+//! - in the kernels: each node's address list and its gate (the `live` element of the
+//!   speaker's kernel switch; no gate table means nothing is gated) read over netlink from a
+//!   thread inside its namespace; two nodes holding the address with the gate open over
+//!   overlapping stretches of samples are two owners at once. (A killed speaker's node may
+//!   keep the address with its gate closed: it does not answer, and does not count.)
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -36,6 +38,8 @@ pub struct Round {
 pub struct Read {
     pub at: Duration,
     pub bound: bool,
+    /// The gate lets the node answer (open, or no gate at all).
+    pub open: bool,
 }
 
 /// Everything sampled, per VIP.
@@ -60,7 +64,7 @@ impl AllSamples {
             }
             for (a, b, from, to) in s.double_binds() {
                 out.push(format!(
-                    "{ip}: bound on {a} and {b} from {from:?} to {to:?}"
+                    "{ip}: bound with the gate open on {a} and {b} from {from:?} to {to:?}"
                 ));
             }
         }
@@ -101,7 +105,7 @@ impl Samples {
                 let mut start: Option<Duration> = None;
                 let mut last = Duration::ZERO;
                 for r in reads {
-                    match (r.bound, start) {
+                    match (r.bound && r.open, start) {
                         (true, None) => start = Some(r.at),
                         (false, Some(s)) => {
                             runs.push((node.clone(), s, last));
@@ -169,7 +173,7 @@ impl Samples {
     /// A summary for test output.
     pub fn summary(&self) -> String {
         format!(
-            "{} ARP rounds ({} answered, {} by two MACs), {} kernel reads on {} nodes ({} double binds)",
+            "{} ARP rounds ({} answered, {} by two MACs), {} kernel reads on {} nodes ({} times bound with the gate open on two)",
             self.rounds.len(),
             self.answered(),
             self.double_answers().len(),
@@ -360,17 +364,28 @@ fn kernel_reads(
         let Ok(nl) = Netlink::connect() else {
             return vec![];
         };
+        let mut gate = l2speaker::dataplane::gate::Netlink::open().ok();
+        let eth0 = l2speaker::dataplane::gate::ifname_key("eth0");
         let mut reads = vec![Vec::new(); ips.len()];
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         while !stop.load(Ordering::SeqCst) {
             tick.tick().await;
             let at = started.elapsed();
+            // Unreadable counts as open: the check can only get stricter.
+            let open = match gate
+                .as_mut()
+                .map(|g| g.set_keys(l2speaker::dataplane::gate::LIVE))
+            {
+                Some(Ok(Some(keys))) => keys.contains(&eth0),
+                _ => true,
+            };
             if let Ok(addrs) = nl.addresses().await {
                 for (k, ip) in ips.iter().enumerate() {
                     reads[k].push(Read {
                         at,
                         bound: addrs.iter().any(|a| a.ip == *ip),
+                        open,
                     });
                 }
             }
@@ -394,6 +409,7 @@ mod tests {
                 .map(|(t, b)| Read {
                     at: ms(*t),
                     bound: *b,
+                    open: true,
                 })
                 .collect::<Vec<_>>()
         };
@@ -410,6 +426,11 @@ mod tests {
         s.kernels
             .insert("n3".into(), reads(&[(1, false), (4, true), (9, true)]));
         assert_eq!(s.double_binds().len(), 1);
+        // Bound behind a closed gate: it does not answer.
+        for r in s.kernels.get_mut("n3").unwrap() {
+            r.open = false;
+        }
+        assert!(s.double_binds().is_empty());
     }
 
     #[test]
