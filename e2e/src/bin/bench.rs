@@ -24,6 +24,9 @@ struct Args {
     /// Drills per failover kind (see also --default-drills).
     #[arg(long, default_value_t = 20)]
     drills: usize,
+    /// Seconds over which idle CPU and memory are measured.
+    #[arg(long, default_value_t = 10)]
+    window: u64,
     /// How long each false-declaration run lasts (idle, then both cores busy), per profile.
     #[arg(long, default_value_t = 120)]
     load_seconds: u64,
@@ -342,7 +345,7 @@ fn footprint(tb: &Testbed, window: Duration, during: impl FnOnce()) -> Value {
     json!(per)
 }
 
-async fn api_load(counts: &[usize], timing: Timing) -> Value {
+async fn api_load(counts: &[usize], timing: Timing, window: Duration) -> Value {
     let mut out = Vec::new();
     for &n in counts {
         let tb = Testbed::new(vec![0, 0, 0], timing).await;
@@ -381,7 +384,6 @@ async fn api_load(counts: &[usize], timing: Timing) -> Value {
         owned.await;
         let settle = created.elapsed();
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let window = Duration::from_secs(10);
         let a = counters(&tb);
         let idle = footprint(&tb, window, || {});
         let b = counters(&tb);
@@ -602,7 +604,7 @@ async fn false_declarations(secs: u64) -> Value {
     Value::Object(out)
 }
 
-async fn heartbeat_cost() -> Value {
+async fn heartbeat_cost(window: Duration) -> Value {
     let tb = Testbed::new(vec![0, 0, 0], Timing::LAN).await;
     let hosts = tb.node_names();
     eventually(
@@ -627,7 +629,6 @@ async fn heartbeat_cost() -> Value {
             })
             .collect()
     };
-    let window = Duration::from_secs(10);
     let measure = |tb: &Testbed, during: Box<dyn FnOnce()>| {
         let a = sums(tb);
         let fp = footprint(tb, window, during);
@@ -741,6 +742,7 @@ async fn shutdown(n: usize) -> Value {
 async fn main() {
     let args = Args::parse();
     let want = |p: &str| args.only.is_empty() || args.only.iter().any(|o| o == p);
+    let window = Duration::from_secs(args.window);
     std::fs::create_dir_all(&args.out).unwrap();
     let mut results = json!({
         "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -768,7 +770,7 @@ async fn main() {
         results["shutdown"] = shutdown(args.drills.min(10)).await;
     }
     if want("heartbeat") {
-        results["heartbeat"] = heartbeat_cost().await;
+        results["heartbeat"] = heartbeat_cost(window).await;
     }
     if want("false-declarations") {
         results["false_declarations"] = false_declarations(args.load_seconds).await;
@@ -777,10 +779,10 @@ async fn main() {
         results["dnat"] = tokio::task::spawn_blocking(dnat).await.unwrap();
     }
     if want("api") {
-        results["api_load_lan"] = api_load(&args.ips, Timing::LAN).await;
+        results["api_load_lan"] = api_load(&args.ips, Timing::LAN, window).await;
     }
     if want("api-lease") {
-        results["api_load"] = api_load(&args.ips, Timing::DEFAULT).await;
+        results["api_load"] = api_load(&args.ips, Timing::DEFAULT, window).await;
     }
     let path = args.out.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap()).unwrap();
