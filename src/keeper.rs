@@ -12,6 +12,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
 use kube::api::Api;
+use kube::runtime::reflector::ObjectRef;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -88,22 +89,41 @@ impl Gate {
     }
 
     /// Opens the gate until `until` at the latest (at most `max` from now), or closes it.
-    /// The timeout is computed here, right before the send.
+    /// Opening takes a ticket first, then reads the clock, then sends the refresh with the
+    /// ticket: a refresh that would land more than [`gate::TICKET_LIFE`] after its clock
+    /// (the speaker frozen in between) fails in the kernel and opens nothing.
     fn refresh(&mut self, until: Option<Instant>, max: Duration) -> std::io::Result<()> {
-        let now = Instant::now();
-        let ops = match until {
-            Some(u) if u > now + Duration::from_millis(1) => {
-                gate::refresh_ops(&self.interfaces, (u - now).min(max))
+        if self.interfaces.is_empty() {
+            return Ok(());
+        }
+        for attempt in 1..=2 {
+            let Some(u) = until else { break };
+            self.apply(&gate::ticket_ops())?;
+            let left = u.saturating_duration_since(Instant::now());
+            if left <= gate::TICKET_SLACK + Duration::from_millis(1) {
+                break;
             }
-            _ => self
-                .interfaces
-                .iter()
-                .map(|i| Op::Destroy {
-                    set: gate::LIVE,
-                    key: gate::ifname_key(i),
-                })
-                .collect(),
-        };
+            let timeout = (left - gate::TICKET_SLACK).min(max);
+            match self.apply(&gate::ticketed_refresh_ops(&self.interfaces, timeout)) {
+                // The ticket ran out: this refresh came late and opened nothing. Once more;
+                // after that the gate keeps what the last timely refresh set.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    if attempt == 2 {
+                        return Ok(());
+                    }
+                }
+                r => return r,
+            }
+        }
+        // Closing is always safe: no ticket.
+        let ops: Vec<Op> = self
+            .interfaces
+            .iter()
+            .map(|i| Op::Destroy {
+                set: gate::LIVE,
+                key: gate::ifname_key(i),
+            })
+            .collect();
         self.apply(&ops)
     }
 }
@@ -155,6 +175,9 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut dead_since: HashMap<String, (u32, Instant)> = HashMap::new();
     // When the next peer falls silent for dead-after: it is declared then, not at the tick.
     let mut next_silence: Option<Instant> = None;
+    // The node Leases' names, as of the watched objects' change counter `scanned`.
+    let mut node_leases: Vec<String> = Vec::new();
+    let mut scanned: Option<u64> = None;
     loop {
         let mut inputs = Vec::new();
         let silence = next_silence.map(|t| t + Duration::from_millis(1));
@@ -172,8 +195,37 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         let now = Instant::now();
         let at = now.into_std();
-        // Members: the node Leases in the cache.
-        let leases = s.cluster.leases.state();
+        // Members: the node Leases in the cache. All Leases are gone through only when the
+        // watched objects changed (a node Lease appeared, went or changed more than its
+        // renewal time); otherwise the known node Leases are looked up by name, so a tick
+        // costs the same with a thousand VIP Leases as with none.
+        let counter = *s.cluster.changed.borrow();
+        let leases: Vec<Arc<Lease>> = if scanned != Some(counter) {
+            scanned = Some(counter);
+            let found: Vec<Arc<Lease>> = s
+                .cluster
+                .leases
+                .state()
+                .into_iter()
+                .filter(|l| {
+                    l.metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| n.starts_with(node_lease::PREFIX))
+                })
+                .collect();
+            node_leases = found.iter().map(|l| l.name_any()).collect();
+            found
+        } else {
+            node_leases
+                .iter()
+                .filter_map(|n| {
+                    s.cluster
+                        .leases
+                        .get(&ObjectRef::new(n).within(&s.config.namespace))
+                })
+                .collect()
+        };
         let mut present = BTreeSet::new();
         for l in leases {
             let name = l.name_any();

@@ -255,3 +255,49 @@ fn the_gate_closes_within_milliseconds_of_its_timeout() {
     .unwrap();
     println!("refresh: {:?} per netlink batch ({n} batches)", took / n);
 }
+
+/// A refresh carries a ticket taken before the clock was read: one that lands after the
+/// ticket ran out (a speaker frozen between reading its clock and sending) fails in the
+/// kernel and opens nothing; one on time opens the gate. And the gate the speaker reads back
+/// (what the lab sampler reads) says so.
+#[test]
+fn a_refresh_that_lands_after_its_ticket_ran_out_opens_nothing() {
+    let lab = lab();
+    let ns = setup(&lab);
+    let live = |ns: &str| {
+        netns::run_in(ns, || Netlink::open()?.set_keys(gate::LIVE))
+            .unwrap()
+            .expect("the gate reads back")
+            .expect("the gate table is there")
+    };
+    // Late: the ticket is taken, then the "freeze" outlasts it.
+    apply(&ns, gate::ticket_ops());
+    std::thread::sleep(gate::TICKET_LIFE * 5);
+    let late = netns::run_in(&ns, || {
+        Netlink::open()?.apply(&gate::ticketed_refresh_ops(
+            &["eth0".into()],
+            Duration::from_secs(5),
+        ))
+    })
+    .unwrap();
+    assert_eq!(
+        late.as_ref().err().and_then(|e| e.raw_os_error()),
+        Some(libc::ENOENT),
+        "a late refresh is refused: {late:?}"
+    );
+    assert!(live(&ns).is_empty(), "the late refresh opened nothing");
+    assert!(arp_answers(&lab).is_empty(), "and the node stays silent");
+    // On time: ticket, then refresh at once.
+    netns::run_in(&ns, || {
+        let mut nl = Netlink::open()?;
+        nl.apply(&gate::ticket_ops())?;
+        nl.apply(&gate::ticketed_refresh_ops(
+            &["eth0".into()],
+            Duration::from_secs(5),
+        ))
+    })
+    .unwrap()
+    .expect("a refresh on time goes through");
+    assert_eq!(live(&ns), vec![gate::ifname_key("eth0")]);
+    assert!(!arp_answers(&lab).is_empty(), "the node answers");
+}

@@ -11,11 +11,13 @@
 //!   gratuitous ARP half sent cannot point clients back at itself.
 //! - ingress drops traffic to the VIP (clients that still have the node's MAC cached).
 //!
-//! Refreshing is one netlink batch per refresh (destroy and re-add the element with its
-//! timeout, atomically), sent by the speaker itself: no process is started, and no queue
-//! sits between the decision and the kernel. The timeout is computed right before the send
-//! from how long the speaker may still answer; the only window left is a freeze between
-//! reading the clock and the send itself (see the README's safety section).
+//! Refreshing is two netlink batches per refresh, sent by the speaker itself: no process is
+//! started, and no queue sits between the decision and the kernel. The first issues a
+//! *ticket* ([`TICKET`], [`TICKET_LIFE`]); then the clock is read and the timeout computed
+//! from how long the speaker may still answer; the second deletes the ticket and destroys and
+//! re-adds the interface's element with its timeout, in one transaction that the kernel
+//! refuses if the ticket has run out. A speaker frozen between its clock and the send cannot
+//! open the gate after it resumes.
 //!
 //! The table's layout is nft text ([`render`], applied with `nft -f` when interfaces change,
 //! which is rare); the hot path (refresh, VIP membership) is hand-written netlink below,
@@ -32,6 +34,16 @@ pub const VIPS4: &str = "vips4";
 pub const VIPS6: &str = "vips6";
 /// IPv6 VIPs again, as the 128-bit integers a neighbor advertisement's target is read as.
 pub const TARGETS6: &str = "targets6";
+/// A refresh's ticket: added with a [`TICKET_LIFE`] timeout right before the clock is read,
+/// and deleted in the refresh's own transaction, which fails if the ticket has timed out. So
+/// a refresh can land at most [`TICKET_LIFE`] after the clock it was computed from, even if
+/// the speaker was frozen in between.
+pub const TICKET: &str = "ticket";
+/// How late a refresh may land, at most.
+pub const TICKET_LIFE: Duration = Duration::from_millis(10);
+/// What a refresh takes off the time the gate may stay open: the ticket's life and the
+/// kernel's timer granularity (a jiffy, 4 ms at HZ=250).
+pub const TICKET_SLACK: Duration = Duration::from_millis(15);
 
 /// The table for `interfaces` (names), replacing any previous one atomically while keeping
 /// nothing of it: the caller re-adds VIPs and reopens the gate afterwards.
@@ -39,6 +51,7 @@ pub fn render(interfaces: &[String]) -> String {
     let mut s = format!(
         "table netdev {TABLE}\ndelete table netdev {TABLE}\ntable netdev {TABLE} {{\n\
          \tset {LIVE} {{ type ifname; flags timeout; }}\n\
+         \tset {TICKET} {{ type ifname; flags timeout; }}\n\
          \tset {VIPS4} {{ type ipv4_addr; }}\n\
          \tset {VIPS6} {{ type ipv6_addr; }}\n\
          \tset {TARGETS6} {{ typeof @th,64,128; }}\n"
@@ -78,6 +91,7 @@ const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DESTROYSETELEM: u16 = 30;
 const NFT_MSG_GETSETELEM: u16 = 13;
+const NFT_MSG_DELSETELEM: u16 = 14;
 const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_DONE: u16 = 0x3;
 const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
@@ -107,6 +121,9 @@ pub enum Op {
     },
     /// Remove `key` from `set`; no error if it is not there.
     Destroy { set: &'static str, key: Vec<u8> },
+    /// Remove `key` from `set`; the whole transaction fails (ENOENT) if it is not there or
+    /// has timed out.
+    Delete { set: &'static str, key: Vec<u8> },
 }
 
 /// The `live` key of an interface: its name, zero-padded as the kernel stores `ifname`.
@@ -127,6 +144,37 @@ pub fn vip_keys(ip: IpAddr) -> Vec<(&'static str, Vec<u8>)> {
             (TARGETS6, a.octets().to_vec()),
         ],
     }
+}
+
+/// The ticket's key (one ticket per node).
+pub fn ticket_key() -> Vec<u8> {
+    ifname_key("refresh")
+}
+
+/// Issues a ticket (see [`TICKET`]): sent, and acknowledged, before the clock is read.
+pub fn ticket_ops() -> Vec<Op> {
+    vec![
+        Op::Destroy {
+            set: TICKET,
+            key: ticket_key(),
+        },
+        Op::Add {
+            set: TICKET,
+            key: ticket_key(),
+            timeout: Some(TICKET_LIFE),
+        },
+    ]
+}
+
+/// [`refresh_ops`] that only go through while the ticket issued before the clock was read
+/// is still valid.
+pub fn ticketed_refresh_ops(interfaces: &[String], timeout: Duration) -> Vec<Op> {
+    let mut ops = vec![Op::Delete {
+        set: TICKET,
+        key: ticket_key(),
+    }];
+    ops.extend(refresh_ops(interfaces, timeout));
+    ops
 }
 
 /// Opens the gate on `interfaces` for `timeout` (milliseconds are the kernel's granularity):
@@ -202,6 +250,7 @@ pub fn batch(ops: &[Op], first_seq: u32) -> Vec<u8> {
         let (ty, set, key, timeout, create) = match op {
             Op::Add { set, key, timeout } => (NFT_MSG_NEWSETELEM, set, key, *timeout, true),
             Op::Destroy { set, key } => (NFT_MSG_DESTROYSETELEM, set, key, None, false),
+            Op::Delete { set, key } => (NFT_MSG_DELSETELEM, set, key, None, false),
         };
         let mut body = Vec::new();
         attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &cstr(TABLE));

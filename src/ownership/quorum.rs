@@ -43,10 +43,12 @@
 //! starts over with O@g+1. With the API down for everyone, nobody can fence, so nothing moves,
 //! and every owner that a majority hears keeps answering.
 //!
-//! **What it does not cover** (stated in the README): a freeze of the owner between reading
-//! its clock and the refresh syscall (the refresh then opens the gate once more for at most
-//! the gate timeout); membership changes seen by some speakers and not others while they are
-//! also cut from the API (a new speaker takes part only [`MEMBER_SETTLE`] after its node Lease
+//! **Late refreshes.** A gate refresh lands at most `gate::TICKET_LIFE` after the clock it
+//! was computed from (a ticket the kernel checks), and opens the gate `gate::TICKET_SLACK`
+//! shorter than `until`: a freeze between the clock and the send opens nothing afterwards.
+//!
+//! **What it does not cover** (stated in the README): membership changes seen by some
+//! speakers and not others while they are also cut from the API (a new speaker takes part only [`MEMBER_SETTLE`] after its node Lease
 //! appeared, by which time connected speakers count it).
 
 use std::time::Duration;
