@@ -178,6 +178,10 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     // The node Leases' names, as of the watched objects' change counter `scanned`.
     let mut node_leases: Vec<String> = Vec::new();
     let mut scanned: Option<u64> = None;
+    // After a fence: the VIPs that were under the gate then. The gate stays closed until the
+    // holders have unbound every one of them (taken it out of the gate): a new generation
+    // must not reopen the gate for an address another node now owns.
+    let mut withdrawing: BTreeSet<IpAddr> = BTreeSet::new();
     loop {
         let mut inputs = Vec::new();
         let silence = next_silence.map(|t| t + Duration::from_millis(1));
@@ -344,6 +348,12 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                         );
                         s.metrics.fenced();
                         fenced = true;
+                        withdrawing = s
+                            .gate
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .vips
+                            .clone();
                     }
                     NodeAction::Generation(g) => {
                         info!(generation = g, "now in a new generation");
@@ -383,7 +393,13 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         {
             let mut g = s.gate.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = g.refresh(keeper.open_until(Instant::now()), gate_max) {
+            withdrawing.retain(|ip| g.vips.contains(ip));
+            let until = if withdrawing.is_empty() {
+                keeper.open_until(Instant::now())
+            } else {
+                None
+            };
+            if let Err(e) = g.refresh(until, gate_max) {
                 error!(error = %e, "cannot refresh the gate");
             }
         }

@@ -23,8 +23,9 @@ use crate::dataplane::packet::format_mac;
 use crate::dataplane::probe::PROBE_WAIT;
 use crate::lease::{Description, LeaseError};
 
-/// How often a failed bind is tried, and how far apart.
-const BIND_ATTEMPTS: u32 = 3;
+/// How often a failed bind is tried, and how far apart (the keeper installs a missing gate
+/// table within one heartbeat interval).
+const BIND_ATTEMPTS: u32 = 6;
 const BIND_RETRY: Duration = Duration::from_millis(100);
 /// What the coordinator tells a holder: the machine's view, plus what the shell needs to
 /// perform actions (the full Lease for CAS writes, the interface, the Service).
@@ -380,25 +381,32 @@ impl Shell {
                     return;
                 };
                 self.bound = Some(iface);
-                // Under the gate before the kernel can answer for it.
-                if lan && let Err(e) = s.gate.lock().unwrap_or_else(|e| e.into_inner()).add_vip(ip)
-                {
-                    warn!(ip = %ip, error = %e, "cannot put the VIP under the gate: not binding");
-                    return;
-                }
                 // A few attempts: in LAN mode nothing binds again later by itself (the Lease
-                // is not renewed), so a passing failure must not leave the VIP unbound.
+                // is not renewed), so a passing failure must not leave the VIP unbound — nor
+                // a gate table the keeper has not installed yet (a speaker that just started).
                 for attempt in 1..=BIND_ATTEMPTS {
-                    match tokio::time::timeout_at(not_after, s.dataplane.bind(&i, ip, valid)).await
-                    {
-                        Ok(Ok(())) => break,
-                        Ok(Err(e)) => {
-                            s.metrics.dataplane_error(&e);
-                            warn!(ip = %ip, interface = %i.name, error = %e, attempt, "could not bind");
-                        }
-                        Err(_) => {
-                            warn!(ip = %ip, interface = %i.name, "binding timed out");
-                            break;
+                    // Under the gate before the kernel can answer for it.
+                    let gated = !lan
+                        || {
+                            let r = s.gate.lock().unwrap_or_else(|e| e.into_inner()).add_vip(ip);
+                            if let Err(e) = &r {
+                                warn!(ip = %ip, error = %e, attempt, "cannot put the VIP under the gate yet: not binding");
+                            }
+                            r.is_ok()
+                        };
+                    if gated {
+                        match tokio::time::timeout_at(not_after, s.dataplane.bind(&i, ip, valid))
+                            .await
+                        {
+                            Ok(Ok(())) => break,
+                            Ok(Err(e)) => {
+                                s.metrics.dataplane_error(&e);
+                                warn!(ip = %ip, interface = %i.name, error = %e, attempt, "could not bind");
+                            }
+                            Err(_) => {
+                                warn!(ip = %ip, interface = %i.name, "binding timed out");
+                                break;
+                            }
                         }
                     }
                     if attempt < BIND_ATTEMPTS {
@@ -431,19 +439,29 @@ impl Shell {
                 let (Some(ip), Some(i)) = (self.ip(), self.interface(iface)) else {
                     return;
                 };
-                let unbind =
-                    tokio::time::timeout(Duration::from_secs(1), s.dataplane.unbind(&i, ip));
-                match unbind.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        s.metrics.dataplane_error(&e);
-                        warn!(ip = %ip, error = %e, "could not unbind (the address expires on its own)");
+                let mut unbound = false;
+                for attempt in 1..=BIND_ATTEMPTS {
+                    let unbind =
+                        tokio::time::timeout(Duration::from_secs(1), s.dataplane.unbind(&i, ip));
+                    match unbind.await {
+                        Ok(Ok(())) => {
+                            unbound = true;
+                            break;
+                        }
+                        Ok(Err(e)) => {
+                            s.metrics.dataplane_error(&e);
+                            warn!(ip = %ip, error = %e, attempt, "could not unbind");
+                        }
+                        Err(_) => warn!(ip = %ip, attempt, "unbinding timed out"),
                     }
-                    Err(_) => {
-                        warn!(ip = %ip, "unbinding timed out (the address expires on its own)")
+                    if attempt < BIND_ATTEMPTS {
+                        tokio::time::sleep(BIND_RETRY).await;
                     }
                 }
+                // Out of the gate only once unbound: an address left bound stays gated (and
+                // keeps this node's gate closed: see the keeper), never answering ungated.
                 if lan
+                    && unbound
                     && let Err(e) = s
                         .gate
                         .lock()
