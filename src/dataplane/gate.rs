@@ -397,48 +397,24 @@ impl Netlink {
             0,
             &body,
         );
-        // SAFETY: buf is valid for its length; the kernel is the default destination.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        self.send(&buf)?;
         let mut keys = Vec::new();
         let mut rx = vec![0u8; 65536];
         loop {
-            // SAFETY: rx is valid for its length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), rx.as_mut_ptr().cast(), rx.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let n = n as usize;
-            let mut at = 0usize;
-            while at + 16 <= n {
-                let len =
-                    u32::from_ne_bytes(rx[at..at + 4].try_into().unwrap_or_default()) as usize;
-                let ty = u16::from_ne_bytes(rx[at + 4..at + 6].try_into().unwrap_or_default());
-                let rseq = u32::from_ne_bytes(rx[at + 8..at + 12].try_into().unwrap_or_default());
-                if len < 16 || at + len > n {
-                    return Err(io::Error::other("malformed netlink reply"));
+            for m in self.receive(&mut rx)? {
+                if m.seq != seq {
+                    continue;
                 }
-                if rseq == seq {
-                    match ty {
-                        NLMSG_DONE => return Ok(Some(keys)),
-                        NLMSG_ERROR if len >= 20 => {
-                            let errno = i32::from_ne_bytes(
-                                rx[at + 16..at + 20].try_into().unwrap_or_default(),
-                            );
-                            if -errno == libc::ENOENT {
-                                return Ok(None);
-                            }
-                            if errno != 0 {
-                                return Err(io::Error::from_raw_os_error(-errno));
-                            }
-                        }
-                        _ if len >= 20 => element_keys(&rx[at + 20..at + len], &mut keys),
+                match m.ty {
+                    NLMSG_DONE => return Ok(Some(keys)),
+                    NLMSG_ERROR => match m.errno() {
+                        Some(e) if e == libc::ENOENT => return Ok(None),
+                        Some(e) if e != 0 => return Err(io::Error::from_raw_os_error(e)),
                         _ => {}
-                    }
+                    },
+                    _ if m.body.len() >= 4 => element_keys(&m.body[4..], &mut keys),
+                    _ => {}
                 }
-                at += (len + 3) & !3;
             }
         }
     }
@@ -450,43 +426,70 @@ impl Netlink {
         }
         let first = self.seq;
         self.seq = self.seq.wrapping_add(ops.len() as u32 + 2);
-        let buf = batch(ops, first);
+        self.send(&batch(ops, first))?;
+        let last = first + ops.len() as u32;
+        let mut rx = vec![0u8; 8192];
+        loop {
+            for m in self.receive(&mut rx)? {
+                if m.ty != NLMSG_ERROR {
+                    continue;
+                }
+                match m.errno() {
+                    Some(e) if e != 0 => return Err(io::Error::from_raw_os_error(e)),
+                    Some(_) if m.seq == last => return Ok(()),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn send(&self, buf: &[u8]) -> io::Result<()> {
         // SAFETY: buf is valid for its length; the kernel is the default destination.
         let n = unsafe { libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let last = first + ops.len() as u32;
-        let mut rx = vec![0u8; 8192];
-        loop {
-            // SAFETY: rx is valid for its length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), rx.as_mut_ptr().cast(), rx.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut at = 0usize;
-            let n = n as usize;
-            while at + 16 <= n {
-                let len =
-                    u32::from_ne_bytes(rx[at..at + 4].try_into().unwrap_or_default()) as usize;
-                let ty = u16::from_ne_bytes(rx[at + 4..at + 6].try_into().unwrap_or_default());
-                let seq = u32::from_ne_bytes(rx[at + 8..at + 12].try_into().unwrap_or_default());
-                if len < 16 || at + len > n {
-                    return Err(io::Error::other("malformed netlink reply"));
-                }
-                if ty == NLMSG_ERROR && len >= 20 {
-                    let errno =
-                        i32::from_ne_bytes(rx[at + 16..at + 20].try_into().unwrap_or_default());
-                    if errno != 0 {
-                        return Err(io::Error::from_raw_os_error(-errno));
-                    }
-                    if seq == last {
-                        return Ok(());
-                    }
-                }
-                at += (len + 3) & !3;
-            }
+        Ok(())
+    }
+
+    /// Receives one datagram into `rx` (waiting at most 1 s) and splits it into messages.
+    fn receive<'a>(&self, rx: &'a mut [u8]) -> io::Result<Vec<Message<'a>>> {
+        // SAFETY: rx is valid for its length.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), rx.as_mut_ptr().cast(), rx.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
         }
+        let rx = &rx[..n as usize];
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        while at + 16 <= rx.len() {
+            let len = u32::from_ne_bytes(rx[at..at + 4].try_into().unwrap_or_default()) as usize;
+            if len < 16 || at + len > rx.len() {
+                return Err(io::Error::other("malformed netlink reply"));
+            }
+            out.push(Message {
+                ty: u16::from_ne_bytes(rx[at + 4..at + 6].try_into().unwrap_or_default()),
+                seq: u32::from_ne_bytes(rx[at + 8..at + 12].try_into().unwrap_or_default()),
+                body: &rx[at + 16..at + len],
+            });
+            at += (len + 3) & !3;
+        }
+        Ok(out)
+    }
+}
+
+/// One netlink message of a reply: its type, sequence number and what follows the header.
+struct Message<'a> {
+    ty: u16,
+    seq: u32,
+    body: &'a [u8],
+}
+
+impl Message<'_> {
+    /// An NLMSG_ERROR's errno as a positive number (0: an ack).
+    fn errno(&self) -> Option<i32> {
+        let b: [u8; 4] = self.body.get(..4)?.try_into().ok()?;
+        Some(-i32::from_ne_bytes(b))
     }
 }
 
