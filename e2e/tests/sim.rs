@@ -36,6 +36,7 @@ fn directed(seed: u64, nodes: usize, timing: Timing, faults: Vec<Fault>) -> Sche
         faults,
         mutations: vec![],
         lan: None,
+        previous: vec![],
     }
 }
 

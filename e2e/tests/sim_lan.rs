@@ -51,6 +51,7 @@ fn directed(seed: u64, nodes: usize, lan: LanTiming, faults: Vec<Fault>) -> Sche
         faults,
         mutations: vec![],
         lan: Some(lan),
+        previous: vec![],
     }
 }
 
@@ -339,5 +340,82 @@ fn the_simulator_finds_a_take_over_without_a_fence() {
     assert!(found, "the simulator misses a take-over without a fence");
     for s in schedules(None) {
         run(&s);
+    }
+}
+
+/// The mixed-version row: one node still runs the previous release (each VIP's Lease renewed
+/// per IP, no heartbeats, no gate). It never takes a Lease a LAN-mode node keeps, a LAN-mode
+/// node takes its Leases only once they expire, and it is upgraded in place.
+#[test]
+fn a_rolling_upgrade_from_the_previous_release_holds_in_the_simulator() {
+    let rows: Vec<(&str, usize, Vec<Fault>, bool)> = vec![
+        (
+            "an old standby: the new owner killed, then the old node upgraded",
+            2,
+            vec![
+                fault(3000, 8000, FaultKind::Kill { node: 0 }),
+                fault(14_000, 2000, FaultKind::Upgrade { node: 2 }),
+            ],
+            true,
+        ),
+        (
+            "an old owner killed",
+            0,
+            vec![fault(3000, 8000, FaultKind::Kill { node: 0 })],
+            true,
+        ),
+        // Back within the old Lease's duration, it may keep or give back its VIP.
+        (
+            "an old owner upgraded",
+            0,
+            vec![fault(3000, 2000, FaultKind::Upgrade { node: 0 })],
+            false,
+        ),
+    ];
+    for (what, old, faults, moves) in rows {
+        for lan in [DEFAULT, FAST] {
+            for seed in 0..6 {
+                let mut s = directed(seed, 3, lan, faults.clone());
+                s.previous = vec![old];
+                let o = run(&s);
+                assert!(!moves || o.moves > 0, "{what}: the VIP never moved\n{s}");
+                assert_eq!(
+                    o.previous_took_lan,
+                    0,
+                    "{what}: the previous release took a LAN-kept Lease\n{s}{}",
+                    sim::run(&s, true).trace.join("\n")
+                );
+            }
+        }
+    }
+}
+
+/// Without the long `leaseDurationSeconds` on LAN-kept Leases, a previous-release speaker
+/// sees the unrenewed Lease expire and takes it from a healthy holder. (The probe
+/// before binding would hear the holder and back off, so it is left out to show the rule
+/// itself.)
+#[test]
+fn the_simulator_finds_an_old_speaker_taking_a_lan_kept_lease() {
+    let schedule = |seed: u64, mutations: Vec<Mutation>| {
+        let mut s = directed(seed, 3, DEFAULT, vec![]);
+        s.previous = vec![1];
+        s.mutations = mutations;
+        s
+    };
+    let found = (0..10).any(|seed| {
+        let o = sim::run(
+            &schedule(seed, vec![Mutation::ShortLanLease, Mutation::SkipProbe]),
+            false,
+        );
+        // A move away from an undisturbed owner (then two answering).
+        o.previous_took_lan > 0 && o.violation.is_some()
+    });
+    assert!(
+        found,
+        "the simulator misses an old speaker taking a LAN Lease"
+    );
+    for seed in 0..10 {
+        let o = run(&schedule(seed, vec![Mutation::SkipProbe]));
+        assert_eq!(o.previous_took_lan, 0);
     }
 }

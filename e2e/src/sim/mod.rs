@@ -75,6 +75,8 @@ pub struct Outcome {
     pub events: u64,
     /// Ownership changes seen in the API (holder A → B, also by way of a release).
     pub moves: u64,
+    /// Take-overs by a previous-release node of a Lease that a LAN-mode node holds.
+    pub previous_took_lan: u64,
     pub trace: Vec<String>,
 }
 
@@ -247,6 +249,8 @@ type LanSummary = (bool, Vec<Option<(u32, bool, Option<T>)>>);
 
 struct Node {
     name: String,
+    /// Runs the previous release: VIP Leases renewed per IP, no LAN liveness, no gate.
+    previous: bool,
     alive: bool,
     inc: u32,
     frozen: bool,
@@ -366,6 +370,7 @@ impl Sim {
         let nodes = (0..s.nodes)
             .map(|i| Node {
                 name: format!("node-{i}"),
+                previous: s.previous.contains(&i),
                 alive: true,
                 inc: 0,
                 frozen: false,
@@ -450,13 +455,16 @@ impl Sim {
     }
 
     fn gate_open(&self, node: usize) -> bool {
-        self.s.lan.is_none() || self.now < self.nodes[node].gate_until
+        self.s.lan.is_none() || self.nodes[node].previous || self.now < self.nodes[node].gate_until
     }
 
     /// A (re)started speaker in LAN mode: a fresh peer table and keeper (from its node Lease
     /// as it is now), its heartbeat timer.
     fn start_lan(&mut self, node: usize) {
         let Some(l) = self.s.lan else { return };
+        if self.nodes[node].previous {
+            return;
+        }
         let inst = self.instant(self.now);
         let timing = self.node_timing();
         let state = self.napi[node].as_ref().map(NodeObj::state);
@@ -754,6 +762,8 @@ impl Sim {
                 let jitter = self.rng.ms(0, 3);
                 self.at(self.now + every + jitter, Ev::Hb { node, inc, chain });
             }
+            // The previous release does not listen for heartbeats.
+            Ev::HbArrive { node, .. } if self.nodes[node].previous => {}
             Ev::HbArrive { node, inc, frame } => {
                 let wall = WALL0 + self.now.as_micros() as u64;
                 let at = self.instant(self.now).into_std();
@@ -1183,10 +1193,20 @@ impl Sim {
         let names_idx: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
         for vip in 0..self.s.vips {
             let n = &mut self.nodes[node];
-            // Expiry by local observation, through the real `observe`.
-            let observed = n.cache[vip]
-                .as_ref()
-                .map(|o| lease::observe(&k8s_lease(o), n.seen[vip].as_ref(), inst));
+            // Expiry by local observation, through the real `observe`. The previous release
+            // does not know the LAN annotation: to it a LAN-kept Lease is one renewed per IP
+            // whose duration (ten years) has not run out.
+            let observed = n.cache[vip].as_ref().map(|o| {
+                let o = if n.previous {
+                    &LeaseObj {
+                        lan: false,
+                        ..o.clone()
+                    }
+                } else {
+                    o
+                };
+                lease::observe(&k8s_lease(o), n.seen[vip].as_ref(), inst)
+            });
             n.seen[vip] = observed.clone();
             if !n.present[vip] {
                 continue;
@@ -1237,7 +1257,11 @@ impl Sim {
                         vip,
                         h: {
                             let h = Holder::new(&name, self.s.timing, Kind::Vip, view.clone());
-                            if self.s.lan.is_some() { h.lan() } else { h }
+                            if self.s.lan.is_some() && !n.previous {
+                                h.lan()
+                            } else {
+                                h
+                            }
                         },
                         generation: 0,
                         pending: HashMap::new(),
@@ -1552,8 +1576,8 @@ impl Sim {
             None => {}
         }
         let me = self.nodes[node].name.clone();
-        let lan = self.s.lan.is_some();
-        let dur = if lan {
+        let lan = self.s.lan.is_some() && !self.nodes[node].previous;
+        let dur = if lan && !self.s.mutations.contains(&Mutation::ShortLanLease) {
             lease::LAN_LEASE_SECONDS as u64
         } else {
             self.s.timing.lease.as_secs()
@@ -1624,6 +1648,14 @@ impl Sim {
             (Op::Delete(rv), Some(c)) if c.rv == *rv => Ok(None),
             _ => Err(()),
         };
+        if result.is_ok()
+            && self.nodes[node].previous
+            && matches!(op, Op::Acquire(_))
+            && cur.as_ref().is_some_and(|c| c.lan && c.holder.is_some())
+        {
+            self.out.previous_took_lan += 1;
+            self.trace(|| format!("api: {me} (previous release) took a LAN-kept Lease"));
+        }
         let (reply, rv) = match result {
             Ok(new) => {
                 let rv = self.write(vip, new);
@@ -1779,7 +1811,7 @@ impl Sim {
         let tail = self.s.timing.lease + RANK_STEP * self.s.nodes as u32 + FAIR_SHARE_WAIT;
         self.trace(|| format!("fault {} : {f}", if start { "starts" } else { "ends" }));
         match f.kind {
-            FaultKind::Kill { node } => {
+            FaultKind::Kill { node } | FaultKind::Upgrade { node } => {
                 if start {
                     self.disturb(node, &f);
                     let n = &mut self.nodes[node];
@@ -1795,6 +1827,9 @@ impl Sim {
                 } else if !self.nodes[node].alive {
                     // The DaemonSet restarts it: leftovers removed, caches synced anew.
                     let n = &mut self.nodes[node];
+                    if matches!(f.kind, FaultKind::Upgrade { .. }) {
+                        n.previous = false;
+                    }
                     n.alive = true;
                     n.kernel = vec![None; self.s.vips];
                     n.dnat = vec![false; self.s.vips];

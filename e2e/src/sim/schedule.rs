@@ -88,6 +88,9 @@ pub enum FaultKind {
         from: Option<usize>,
         to: Option<usize>,
     },
+    /// A rolling upgrade reaches the node: its speaker is stopped (as a DaemonSet update
+    /// deletes the pod) and, when the fault ends, started again as the current release.
+    Upgrade { node: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +126,9 @@ pub enum Mutation {
     SkipFence,
     /// LAN mode: acks keep an owner confirmed three times longer than a declaration takes.
     LongAck,
+    /// LAN mode: a LAN-kept Lease says the per-IP lease duration instead of ten years, so
+    /// a previous-release speaker sees it expire.
+    ShortLanLease,
 }
 
 /// The heartbeat timings of a LAN-mode schedule.
@@ -145,6 +151,9 @@ pub struct Schedule {
     pub mutations: Vec<Mutation>,
     /// VIPs kept through node liveness on the LAN (None: renewed per IP).
     pub lan: Option<LanTiming>,
+    /// LAN mode: nodes that run the previous release (each VIP's Lease renewed per IP, no
+    /// heartbeats, no node Lease, no gate) until an [`FaultKind::Upgrade`] reaches them.
+    pub previous: Vec<usize>,
 }
 
 impl Schedule {
@@ -220,6 +229,7 @@ impl Schedule {
             faults,
             mutations: vec![],
             lan: None,
+            previous: vec![],
         }
     }
 
@@ -255,6 +265,19 @@ impl Schedule {
                 kind: FaultKind::HbLoss { from, to },
             });
         }
+        // A rolling upgrade in progress: one node still runs the previous release, and is
+        // sometimes upgraded during the schedule.
+        if s.nodes >= 3 && r.chance(25) {
+            let node = r.below(s.nodes as u64) as usize;
+            s.previous = vec![node];
+            if r.chance(50) {
+                s.faults.push(Fault {
+                    at: r.ms(500, 20_000),
+                    duration: r.ms(100, 3000),
+                    kind: FaultKind::Upgrade { node },
+                });
+            }
+        }
         s.faults.sort_by_key(|f| f.at);
         s
     }
@@ -289,6 +312,9 @@ impl fmt::Display for Schedule {
                 format!(", mutations {:?}", self.mutations)
             }
         )?;
+        if !self.previous.is_empty() {
+            writeln!(f, "  previous release on nodes {:?}", self.previous)?;
+        }
         for fault in &self.faults {
             writeln!(f, "  {fault}")?;
         }
