@@ -77,6 +77,9 @@ pub struct Outcome {
     pub moves: u64,
     /// Take-overs by a previous-release node of a Lease that a LAN-mode node holds.
     pub previous_took_lan: u64,
+    /// How long, summed over VIPs, no node answered for a VIP that is in a Service and had
+    /// answered before (the outage a client would see, give or take its ARP cache).
+    pub unanswered: Duration,
     pub trace: Vec<String>,
 }
 
@@ -325,6 +328,8 @@ pub struct Sim {
     napi: Vec<Option<NodeObj>>,
     hb_loss: Vec<(usize, Option<usize>, Option<usize>)>,
     last_holder: Vec<Option<String>>,
+    /// Whether each VIP has been answered for yet (its outage counts from then on).
+    answered_once: Vec<bool>,
 }
 
 fn ip(vip: usize) -> IpAddr {
@@ -437,6 +442,7 @@ impl Sim {
             napi: vec![None; s.nodes],
             hb_loss: vec![],
             last_holder: vec![None; s.vips],
+            answered_once: vec![false; s.vips],
             s,
         }
     }
@@ -538,6 +544,7 @@ impl Sim {
             if t > end {
                 break;
             }
+            self.count_unanswered(t);
             self.now = t;
             let ev = self.evs[idx].take().expect("each event once");
             self.out.events += 1;
@@ -966,6 +973,11 @@ impl Sim {
         // The gate refresh: open until what the keeper allows, at most GATE_MAX from now.
         let n = &mut self.nodes[node];
         let open = n.keeper.as_ref().and_then(|k| k.open_until(inst));
+        if open.is_none() && n.gate_until > now {
+            let name = n.name.clone();
+            self.trace(|| format!("{name}: gate not refreshed (the keeper does not confirm us)"));
+        }
+        let n = &mut self.nodes[node];
         n.gate_until = match open {
             Some(u) => (u.saturating_duration_since(self.base)).min(now + GATE_MAX),
             None => now.min(n.gate_until),
@@ -1875,7 +1887,8 @@ impl Sim {
                         self.handle(ev);
                         self.check_safety();
                     }
-                    if self.s.lan.is_some() && self.nodes[node].alive {
+                    if self.s.lan.is_some() && self.nodes[node].alive && !self.nodes[node].previous
+                    {
                         let n = &mut self.nodes[node];
                         n.hb_chain += 1;
                         let (inc, chain) = (n.inc, n.hb_chain);
@@ -2002,6 +2015,34 @@ impl Sim {
     fn answers(&self, node: usize, vip: usize) -> bool {
         let n = &self.nodes[node];
         n.link_up && n.kernel[vip].is_some() && self.gate_open(node)
+    }
+
+    /// Adds the time from now to `until` in which no node answers for a VIP that should be
+    /// answered (a gate runs out between events).
+    fn count_unanswered(&mut self, until: T) {
+        for vip in 0..self.s.vips {
+            if !self.present[vip] || self.foreign[vip] {
+                continue;
+            }
+            let covered = (0..self.nodes.len())
+                .filter(|i| self.answers(*i, vip))
+                .map(|i| {
+                    if self.s.lan.is_some() && !self.nodes[i].previous {
+                        self.nodes[i].gate_until.min(until)
+                    } else {
+                        until
+                    }
+                })
+                .max();
+            match covered {
+                Some(c) => {
+                    self.answered_once[vip] = true;
+                    self.out.unanswered += until - c;
+                }
+                None if self.answered_once[vip] => self.out.unanswered += until - self.now,
+                None => {}
+            }
+        }
     }
 
     /// At most one node on the LAN answers for each VIP.
