@@ -2,6 +2,7 @@
 //! every change so the loops that depend on them wake up.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -13,6 +14,7 @@ use kube::{Api, Client, Resource};
 use tokio::sync::watch;
 
 use crate::lease::{LABEL_MANAGED_BY, MANAGED_BY};
+use crate::metrics::Metrics;
 use crate::pool::IPPool;
 
 #[derive(Clone)]
@@ -35,9 +37,17 @@ fn reflect<K>(
     config: watcher::Config,
     bump: watch::Sender<u64>,
     digest: Digest<K>,
+    metrics: Arc<Metrics>,
 ) -> Store<K>
 where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + std::any::Any
+        + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, writer) = reflector::store();
@@ -45,10 +55,17 @@ where
     tokio::spawn(async move {
         let mut events = watcher(api, config)
             .default_backoff()
+            .modify(trim)
             .reflect(writer)
             .boxed();
         let mut seen: HashMap<String, u64> = HashMap::new();
         while let Some(ev) = events.next().await {
+            if let Ok(
+                watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitApply(_),
+            ) = &ev
+            {
+                metrics.watch_event(&kind);
+            }
             match ev {
                 Ok(watcher::Event::Apply(o)) => {
                     let name = o.meta().name.clone().unwrap_or_default();
@@ -69,6 +86,21 @@ where
         }
     });
     reader
+}
+
+/// Drops what no loop reads before an object enters the cache: the field managers' records
+/// (often larger than the object) and the copy `kubectl apply` keeps in an annotation. Nodes
+/// also lose their list of container images, which can run to hundreds of entries.
+fn trim<K: Resource + std::any::Any>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
+    if let Some(a) = o.meta_mut().annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    if let Some(n) = (o as &mut dyn std::any::Any).downcast_mut::<Node>()
+        && let Some(status) = n.status.as_mut()
+    {
+        status.images = None;
+    }
 }
 
 fn every_change<K>(_: &K) -> Option<u64> {
@@ -98,7 +130,7 @@ fn lease_digest(l: &Lease) -> Option<u64> {
 
 impl Cluster {
     /// Starts the reflectors (they run until the process ends).
-    pub fn start(client: &Client, namespace: &str) -> Cluster {
+    pub fn start(client: &Client, namespace: &str, metrics: &Arc<Metrics>) -> Cluster {
         let (bump, changed) = watch::channel(0);
         let all = watcher::Config::default();
         Cluster {
@@ -107,30 +139,35 @@ impl Cluster {
                 all.clone(),
                 bump.clone(),
                 every_change,
+                metrics.clone(),
             ),
             slices: reflect(
                 Api::<EndpointSlice>::all(client.clone()),
                 all.clone(),
                 bump.clone(),
                 every_change,
+                metrics.clone(),
             ),
             nodes: reflect(
                 Api::<Node>::all(client.clone()),
                 all.clone(),
                 bump.clone(),
                 every_change,
+                metrics.clone(),
             ),
             pools: reflect(
                 Api::<IPPool>::all(client.clone()),
                 all,
                 bump.clone(),
                 every_change,
+                metrics.clone(),
             ),
             leases: reflect(
                 Api::<Lease>::namespaced(client.clone(), namespace),
                 watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}")),
                 bump,
                 lease_digest,
+                metrics.clone(),
             ),
             changed,
         }
@@ -145,5 +182,44 @@ impl Cluster {
             self.pools.wait_until_ready(),
             self.leases.wait_until_ready(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ContainerImage, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+
+    #[test]
+    fn the_cache_keeps_what_the_loops_read_and_drops_the_rest() {
+        let mut n = Node::default();
+        n.metadata.name = Some("a".into());
+        n.metadata.managed_fields = Some(vec![ManagedFieldsEntry::default()]);
+        n.metadata.labels = Some([("zone".to_string(), "x".to_string())].into());
+        n.status = Some(NodeStatus {
+            images: Some(vec![ContainerImage::default(); 3]),
+            ..Default::default()
+        });
+        trim(&mut n);
+        assert_eq!(n.metadata.managed_fields, None);
+        assert_eq!(n.status.as_ref().unwrap().images, None);
+        assert_eq!(n.metadata.labels.as_ref().unwrap()["zone"], "x");
+
+        let mut s = Service::default();
+        s.metadata.annotations = Some(
+            [
+                ("l2speaker.io/pool".to_string(), "p".to_string()),
+                (
+                    "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                    "{}".to_string(),
+                ),
+            ]
+            .into(),
+        );
+        trim(&mut s);
+        let a = s.metadata.annotations.unwrap();
+        assert_eq!(a.len(), 1);
+        assert_eq!(a["l2speaker.io/pool"], "p");
     }
 }

@@ -27,8 +27,12 @@ use crate::plan;
 use crate::pool::{self, Pools};
 use crate::service::ServiceInfo;
 
-/// How stale the interface list may get (a lost carrier is noticed within this).
+/// How stale the interface list may get when the kernel's change announcements are not
+/// available (a lost carrier is noticed within this).
 pub const INTERFACE_REFRESH: Duration = Duration::from_millis(250);
+/// With change announcements, the interface list is read on each change, and at least this
+/// often (announcements the kernel dropped on overflow).
+pub const INTERFACE_BACKSTOP: Duration = Duration::from_secs(5);
 /// How much later each next-ranked candidate tries to take a Lease that was released or
 /// expired (a takeover: the first-ranked candidate is normally alive and goes at once).
 pub const RANK_STEP: Duration = Duration::from_millis(300);
@@ -107,6 +111,8 @@ pub struct Coordinator {
     /// every holder the same view again, so it stops early (the periodic pass of an idle
     /// speaker with a thousand VIPs costs an interface listing, not a thousand views).
     last_inputs: Option<PassInputs>,
+    /// Moves on every link, address or route change the kernel announces (None: polled).
+    kernel_changes: Option<watch::Receiver<u64>>,
 }
 
 /// Everything a pass's views depend on besides the clock (nothing in a view does; holders
@@ -138,17 +144,30 @@ impl Coordinator {
             publishing: None,
             reported: HashSet::new(),
             last_inputs: None,
+            kernel_changes: None,
         }
+    }
+
+    /// Reads the interfaces when the kernel announces a change (and every
+    /// [`INTERFACE_BACKSTOP`]) instead of every [`INTERFACE_REFRESH`].
+    pub fn read_interfaces_on(&mut self, changes: watch::Receiver<u64>) {
+        self.kernel_changes = Some(changes);
     }
 
     /// One pass over every VIP.
     pub async fn pass(&mut self) {
         let s = self.shared.clone();
         let now = Instant::now();
-        if self
-            .interfaces_read
-            .is_none_or(|t| now - t >= INTERFACE_REFRESH)
-        {
+        let due = match (&mut self.kernel_changes, self.interfaces_read) {
+            (_, None) => true,
+            (Some(c), Some(t)) => c.has_changed().unwrap_or(true) || now - t >= INTERFACE_BACKSTOP,
+            (None, Some(t)) => now - t >= INTERFACE_REFRESH,
+        };
+        if due {
+            // A change announced while the list is read makes the next pass read it again.
+            if let Some(c) = &mut self.kernel_changes {
+                c.borrow_and_update();
+            }
             let read = async {
                 let i = s.dataplane.addrs.interfaces().await?;
                 let g = s.dataplane.addrs.gateways().await?;
@@ -160,8 +179,15 @@ impl Coordinator {
                     self.gateways = g;
                     self.interfaces_read = Some(now);
                 }
-                Ok(Err(e)) => warn!(error = %e, "could not list interfaces and routes"),
-                Err(_) => warn!("listing interfaces and routes timed out"),
+                // Read again at the next pass.
+                Ok(Err(e)) => {
+                    warn!(error = %e, "could not list interfaces and routes");
+                    self.interfaces_read = None;
+                }
+                Err(_) => {
+                    warn!("listing interfaces and routes timed out");
+                    self.interfaces_read = None;
+                }
             }
         }
         let pools = Pools::from_objects(&s.cluster.pools.state());

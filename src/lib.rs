@@ -35,6 +35,7 @@ pub mod keeper;
 pub mod lease;
 pub mod lease_gc;
 pub mod liveness;
+pub mod memory;
 pub mod metrics;
 pub mod node_lease;
 pub mod ownership;

@@ -6,8 +6,15 @@ use std::process::ExitCode;
 use clap::Parser;
 use l2speaker::config::{Cli, Command, Config, LogFormat, Output};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    l2speaker::memory::limit_arenas();
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(run()),
+        Err(e) => fail(format!("starting the runtime: {e}")),
+    }
+}
+
+async fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         None => speaker(cli.run).await,

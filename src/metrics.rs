@@ -45,6 +45,7 @@ pub struct Metrics {
     late_actions: Family<KindLabel, Counter>,
     announcements: Family<KindLabel, Counter>,
     dataplane_errors: Family<KindLabel, Counter>,
+    watch_events: Family<KindLabel, Counter>,
     failover: Histogram,
     heartbeats_sent: Counter,
     heartbeat_bytes_sent: Counter,
@@ -131,6 +132,12 @@ impl Metrics {
             "Dataplane operations that failed, by kind",
             dataplane_errors.clone(),
         );
+        let watch_events = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "watch_events",
+            "Objects received from the API server's watches (listed or changed), by kind",
+            watch_events.clone(),
+        );
         let failover = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
         registry.register(
             "failover_seconds",
@@ -215,6 +222,7 @@ impl Metrics {
             late_actions,
             announcements,
             dataplane_errors,
+            watch_events,
             failover,
             takeovers: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
@@ -302,6 +310,12 @@ impl Metrics {
             .get_or_create(&KindLabel {
                 kind: e.metric_label().into(),
             })
+            .inc();
+    }
+
+    pub fn watch_event(&self, kind: &str) {
+        self.watch_events
+            .get_or_create(&KindLabel { kind: kind.into() })
             .inc();
     }
 

@@ -75,7 +75,8 @@ pub async fn run(
             error!(address = %metrics_addr, error = %e, "could not serve metrics and health");
         }
     });
-    let cluster = Cluster::start(&client, &config.namespace);
+    let cluster = Cluster::start(&client, &config.namespace, &metrics);
+    let trim = tokio::spawn(crate::memory::trim_periodically());
     let netlink = Netlink::connect()?;
     let dataplane = Dataplane::new(netlink, Nft, Pnet::default(), config.dnat);
     let events = Events::new(client.clone(), &config.node_name, cluster.services.clone());
@@ -165,6 +166,16 @@ pub async fn run(
     let claims_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let claims = tokio::spawn(crate::claims::run(shared.clone(), claims_stop.clone()));
     let mut coord = Coordinator::new(shared.clone());
+    let mut kernel_changes = match crate::dataplane::addr::watch_changes() {
+        Ok(c) => {
+            coord.read_interfaces_on(c.clone());
+            Some(c)
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot follow link and address changes; polling them instead");
+            None
+        }
+    };
     let mut changed = shared.cluster.changed.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -178,6 +189,12 @@ pub async fn run(
         tokio::select! {
             _ = changed.changed() => {}
             _ = lan_changed.changed() => {}
+            Ok(()) = async {
+                match &mut kernel_changes {
+                    Some(c) => c.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
             _ = tick.tick() => {}
             _ = &mut shutdown => break,
         }
@@ -212,6 +229,7 @@ pub async fn run(
         crate::keeper::remove_table().await;
     }
     heartbeats.abort();
+    trim.abort();
     claims_stop.store(true, std::sync::atomic::Ordering::SeqCst);
     claims.abort();
     if let Err(e) = tokio::time::timeout(Duration::from_secs(2), shared.dataplane.remove_rules())

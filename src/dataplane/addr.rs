@@ -104,6 +104,37 @@ impl Netlink {
     }
 }
 
+/// The rtnetlink multicast groups (the legacy bit mask of `linux/rtnetlink.h`): links,
+/// IPv4 and IPv6 addresses and routes.
+const CHANGE_GROUPS: u32 = 0x1 | 0x10 | 0x40 | 0x100 | 0x400;
+
+/// A counter that moves each time the kernel announces a change of a link (carrier
+/// included), an address or a route in this network namespace: the interface list is read
+/// again on change instead of polled. The kernel drops announcements when the socket's
+/// buffer overflows, so a reader still re-reads now and then.
+pub fn watch_changes() -> Result<tokio::sync::watch::Receiver<u64>, AddrError> {
+    use futures::StreamExt;
+    use rtnetlink::sys::{AsyncSocket, SocketAddr};
+    let (mut conn, handle, mut messages) =
+        rtnetlink::new_connection().map_err(AddrError::Connect)?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, CHANGE_GROUPS))
+        .map_err(AddrError::Connect)?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::watch::channel(0);
+    tokio::spawn(async move {
+        let _handle = handle; // the connection lives as long as a handle does
+        while messages.next().await.is_some() {
+            tx.send_modify(|n| *n += 1);
+            if tx.is_closed() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
+
 fn host_prefix(ip: IpAddr) -> u8 {
     if ip.is_ipv4() { 32 } else { 128 }
 }

@@ -384,10 +384,25 @@ async fn api_load(counts: &[usize], timing: Timing, window: Duration) -> Value {
         owned.await;
         let settle = created.elapsed();
         tokio::time::sleep(Duration::from_secs(3)).await;
+        let watched = |tb: &Testbed| -> Vec<f64> {
+            tb.node_names()
+                .iter()
+                .map(|h| metric_sum(tb, h, "l2speaker_watch_events_total"))
+                .collect()
+        };
+        let w0 = watched(&tb);
         let a = counters(&tb);
         let idle = footprint(&tb, window, || {});
         let b = counters(&tb);
+        let w1 = watched(&tb);
         let steady = rates(&a, &b, window.as_secs_f64());
+        // Objects each speaker's watches delivered per second (the metrics scrape itself
+        // falls outside the window).
+        let watch_rates: Vec<f64> = w0
+            .iter()
+            .zip(&w1)
+            .map(|(x, y)| ((y - x) / window.as_secs_f64() * 100.0).round() / 100.0)
+            .collect();
         // The storm: the node with the most IPs dies.
         let leases = l2speaker::status::fetch(tb.client.clone(), "l2speaker-system")
             .await
@@ -462,6 +477,7 @@ async fn api_load(counts: &[usize], timing: Timing, window: Duration) -> Value {
                 json!({"node": h, "rss_mib": (rss as f64 / 1024.0 * 10.0).round() / 10.0, "cpu_percent": ((c1 - c0) / storm_secs * 1000.0).round() / 10.0})
             })
             .collect();
+        println!("  watch events per speaker per second, idle: {watch_rates:?}");
         println!(
             "API load, {n} IPs: settled in {:.1} s; steady {steady:?} req/s; storm ({count} IPs of {victim}) moved in {:.1} s, {storm:?} req/s",
             settle.as_secs_f64(),
@@ -471,7 +487,7 @@ async fn api_load(counts: &[usize], timing: Timing, window: Duration) -> Value {
             "  footprint idle {idle}; during the storm {}",
             json!(storm_fp)
         );
-        out.push(json!({"ips": n, "settle_s": settle.as_secs_f64(), "steady_req_per_s": steady, "storm": {"ips_moved": count, "moved_in_s": moved_in.as_secs_f64(), "req_per_s": storm}, "footprint_idle": idle, "footprint_storm": storm_fp}));
+        out.push(json!({"ips": n, "settle_s": settle.as_secs_f64(), "steady_req_per_s": steady, "watch_events_per_speaker_per_s": watch_rates, "storm": {"ips_moved": count, "moved_in_s": moved_in.as_secs_f64(), "req_per_s": storm}, "footprint_idle": idle, "footprint_storm": storm_fp}));
     }
     json!(out)
 }
