@@ -30,8 +30,10 @@ use crate::service::ServiceInfo;
 /// How stale the interface list may get when the kernel's change announcements are not
 /// available (a lost carrier is noticed within this).
 pub const INTERFACE_REFRESH: Duration = Duration::from_millis(250);
-/// With change announcements, the interface list is read on each change, and at least this
-/// often (announcements the kernel dropped on overflow).
+/// With change announcements, the interface list is read at the first pass at least
+/// [`INTERFACE_REFRESH`] after the last read that follows a change (every renewal in lease
+/// mode rewrites an address, and is one), and at least this often (announcements the kernel
+/// dropped on overflow).
 pub const INTERFACE_BACKSTOP: Duration = Duration::from_secs(5);
 /// How much later each next-ranked candidate tries to take a Lease that was released or
 /// expired (a takeover: the first-ranked candidate is normally alive and goes at once).
@@ -158,9 +160,21 @@ impl Coordinator {
     pub async fn pass(&mut self) {
         let s = self.shared.clone();
         let now = Instant::now();
-        let due = match (&mut self.kernel_changes, self.interfaces_read) {
+        if self
+            .kernel_changes
+            .as_ref()
+            .is_some_and(|c| c.has_changed().is_err())
+        {
+            warn!("stopped following link and address changes; polling them instead");
+            self.kernel_changes = None;
+        }
+        let due = match (&self.kernel_changes, self.interfaces_read) {
             (_, None) => true,
-            (Some(c), Some(t)) => c.has_changed().unwrap_or(true) || now - t >= INTERFACE_BACKSTOP,
+            (Some(c), Some(t)) => {
+                let age = now - t;
+                (age >= INTERFACE_REFRESH && c.has_changed().unwrap_or(true))
+                    || age >= INTERFACE_BACKSTOP
+            }
             (None, Some(t)) => now - t >= INTERFACE_REFRESH,
         };
         if due {

@@ -27,10 +27,15 @@ pub async fn trim_periodically() {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
+        // Off the runtime's threads: on a fragmented heap it can take a few milliseconds.
         #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim is thread-safe and only releases memory no allocation uses.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        let _ = tokio::task::spawn_blocking(|| {
+            // SAFETY: malloc_trim is thread-safe and only releases memory no allocation
+            // uses.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        })
+        .await;
     }
 }

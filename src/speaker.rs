@@ -166,16 +166,10 @@ pub async fn run(
     let claims_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let claims = tokio::spawn(crate::claims::run(shared.clone(), claims_stop.clone()));
     let mut coord = Coordinator::new(shared.clone());
-    let mut kernel_changes = match crate::dataplane::addr::watch_changes() {
-        Ok(c) => {
-            coord.read_interfaces_on(c.clone());
-            Some(c)
-        }
-        Err(e) => {
-            warn!(error = %e, "cannot follow link and address changes; polling them instead");
-            None
-        }
-    };
+    match crate::dataplane::addr::watch_changes() {
+        Ok(c) => coord.read_interfaces_on(c),
+        Err(e) => warn!(error = %e, "cannot follow link and address changes; polling them instead"),
+    }
     let mut changed = shared.cluster.changed.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -189,12 +183,6 @@ pub async fn run(
         tokio::select! {
             _ = changed.changed() => {}
             _ = lan_changed.changed() => {}
-            Ok(()) = async {
-                match &mut kernel_changes {
-                    Some(c) => c.changed().await,
-                    None => std::future::pending().await,
-                }
-            } => {}
             _ = tick.tick() => {}
             _ = &mut shutdown => break,
         }

@@ -385,8 +385,9 @@ fn the_simulator_finds_a_take_over_without_a_fence() {
 }
 
 /// The mixed-version row: one node still runs the previous release (each VIP's Lease renewed
-/// per IP, no heartbeats, no gate). It never takes a Lease a LAN-mode node keeps, a LAN-mode
-/// node takes its Leases only once they expire, and it is upgraded in place.
+/// per IP, no heartbeats, no gate). It never takes a Lease a LAN-mode node keeps; its own
+/// Leases move when it dies (never away from it while it is undisturbed: the simulator's
+/// stickiness check); and it is upgraded in place, never two answering.
 #[test]
 fn a_rolling_upgrade_from_the_previous_release_holds_in_the_simulator() {
     let rows: Vec<(&str, usize, Vec<Fault>, bool)> = vec![

@@ -554,6 +554,7 @@ impl Sim {
                 return;
             }
         }
+        self.count_unanswered(end);
         self.now = end;
         self.check_settled();
     }
