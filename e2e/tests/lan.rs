@@ -544,3 +544,55 @@ async fn lan_a_rolling_upgrade_from_the_previous_release_never_has_two_owners() 
     let s = sampler.stop().unwrap();
     assert_never_two("rolling upgrade from the previous release", &s);
 }
+
+/// A UDP port (as DNS would use) through the VIP, on the kernel: a pod answers before a hard
+/// failover (the owner's link cut and its speaker killed) and again after it, through the
+/// new owner's DNAT. A TCP connection to the same port number gets nothing: the rule is the
+/// UDP one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_udp_reaches_a_pod_through_the_vip_before_and_after_a_failover() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::LAN).await;
+    ready(&tb).await;
+    let pods = pods(&tb);
+    let names: std::collections::BTreeSet<String> = pods.iter().map(|p| p.name.clone()).collect();
+    let slices = endpoints("dns", &pods).replace(
+        "{name: http, port: 8080, protocol: TCP}",
+        "{name: dns, port: 8080, protocol: UDP}",
+    );
+    assert!(
+        slices.contains("protocol: UDP"),
+        "the slices name a UDP port"
+    );
+    tb.apply(&slices).await;
+    tb.apply(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n  namespace: default\nspec:\n  type: LoadBalancer\n  selector: {app: dns}\n  ports:\n  - {name: dns, port: 53, targetPort: 8080, protocol: UDP}\n",
+    )
+    .await;
+    let ip = tb.wait_ips("default", "dns", 1).await[0];
+    let owner = lan_owner(&tb, ip, None).await;
+    let vip = SocketAddr::new(ip, 53);
+    let ask = async |what: &str| {
+        eventually(Duration::from_secs(10), what, async || {
+            let reply = tb.lab.udp_exchange("client", vip).ok()??;
+            let pod = reply.split_whitespace().next()?.to_string();
+            names.contains(&pod).then_some(pod)
+        })
+        .await
+    };
+    let before = ask("a pod answering UDP through the VIP").await;
+    assert!(
+        !tb.lab.can_connect("client", vip).unwrap(),
+        "TCP to {vip} is not forwarded: only the UDP port is"
+    );
+    // New members count for take-overs after 10 s.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let cut = std::time::Instant::now();
+    tb.lab.cut_link(&owner).unwrap();
+    tb.speaker(&owner).kill();
+    let new = lan_owner(&tb, ip, Some(&owner)).await;
+    let after = ask("a pod answering UDP through the VIP after the failover").await;
+    println!(
+        "UDP {vip}: {before} answered via {owner}; after the failover to {new}, {after} answered ({} ms after the cut)",
+        cut.elapsed().as_millis()
+    );
+}

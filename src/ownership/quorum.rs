@@ -3,8 +3,8 @@
 //!
 //! **Members.** The speakers with a node Lease (`node-<node>`) that records a generation
 //! (written by a speaker in LAN mode; a speaker of the previous release is no member),
-//! whether renewed lately or not: a node that vanished counts until its Lease is collected (after
-//! [`MEMBER_GC_AFTER`] without renewal, or at once when its Node object is deleted). Each
+//! whether renewed lately or not: a node that vanished counts until its Lease is deleted (by
+//! the operator, for now: nothing collects node Leases yet). Each
 //! member has a *generation*, kept in its node Lease and carried in its heartbeats; it changes
 //! only by a compare-and-swap write on that Lease.
 //!
@@ -55,8 +55,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// A node Lease not renewed for this long is collected (its node stops counting).
-pub const MEMBER_GC_AFTER: Duration = Duration::from_secs(300);
 /// A speaker counts as a declarer (and may take over) only this long after its node Lease
 /// appeared.
 pub const MEMBER_SETTLE: Duration = Duration::from_secs(10);

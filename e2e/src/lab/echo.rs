@@ -1,8 +1,9 @@
-//! The pods' server: answers every TCP connection with one line, `<pod name> <client address>`,
-//! so a test sees which pod it reached and whether the client's address survived the path.
+//! The pods' server: answers every TCP connection, and every UDP datagram, on its ports with
+//! one line, `<pod name> <client address>`, so a test sees which pod it reached and whether
+//! the client's address survived the path.
 
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 
 /// What the server writes to a client at `peer`.
 pub fn answer(pod: &str, peer: SocketAddr) -> String {
@@ -13,10 +14,18 @@ pub fn answer(pod: &str, peer: SocketAddr) -> String {
     format!("{pod} {ip}\n")
 }
 
-/// Serves on `[::]:port` (IPv4 and IPv6) until the process is killed.
+/// Serves on `[::]:port` (IPv4 and IPv6, TCP and UDP) until the process is killed.
 pub fn serve(pod: &str, ports: &[u16]) -> std::io::Result<()> {
     let mut threads = Vec::new();
     for &port in ports {
+        let udp = UdpSocket::bind(("::", port))?;
+        let name = pod.to_string();
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(answer(&name, peer).as_bytes(), peer);
+            }
+        }));
         let listener = TcpListener::bind(("::", port))?;
         let pod = pod.to_string();
         threads.push(std::thread::spawn(move || {

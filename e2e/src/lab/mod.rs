@@ -660,6 +660,38 @@ impl Lab {
         connect_from(&ns, addr, Duration::from_millis(500))
     }
 
+    /// One UDP datagram from `host` to `addr`: the first reply within 500 ms (None: none).
+    pub fn udp_exchange(&self, host: &str, addr: SocketAddr) -> Result<Option<String>, LabError> {
+        let ns = self.host(host)?.ns.clone();
+        let what = format!("UDP to {addr} from {host}");
+        netns::run_in(&ns, move || -> std::io::Result<Option<String>> {
+            let any: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0".parse().expect("an address")
+            } else {
+                "[::]:0".parse().expect("an address")
+            };
+            let s = std::net::UdpSocket::bind(any)?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            s.send_to(b"ping", addr)?;
+            let mut buf = [0u8; 1500];
+            match s.recv_from(&mut buf) {
+                Ok((n, _)) => Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned())),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    Ok(None)
+                }
+                // An ICMP port unreachable from a node without the rule: no answer either.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(None),
+                Err(e) => Err(e),
+            }
+        })?
+        .map_err(io(what))
+    }
+
     /// Whether a TCP connection from `host` to `addr` is accepted within 500 ms.
     pub fn can_connect(&self, host: &str, addr: SocketAddr) -> Result<bool, LabError> {
         let ns = self.host(host)?.ns.clone();
