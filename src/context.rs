@@ -194,6 +194,8 @@ impl Shared {
                 Some(Dnat {
                     vip: *ip,
                     ports: plan::port_maps(*ip, svc, &mine, &self.config.node_name, &gone),
+                    sources: svc.source_ranges.clone(),
+                    affinity: svc.affinity,
                 })
             })
             .collect();

@@ -39,6 +39,9 @@ pub struct ServicePort {
     pub port: u16,
 }
 
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset (Kubernetes' default).
+pub const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
+
 /// The parts of a Service the speaker acts on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceInfo {
@@ -63,6 +66,12 @@ pub struct ServiceInfo {
     pub assigned: Vec<IpAddr>,
     pub local_traffic: bool,
     pub ports: Vec<ServicePort>,
+    /// `spec.loadBalancerSourceRanges` (None when unset or empty: any source). Entries that
+    /// are neither a CIDR nor an address are left out (the API server refuses them).
+    pub source_ranges: Option<Vec<ipnet::IpNet>>,
+    /// `sessionAffinity: ClientIP`: seconds a client keeps its endpoint (the Service's
+    /// `timeoutSeconds`, 10800 by default, at most a day).
+    pub affinity: Option<u32>,
 }
 
 impl ServiceInfo {
@@ -139,6 +148,27 @@ impl ServiceInfo {
                 })
             })
             .collect();
+        let source_ranges = spec
+            .load_balancer_source_ranges
+            .as_ref()
+            .filter(|r| !r.is_empty())
+            .map(|r| {
+                r.iter()
+                    .filter_map(|x| {
+                        let x = x.trim();
+                        x.parse::<ipnet::IpNet>()
+                            .ok()
+                            .or_else(|| x.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+                    })
+                    .collect()
+            });
+        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .map_or(DEFAULT_AFFINITY_SECONDS, |t| t.clamp(1, 86_400) as u32)
+        });
         let namespace = svc.namespace().unwrap_or_default();
         let name = svc.name_any();
         ServiceInfo {
@@ -158,6 +188,8 @@ impl ServiceInfo {
             assigned,
             local_traffic: spec.external_traffic_policy.as_deref() == Some("Local"),
             ports,
+            source_ranges,
+            affinity,
             namespace,
             name,
         }
@@ -193,6 +225,8 @@ pub fn fixture(name: &str, created: &str) -> ServiceInfo {
         assigned: vec![],
         local_traffic: false,
         ports: vec![],
+        source_ranges: None,
+        affinity: None,
     }
 }
 
@@ -203,6 +237,46 @@ mod tests {
 
     fn svc(v: serde_json::Value) -> ServiceInfo {
         ServiceInfo::from_service(&serde_json::from_value(v).unwrap())
+    }
+
+    #[test]
+    fn source_ranges_are_cidrs_or_addresses_and_empty_means_any() {
+        let s = svc(
+            json!({"metadata": {"name": "a"}, "spec": {"type": "LoadBalancer",
+            "loadBalancerSourceRanges": ["198.51.100.0/24", " 203.0.113.7 ", "junk", "2001:db8::/32"]}}),
+        );
+        let want: Vec<ipnet::IpNet> = ["198.51.100.0/24", "203.0.113.7/32", "2001:db8::/32"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert_eq!(s.source_ranges, Some(want));
+        let s = svc(
+            json!({"metadata": {"name": "a"}, "spec": {"type": "LoadBalancer",
+            "loadBalancerSourceRanges": []}}),
+        );
+        assert_eq!(s.source_ranges, None);
+        let s = svc(json!({"metadata": {"name": "a"}, "spec": {"type": "LoadBalancer"}}));
+        assert_eq!(s.source_ranges, None);
+    }
+
+    #[test]
+    fn client_ip_affinity_keeps_its_timeout_or_the_default() {
+        let s = svc(
+            json!({"metadata": {"name": "a"}, "spec": {"type": "LoadBalancer",
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}}),
+        );
+        assert_eq!(s.affinity, Some(60));
+        let s = svc(
+            json!({"metadata": {"name": "a"}, "spec": {"type": "LoadBalancer",
+            "sessionAffinity": "ClientIP"}}),
+        );
+        assert_eq!(s.affinity, Some(DEFAULT_AFFINITY_SECONDS));
+        let s = svc(
+            json!({"metadata": {"name": "a"}, "spec": {"type": "LoadBalancer",
+            "sessionAffinity": "None"}}),
+        );
+        assert_eq!(s.affinity, None);
     }
 
     #[test]

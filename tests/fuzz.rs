@@ -202,6 +202,8 @@ fn a_service_with_a_thousand_ports_renders_in_bounded_work() {
                 }],
             })
             .collect(),
+        sources: None,
+        affinity: None,
     };
     let script = nft::render_full(&nft::desired(&[entry]));
     println!(

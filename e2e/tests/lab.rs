@@ -225,3 +225,84 @@ fn sweep_removes_leftovers_of_dead_processes_only() {
         "a live lab is left alone"
     );
 }
+
+/// The DNAT transactions the speaker sends, fed to the real `nft` in a node's namespace one
+/// after another: the full table, then changes that add and drop source ranges and client
+/// affinity (sets created before the rules that use them, deleted after), change the
+/// affinity timeout, replace an endpoint, and remove the VIP port. Each is accepted, and the
+/// table ends as the full render of the last state says.
+#[test]
+fn the_kernel_accepts_every_dnat_change_with_source_ranges_and_affinity() {
+    use l2speaker::dataplane::nft::{
+        Dnat, Endpoint, PortMap, desired, render_delete, render_diff, render_full,
+    };
+    use l2speaker::service::Protocol;
+    let lab = Lab::new(LabConfig {
+        api_server: false,
+        ..LabConfig::new(env!("CARGO_BIN_EXE_l2s-lab"), vec![0])
+    })
+    .expect("the lab comes up (run the tests as root)");
+    let ns = lab.host("n1").unwrap().ns.clone();
+    let nft = |script: &str| {
+        netns::exec(&ns, "nft", &["-f", "-"], Some(script))
+            .unwrap_or_else(|e| panic!("nft refused:\n{script}\n{e}"));
+    };
+    let state = |eps: &[&str], sources: Option<&[&str]>, affinity: Option<u32>| {
+        desired(&[Dnat {
+            vip: "192.0.2.200".parse().unwrap(),
+            ports: vec![PortMap {
+                protocol: Protocol::Tcp,
+                port: 80,
+                endpoints: eps
+                    .iter()
+                    .map(|e| Endpoint {
+                        ip: e.parse().unwrap(),
+                        port: 8080,
+                        local: false,
+                    })
+                    .collect(),
+            }],
+            sources: sources.map(|s| s.iter().map(|n| n.parse().unwrap()).collect()),
+            affinity,
+        }])
+    };
+    let two = ["198.51.100.18", "198.51.100.34"];
+    let steps = [
+        state(&two, None, None),
+        state(&two, Some(&["203.0.113.0/24"]), None),
+        state(&two, Some(&["203.0.113.0/24"]), Some(60)),
+        state(&two, None, Some(90)),
+        state(
+            &["198.51.100.18", "198.51.100.50", "198.51.100.66"],
+            None,
+            Some(90),
+        ),
+        state(&["198.51.100.18"], Some(&["2001:db8::/32"]), Some(90)),
+        state(&two, None, Some(90)),
+        state(&[], None, None),
+    ];
+    nft(&render_full(&steps[0]));
+    for w in steps.windows(2) {
+        if let Some(script) = render_diff(&w[0], &w[1]) {
+            nft(&script);
+        }
+    }
+    let listed = netns::exec(&ns, "nft", &["list", "table", "inet", "l2speaker"], None)
+        .expect("the table is there");
+    assert!(
+        !listed.contains("vip_192_0_2_200") && !listed.contains("aff"),
+        "the last state has no VIP port, so no chain or set is left:\n{listed}"
+    );
+    // And a state with everything, from scratch.
+    nft(&render_full(&state(
+        &two,
+        Some(&["203.0.113.0/24"]),
+        Some(60),
+    )));
+    let listed = netns::exec(&ns, "nft", &["list", "table", "inet", "l2speaker"], None).unwrap();
+    assert!(
+        listed.contains("vip_192_0_2_200_tcp_80_1_aff60"),
+        "{listed}"
+    );
+    nft(&render_delete());
+}

@@ -830,3 +830,107 @@ async fn a_lease_left_by_a_dead_owner_of_a_deleted_service_is_cleaned_up() {
     .await;
     assert!(tb.bound_on(ip).is_empty(), "nobody kept the IP");
 }
+
+/// Whether a TCP connection from the client to `vip` goes unanswered (dropped on the way:
+/// the attempt times out), as opposed to answered or refused.
+fn dropped(tb: &Testbed, vip: SocketAddr) -> bool {
+    matches!(
+        tb.lab.connect("client", vip),
+        Err(l2speaker_e2e::lab::LabError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::TimedOut
+    )
+}
+
+/// `loadBalancerSourceRanges` on the kernel: the client reaches the pod while its address
+/// is listed; once the ranges leave it out its connections are dropped (they time out, so
+/// the filter, not a missing rule, stops them); listed again, it is answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balancer_source_ranges_let_only_the_listed_clients_through() {
+    let tb = Testbed::new(vec![1, 0, 0], Timing::DEFAULT).await;
+    tb.apply(&endpoints("ranged", &pods(&tb))).await;
+    let client = tb.lab.client().ipv4;
+    let ranged = |ranges: &str| {
+        service(
+            "ranged",
+            &format!("  loadBalancerSourceRanges: [{ranges}]\n"),
+            "",
+        )
+    };
+    tb.apply(&ranged(&format!("\"{client}/32\", \"198.51.100.0/24\"")))
+        .await;
+    let ip = tb.wait_ips("default", "ranged", 1).await[0];
+    tb.wait_owner(ip).await;
+    let vip = SocketAddr::new(ip, 80);
+    let reaches = async |what: &str| {
+        eventually(Duration::from_secs(10), what, async || {
+            let answer = tb.lab.connect("client", vip).ok()?;
+            (answer == format!("n1-p0 {client}")).then_some(())
+        })
+        .await
+    };
+    reaches("the listed client reaching the pod").await;
+    tb.apply(&ranged("\"198.51.100.0/24\"")).await;
+    eventually(
+        Duration::from_secs(10),
+        "the client, no longer listed, dropped",
+        async || dropped(&tb, vip).then_some(()),
+    )
+    .await;
+    for _ in 0..3 {
+        assert!(dropped(&tb, vip), "an unlisted client stays dropped");
+    }
+    tb.apply(&ranged(&format!("\"{client}/32\""))).await;
+    reaches("the client, listed again, reaching the pod").await;
+}
+
+/// `sessionAffinity: ClientIP` on the kernel: over two pods on two nodes, the client is
+/// spread over both without it, and with it every connection reaches the same pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ip_affinity_keeps_a_client_on_one_pod() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    tb.apply(&endpoints("sticky", &pods(&tb))).await;
+    tb.apply(&service("sticky", "", "")).await;
+    let ip = tb.wait_ips("default", "sticky", 1).await[0];
+    tb.wait_owner(ip).await;
+    let vip = SocketAddr::new(ip, 80);
+    let pod = || {
+        tb.lab
+            .connect("client", vip)
+            .ok()
+            .and_then(|a| a.split_whitespace().next().map(str::to_string))
+    };
+    let mut seen = BTreeSet::new();
+    eventually(
+        Duration::from_secs(10),
+        "both pods answering without affinity",
+        async || {
+            seen.extend(pod());
+            (seen.len() == 2).then_some(())
+        },
+    )
+    .await;
+    tb.apply(&service(
+        "sticky",
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}\n",
+        "",
+    ))
+    .await;
+    // The rules change within moments; from then on one pod answers every connection.
+    let first = eventually(
+        Duration::from_secs(10),
+        "five answers in a row from one pod",
+        async || {
+            let answers: Vec<String> = (0..5).filter_map(|_| pod()).collect();
+            (answers.len() == 5 && answers.iter().all(|a| *a == answers[0]))
+                .then(|| answers[0].clone())
+        },
+    )
+    .await;
+    for _ in 0..20 {
+        assert_eq!(
+            pod().as_deref(),
+            Some(first.as_str()),
+            "the client keeps its pod"
+        );
+    }
+}

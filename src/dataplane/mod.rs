@@ -310,6 +310,8 @@ mod tests {
                 port: 80,
                 endpoints: vec![],
             }],
+            sources: None,
+            affinity: None,
         };
         d.program(std::slice::from_ref(&e)).await.unwrap();
         d.program(&[e]).await.unwrap();

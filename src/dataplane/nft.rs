@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use thiserror::Error;
 
 use crate::service::Protocol;
@@ -38,10 +39,25 @@ pub struct PortMap {
 pub struct Dnat {
     pub vip: IpAddr,
     pub ports: Vec<PortMap>,
+    /// `spec.loadBalancerSourceRanges`: when set, only these sources reach the endpoints;
+    /// the rest is dropped (ranges of the other family allow nothing of this one).
+    pub sources: Option<Vec<IpNet>>,
+    /// `sessionAffinity: ClientIP`: how many seconds a client keeps its endpoint.
+    pub affinity: Option<u32>,
+}
+
+/// Where one VIP port leads, and from where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The allowed sources of the VIP's family (None: any).
+    pub sources: Option<Vec<IpNet>>,
+    /// Seconds a client keeps its endpoint (None: each connection drawn anew).
+    pub affinity: Option<u32>,
+    pub endpoints: Vec<Endpoint>,
 }
 
 /// One VIP port and where it leads: what the table holds, per VIP port.
-pub type Desired = BTreeMap<(IpAddr, Protocol, u16), Vec<Endpoint>>;
+pub type Desired = BTreeMap<(IpAddr, Protocol, u16), Target>;
 
 /// The desired state: each VIP port with its endpoints of the VIP's family (ports without
 /// endpoints get no rule: the traffic then reaches the node itself and is refused).
@@ -59,7 +75,24 @@ pub fn desired(entries: &[Dnat]) -> Desired {
                 continue;
             }
             eps.sort();
-            d.insert((e.vip, p.protocol, p.port), eps);
+            let sources = e.sources.as_ref().map(|s| {
+                let mut s: Vec<IpNet> = s
+                    .iter()
+                    .filter(|n| n.addr().is_ipv4() == e.vip.is_ipv4())
+                    .copied()
+                    .collect();
+                s.sort();
+                s.dedup();
+                s
+            });
+            d.insert(
+                (e.vip, p.protocol, p.port),
+                Target {
+                    sources,
+                    affinity: e.affinity,
+                    endpoints: eps,
+                },
+            );
         }
     }
     d
@@ -85,26 +118,78 @@ fn map_of(vip: IpAddr) -> &'static str {
     if vip.is_ipv4() { "vips4" } else { "vips6" }
 }
 
-/// The rule of a VIP port's chain: straight to its one endpoint, or spread over several.
-fn spread_rule(chain: &str, n: usize) -> String {
-    if n == 1 {
+/// The rules of a VIP port's chain: traffic from sources outside the Service's
+/// `loadBalancerSourceRanges` dropped, then straight to its one endpoint, or spread over
+/// several.
+fn port_rules(vip: IpAddr, chain: &str, t: &Target) -> Vec<String> {
+    let mut rules = Vec::new();
+    match &t.sources {
+        None => {}
+        Some(s) if s.is_empty() => rules.push("drop".to_string()),
+        Some(s) => {
+            let family = if vip.is_ipv4() { "ip" } else { "ip6" };
+            let list: Vec<String> = s.iter().map(|n| n.trunc().to_string()).collect();
+            rules.push(format!("{family} saddr != {{ {} }} drop", list.join(", ")));
+        }
+    }
+    let n = t.endpoints.len();
+    // A client seen lately goes back to its endpoint (each endpoint chain records the
+    // clients it took in its own set).
+    if let Some(secs) = t.affinity
+        && n > 1
+    {
+        let family = if vip.is_ipv4() { "ip" } else { "ip6" };
+        for i in 0..n {
+            rules.push(format!(
+                "{family} saddr @{} goto {chain}_{i}",
+                affinity_set(chain, i, secs)
+            ));
+        }
+    }
+    rules.push(if n == 1 {
         format!("goto {chain}_0")
     } else {
         let arms: Vec<String> = (0..n).map(|i| format!("{i} : goto {chain}_{i}")).collect();
         format!("numgen random mod {n} vmap {{ {} }}", arms.join(", "))
-    }
+    });
+    rules
 }
 
-/// The rule of an endpoint chain: mark remote endpoints for masquerade, then DNAT.
-fn endpoint_rule(vip: IpAddr, proto: Protocol, ep: &Endpoint) -> String {
+/// The set of the clients endpoint `i` of a VIP port took lately (its name carries the
+/// timeout, so a changed timeout is a new set).
+fn affinity_set(chain: &str, i: usize, secs: u32) -> String {
+    format!("{chain}_{i}_aff{secs}")
+}
+
+/// Whether the endpoint chains of `t` record their clients (affinity over several endpoints).
+fn affinity_sets(t: &Target) -> Option<u32> {
+    t.affinity.filter(|_| t.endpoints.len() > 1)
+}
+
+/// The declaration of an affinity set (inside `table … { }`, or after `add set inet TABLE`).
+fn affinity_set_body(vip: IpAddr, secs: u32) -> String {
+    let ty = if vip.is_ipv4() {
+        "ipv4_addr"
+    } else {
+        "ipv6_addr"
+    };
+    format!("type {ty}; flags dynamic,timeout; timeout {secs}s;")
+}
+
+/// The rule of an endpoint chain: record the client when the VIP port has affinity, mark
+/// remote endpoints for masquerade, then DNAT.
+fn endpoint_rule(vip: IpAddr, proto: Protocol, ep: &Endpoint, aff: Option<String>) -> String {
     let family = if vip.is_ipv4() { "ip" } else { "ip6" };
+    let record = aff
+        .map(|set| format!("update @{set} {{ {family} saddr }} "))
+        .unwrap_or_default();
     let mark = if ep.local {
         String::new()
     } else {
         format!("meta mark set meta mark | {MASQ_MARK:#010x} ")
     };
     format!(
-        "{mark}meta l4proto {} dnat {family} to {}",
+        "{record}{mark}meta l4proto {} dnat {family} to {}",
         proto.as_str(),
         ep_addr(ep.ip, ep.port)
     )
@@ -117,8 +202,21 @@ pub fn render_full(d: &Desired) -> String {
     let mut elements4 = Vec::new();
     let mut elements6 = Vec::new();
     let mut chains = String::new();
-    for ((vip, proto, port), eps) in d {
+    let mut sets = String::new();
+    for ((vip, proto, port), t) in d {
+        let eps = &t.endpoints;
         let chain = chain_name(*vip, *proto, *port);
+        let aff = affinity_sets(t);
+        if let Some(secs) = aff {
+            for i in 0..eps.len() {
+                let _ = writeln!(
+                    sets,
+                    "\tset {} {{ {} }}",
+                    affinity_set(&chain, i, secs),
+                    affinity_set_body(*vip, secs)
+                );
+            }
+        }
         let el = format!("{} : goto {chain}", element(*vip, *proto, *port));
         if vip.is_ipv4() {
             elements4.push(el)
@@ -128,13 +226,13 @@ pub fn render_full(d: &Desired) -> String {
         let _ = writeln!(
             chains,
             "\tchain {chain} {{\n\t\t{}\n\t}}",
-            spread_rule(&chain, eps.len())
+            port_rules(*vip, &chain, t).join("\n\t\t")
         );
         for (i, ep) in eps.iter().enumerate() {
             let _ = writeln!(
                 chains,
                 "\tchain {chain}_{i} {{\n\t\t{}\n\t}}",
-                endpoint_rule(*vip, *proto, ep)
+                endpoint_rule(*vip, *proto, ep, aff.map(|s| affinity_set(&chain, i, s)))
             );
         }
     }
@@ -153,7 +251,7 @@ pub fn render_full(d: &Desired) -> String {
     };
     let lookup = "\t\tip daddr . meta l4proto . th dport vmap @vips4\n\t\tip6 daddr . meta l4proto . th dport vmap @vips6\n";
     format!(
-        "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n{}{}\
+        "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n{}{}{sets}\
          \tchain prerouting {{\n\t\ttype nat hook prerouting priority -100; policy accept;\n{lookup}\t}}\n\
          \tchain output {{\n\t\ttype nat hook output priority -100; policy accept;\n{lookup}\t}}\n\
          \tchain postrouting {{\n\t\ttype nat hook postrouting priority 100; policy accept;\n\
@@ -173,7 +271,11 @@ pub fn render(entries: &[Dnat]) -> String {
 /// surplus ones deleted after the rule that jumps to them is gone.
 pub fn render_diff(old: &Desired, new: &Desired) -> Option<String> {
     let mut s = String::new();
-    for (key @ (vip, proto, port), eps) in old {
+    // Affinity sets no rule uses any more: deleted last, once every chain that used them has
+    // been flushed or deleted.
+    let mut stale_sets = Vec::new();
+    for (key @ (vip, proto, port), t) in old {
+        let eps = &t.endpoints;
         if new.contains_key(key) {
             continue;
         }
@@ -188,14 +290,43 @@ pub fn render_diff(old: &Desired, new: &Desired) -> Option<String> {
         for i in 0..eps.len() {
             let _ = writeln!(s, "delete chain inet {TABLE} {chain}_{i}");
         }
+        if let Some(secs) = affinity_sets(t) {
+            stale_sets.extend((0..eps.len()).map(|i| affinity_set(&chain, i, secs)));
+        }
     }
-    for (key @ (vip, proto, port), eps) in new {
+    for (key @ (vip, proto, port), t) in new {
+        let eps = &t.endpoints;
         let before = old.get(key);
-        if before == Some(eps) {
+        if before == Some(t) {
             continue;
         }
         let chain = chain_name(*vip, *proto, *port);
-        let had = before.map_or(0, Vec::len);
+        let had = before.map_or(0, |b| b.endpoints.len());
+        let (old_aff, new_aff) = (before.and_then(affinity_sets), affinity_sets(t));
+        if let Some(secs) = new_aff {
+            for (i, ep) in eps.iter().enumerate() {
+                let set = affinity_set(&chain, i, secs);
+                if old_aff == Some(secs) && i < had {
+                    // Kept; its clients start over only if the endpoint changed.
+                    if before.and_then(|b| b.endpoints.get(i)) != Some(ep) {
+                        let _ = writeln!(s, "flush set inet {TABLE} {set}");
+                    }
+                } else {
+                    let _ = writeln!(
+                        s,
+                        "add set inet {TABLE} {set} {{ {} }}",
+                        affinity_set_body(*vip, secs)
+                    );
+                }
+            }
+        }
+        if let Some(secs) = old_aff {
+            stale_sets.extend(
+                (0..had)
+                    .filter(|i| new_aff != Some(secs) || *i >= eps.len())
+                    .map(|i| affinity_set(&chain, i, secs)),
+            );
+        }
         for (i, ep) in eps.iter().enumerate() {
             if i < had {
                 let _ = writeln!(s, "flush chain inet {TABLE} {chain}_{i}");
@@ -205,7 +336,12 @@ pub fn render_diff(old: &Desired, new: &Desired) -> Option<String> {
             let _ = writeln!(
                 s,
                 "add rule inet {TABLE} {chain}_{i} {}",
-                endpoint_rule(*vip, *proto, ep)
+                endpoint_rule(
+                    *vip,
+                    *proto,
+                    ep,
+                    new_aff.map(|a| affinity_set(&chain, i, a))
+                )
             );
         }
         if before.is_some() {
@@ -213,11 +349,9 @@ pub fn render_diff(old: &Desired, new: &Desired) -> Option<String> {
         } else {
             let _ = writeln!(s, "add chain inet {TABLE} {chain}");
         }
-        let _ = writeln!(
-            s,
-            "add rule inet {TABLE} {chain} {}",
-            spread_rule(&chain, eps.len())
-        );
+        for rule in port_rules(*vip, &chain, t) {
+            let _ = writeln!(s, "add rule inet {TABLE} {chain} {rule}");
+        }
         for i in eps.len()..had {
             let _ = writeln!(s, "delete chain inet {TABLE} {chain}_{i}");
         }
@@ -229,6 +363,9 @@ pub fn render_diff(old: &Desired, new: &Desired) -> Option<String> {
                 element(*vip, *proto, *port)
             );
         }
+    }
+    for set in stale_sets {
+        let _ = writeln!(s, "delete set inet {TABLE} {set}");
     }
     (!s.is_empty()).then_some(s)
 }
@@ -323,6 +460,8 @@ mod tests {
                     },
                 ],
             }],
+            sources: None,
+            affinity: None,
         };
         let v6 = Dnat {
             vip: ip("2001:db8::200"),
@@ -335,6 +474,8 @@ mod tests {
                     local: true,
                 }],
             }],
+            sources: None,
+            affinity: None,
         };
         let want = "table inet l2speaker
 delete table inet l2speaker
@@ -400,6 +541,8 @@ table inet l2speaker {
                         port: *port,
                         endpoints: eps.clone(),
                     }],
+                    sources: None,
+                    affinity: None,
                 })
                 .collect::<Vec<_>>(),
         )
@@ -446,9 +589,132 @@ add element inet l2speaker vips4 { 192.0.2.202 . tcp . 443 : goto vip_192_0_2_20
                 port: 80,
                 endpoints: vec![],
             }],
+            sources: None,
+            affinity: None,
         };
         let r = render(&[e]);
         assert!(!r.contains("192.0.2.200"));
         assert!(!r.contains("elements"));
+    }
+
+    fn with_sources(vip: &str, sources: Option<&[&str]>) -> Dnat {
+        Dnat {
+            vip: ip(vip),
+            ports: vec![PortMap {
+                protocol: Protocol::Tcp,
+                port: 80,
+                endpoints: vec![ep("198.51.100.18", true), ep("2001:db8:100:1::2", true)],
+            }],
+            sources: sources.map(|s| s.iter().map(|n| n.parse().unwrap()).collect()),
+            affinity: None,
+        }
+    }
+
+    #[test]
+    fn source_ranges_drop_other_sources_before_the_spread() {
+        let d = with_sources(
+            "192.0.2.200",
+            Some(&["203.0.113.7/32", "198.51.100.0/24", "2001:db8::/32"]),
+        );
+        let r = render(&[d]);
+        assert!(
+            r.contains("\tchain vip_192_0_2_200_tcp_80 {\n\t\tip saddr != { 198.51.100.0/24, 203.0.113.7/32 } drop\n\t\tgoto vip_192_0_2_200_tcp_80_0\n\t}"),
+            "{r}"
+        );
+        // Ranges of the other family only: nothing of this family gets through.
+        let r = render(&[with_sources("192.0.2.200", Some(&["2001:db8::/32"]))]);
+        assert!(
+            r.contains("\tchain vip_192_0_2_200_tcp_80 {\n\t\tdrop\n"),
+            "{r}"
+        );
+        let r = render(&[with_sources("2001:db8::200", Some(&["2001:db8::/48"]))]);
+        assert!(r.contains("ip6 saddr != { 2001:db8::/48 } drop"), "{r}");
+        // No ranges: no filter.
+        assert!(!render(&[with_sources("192.0.2.200", None)]).contains("saddr"));
+    }
+
+    fn with_affinity(eps: &[&str], secs: Option<u32>) -> Dnat {
+        Dnat {
+            vip: ip("192.0.2.200"),
+            ports: vec![PortMap {
+                protocol: Protocol::Tcp,
+                port: 80,
+                endpoints: eps.iter().map(|e| ep(e, true)).collect(),
+            }],
+            sources: None,
+            affinity: secs,
+        }
+    }
+
+    #[test]
+    fn client_ip_affinity_sends_a_known_client_back_to_its_endpoint() {
+        let r = render(&[with_affinity(&["198.51.100.18", "198.51.100.34"], Some(60))]);
+        let c = "vip_192_0_2_200_tcp_80";
+        for want in [
+            format!("\tset {c}_0_aff60 {{ type ipv4_addr; flags dynamic,timeout; timeout 60s; }}"),
+            format!(
+                "\t\tip saddr @{c}_0_aff60 goto {c}_0\n\t\tip saddr @{c}_1_aff60 goto {c}_1\n\t\tnumgen random mod 2"
+            ),
+            format!(
+                "\tchain {c}_1 {{\n\t\tupdate @{c}_1_aff60 {{ ip saddr }} meta l4proto tcp dnat ip to 198.51.100.34:8080"
+            ),
+        ] {
+            assert!(r.contains(&want), "{want}\nnot in\n{r}");
+        }
+        // One endpoint: nothing to remember.
+        assert!(!render(&[with_affinity(&["198.51.100.18"], Some(60))]).contains("aff"));
+    }
+
+    #[test]
+    fn affinity_sets_come_before_their_rules_and_go_after_them() {
+        let none = desired(&[with_affinity(&["198.51.100.18", "198.51.100.34"], None)]);
+        let a60 = desired(&[with_affinity(&["198.51.100.18", "198.51.100.34"], Some(60))]);
+        let on = render_diff(&none, &a60).unwrap();
+        let c = "vip_192_0_2_200_tcp_80";
+        assert!(on.starts_with(&format!("add set inet l2speaker {c}_0_aff60 {{ type ipv4_addr; flags dynamic,timeout; timeout 60s; }}\nadd set inet l2speaker {c}_1_aff60")), "{on}");
+        // A new timeout is a new set; the old ones are deleted last.
+        let a90 = desired(&[with_affinity(&["198.51.100.18", "198.51.100.34"], Some(90))]);
+        let change = render_diff(&a60, &a90).unwrap();
+        assert!(
+            change.starts_with(&format!("add set inet l2speaker {c}_0_aff90")),
+            "{change}"
+        );
+        assert!(
+            change.ends_with(&format!(
+                "delete set inet l2speaker {c}_0_aff60\ndelete set inet l2speaker {c}_1_aff60\n"
+            )),
+            "{change}"
+        );
+        // One endpoint replaced: only its set starts over.
+        let moved = desired(&[with_affinity(&["198.51.100.18", "198.51.100.50"], Some(60))]);
+        let m = render_diff(&a60, &moved).unwrap();
+        assert!(
+            m.starts_with(&format!("flush set inet l2speaker {c}_1_aff60\n")),
+            "{m}"
+        );
+        assert!(
+            !m.contains(&format!("flush set inet l2speaker {c}_0_aff60")),
+            "{m}"
+        );
+        // The VIP port gone: sets deleted after the chains.
+        let off = render_diff(&a60, &Desired::new()).unwrap();
+        assert!(
+            off.ends_with(&format!("delete set inet l2speaker {c}_1_aff60\n")),
+            "{off}"
+        );
+    }
+
+    #[test]
+    fn a_change_of_source_ranges_rewrites_only_that_vip_ports_chain() {
+        let old = desired(&[with_sources("192.0.2.200", None)]);
+        let new = desired(&[with_sources("192.0.2.200", Some(&["198.51.100.0/24"]))]);
+        let want = "flush chain inet l2speaker vip_192_0_2_200_tcp_80_0
+add rule inet l2speaker vip_192_0_2_200_tcp_80_0 meta l4proto tcp dnat ip to 198.51.100.18:8080
+flush chain inet l2speaker vip_192_0_2_200_tcp_80
+add rule inet l2speaker vip_192_0_2_200_tcp_80 ip saddr != { 198.51.100.0/24 } drop
+add rule inet l2speaker vip_192_0_2_200_tcp_80 goto vip_192_0_2_200_tcp_80_0
+";
+        assert_eq!(render_diff(&old, &new).unwrap(), want);
+        assert_eq!(render_diff(&new, &new), None);
     }
 }

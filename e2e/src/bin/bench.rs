@@ -518,6 +518,8 @@ fn dnat() -> Value {
                 })
                 .collect(),
         }],
+        sources: None,
+        affinity: None,
     };
     let base: Vec<Dnat> = (0..1000).map(|i| svc(i, 3)).collect();
     let apply = |script: &str| {
