@@ -67,7 +67,8 @@ pub struct ServiceInfo {
     pub local_traffic: bool,
     pub ports: Vec<ServicePort>,
     /// `spec.loadBalancerSourceRanges` (None when unset or empty: any source). Entries that
-    /// are neither a CIDR nor an address are left out (the API server refuses them).
+    /// are neither a CIDR nor an address are left out (the API server refuses them); a list
+    /// of nothing but such entries allows no source rather than every source.
     pub source_ranges: Option<Vec<ipnet::IpNet>>,
     /// `sessionAffinity: ClientIP`: seconds a client keeps its endpoint (the Service's
     /// `timeoutSeconds`, 10800 by default, at most a day).

@@ -272,6 +272,8 @@ fn the_kernel_accepts_every_dnat_change_with_source_ranges_and_affinity() {
         state(&two, Some(&["203.0.113.0/24"]), None),
         state(&two, Some(&["203.0.113.0/24"]), Some(60)),
         state(&two, None, Some(90)),
+        state(&two, None, None),
+        state(&two, None, Some(90)),
         state(
             &["198.51.100.18", "198.51.100.50", "198.51.100.66"],
             None,
@@ -304,5 +306,25 @@ fn the_kernel_accepts_every_dnat_change_with_source_ranges_and_affinity() {
         listed.contains("vip_192_0_2_200_tcp_80_1_aff60"),
         "{listed}"
     );
+    // IPv6: ranges and affinity over IPv6 endpoints.
+    let v6 = desired(&[Dnat {
+        vip: "2001:db8::200".parse().unwrap(),
+        ports: vec![PortMap {
+            protocol: Protocol::Udp,
+            port: 53,
+            endpoints: ["2001:db8:100:1::2", "2001:db8:100:2::2"]
+                .iter()
+                .map(|e| Endpoint {
+                    ip: e.parse().unwrap(),
+                    port: 5353,
+                    local: true,
+                })
+                .collect(),
+        }],
+        sources: Some(vec!["2001:db8:ffff::/48".parse().unwrap()]),
+        affinity: Some(30),
+    }]);
+    nft(&render_full(&v6));
+    nft(&render_diff(&v6, &Default::default()).expect("a change"));
     nft(&render_delete());
 }

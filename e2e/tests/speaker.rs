@@ -842,8 +842,9 @@ fn dropped(tb: &Testbed, vip: SocketAddr) -> bool {
 }
 
 /// `loadBalancerSourceRanges` on the kernel: the client reaches the pod while its address
-/// is listed; once the ranges leave it out its connections are dropped (they time out, so
-/// the filter, not a missing rule, stops them); listed again, it is answered again.
+/// is listed; once the ranges leave it out its connections are dropped (they time out, while
+/// the owner still holds the VIP and reaches the pod through it itself: the filter, not a
+/// missing rule, stops them); listed again, it is answered again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_balancer_source_ranges_let_only_the_listed_clients_through() {
     let tb = Testbed::new(vec![1, 0, 0], Timing::DEFAULT).await;
@@ -859,7 +860,7 @@ async fn load_balancer_source_ranges_let_only_the_listed_clients_through() {
     tb.apply(&ranged(&format!("\"{client}/32\", \"198.51.100.0/24\"")))
         .await;
     let ip = tb.wait_ips("default", "ranged", 1).await[0];
-    tb.wait_owner(ip).await;
+    let owner = tb.wait_owner(ip).await;
     let vip = SocketAddr::new(ip, 80);
     let reaches = async |what: &str| {
         eventually(Duration::from_secs(10), what, async || {
@@ -878,6 +879,16 @@ async fn load_balancer_source_ranges_let_only_the_listed_clients_through() {
     .await;
     for _ in 0..3 {
         assert!(dropped(&tb, vip), "an unlisted client stays dropped");
+        assert_eq!(
+            tb.bound_on(ip),
+            std::slice::from_ref(&owner),
+            "the owner still holds {ip}"
+        );
+        let own = tb.lab.connect(&owner, vip);
+        assert!(
+            own.as_ref().is_ok_and(|a| a.starts_with("n1-p0 ")),
+            "the owner's own traffic is not filtered: {own:?}"
+        );
     }
     tb.apply(&ranged(&format!("\"{client}/32\""))).await;
     reaches("the client, listed again, reaching the pod").await;
@@ -891,7 +902,7 @@ async fn client_ip_affinity_keeps_a_client_on_one_pod() {
     tb.apply(&endpoints("sticky", &pods(&tb))).await;
     tb.apply(&service("sticky", "", "")).await;
     let ip = tb.wait_ips("default", "sticky", 1).await[0];
-    tb.wait_owner(ip).await;
+    let owner = tb.wait_owner(ip).await;
     let vip = SocketAddr::new(ip, 80);
     let pod = || {
         tb.lab
@@ -915,17 +926,25 @@ async fn client_ip_affinity_keeps_a_client_on_one_pod() {
         "",
     ))
     .await;
-    // The rules change within moments; from then on one pod answers every connection.
-    let first = eventually(
+    // Once the owner's rules record clients, the first answer decides the pod.
+    let ns = tb.lab.host(&owner).unwrap().ns.clone();
+    eventually(
         Duration::from_secs(10),
-        "five answers in a row from one pod",
+        "the owner's DNAT remembering clients for 600 s",
         async || {
-            let answers: Vec<String> = (0..5).filter_map(|_| pod()).collect();
-            (answers.len() == 5 && answers.iter().all(|a| *a == answers[0]))
-                .then(|| answers[0].clone())
+            l2speaker_e2e::lab::netns::exec(
+                &ns,
+                "nft",
+                &["list", "table", "inet", "l2speaker"],
+                None,
+            )
+            .ok()
+            .filter(|t| t.contains("_aff600"))
+            .map(|_| ())
         },
     )
     .await;
+    let first = pod().expect("an answer");
     for _ in 0..20 {
         assert_eq!(
             pod().as_deref(),

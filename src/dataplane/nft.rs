@@ -123,13 +123,18 @@ fn map_of(vip: IpAddr) -> &'static str {
 /// several.
 fn port_rules(vip: IpAddr, chain: &str, t: &Target) -> Vec<String> {
     let mut rules = Vec::new();
+    // The node's own traffic (its source an address of this node, the VIP included) is not
+    // filtered, as kube-proxy does not filter it.
     match &t.sources {
         None => {}
-        Some(s) if s.is_empty() => rules.push("drop".to_string()),
+        Some(s) if s.is_empty() => rules.push("fib saddr type != local drop".to_string()),
         Some(s) => {
             let family = if vip.is_ipv4() { "ip" } else { "ip6" };
             let list: Vec<String> = s.iter().map(|n| n.trunc().to_string()).collect();
-            rules.push(format!("{family} saddr != {{ {} }} drop", list.join(", ")));
+            rules.push(format!(
+                "fib saddr type != local {family} saddr != {{ {} }} drop",
+                list.join(", ")
+            ));
         }
     }
     let n = t.endpoints.len();
@@ -176,23 +181,26 @@ fn affinity_set_body(vip: IpAddr, secs: u32) -> String {
     format!("type {ty}; flags dynamic,timeout; timeout {secs}s;")
 }
 
-/// The rule of an endpoint chain: record the client when the VIP port has affinity, mark
-/// remote endpoints for masquerade, then DNAT.
-fn endpoint_rule(vip: IpAddr, proto: Protocol, ep: &Endpoint, aff: Option<String>) -> String {
+/// The rules of an endpoint chain: record the client when the VIP port has affinity (a rule
+/// of its own: when the set is full the update fails and ends only that rule), mark remote
+/// endpoints for masquerade, then DNAT.
+fn endpoint_rules(vip: IpAddr, proto: Protocol, ep: &Endpoint, aff: Option<String>) -> Vec<String> {
     let family = if vip.is_ipv4() { "ip" } else { "ip6" };
-    let record = aff
-        .map(|set| format!("update @{set} {{ {family} saddr }} "))
-        .unwrap_or_default();
+    let mut rules: Vec<String> = aff
+        .map(|set| format!("update @{set} {{ {family} saddr }}"))
+        .into_iter()
+        .collect();
     let mark = if ep.local {
         String::new()
     } else {
         format!("meta mark set meta mark | {MASQ_MARK:#010x} ")
     };
-    format!(
-        "{record}{mark}meta l4proto {} dnat {family} to {}",
+    rules.push(format!(
+        "{mark}meta l4proto {} dnat {family} to {}",
         proto.as_str(),
         ep_addr(ep.ip, ep.port)
-    )
+    ));
+    rules
 }
 
 /// The whole table, as one transaction that replaces the previous one (`table` + `delete
@@ -232,7 +240,8 @@ pub fn render_full(d: &Desired) -> String {
             let _ = writeln!(
                 chains,
                 "\tchain {chain}_{i} {{\n\t\t{}\n\t}}",
-                endpoint_rule(*vip, *proto, ep, aff.map(|s| affinity_set(&chain, i, s)))
+                endpoint_rules(*vip, *proto, ep, aff.map(|s| affinity_set(&chain, i, s)))
+                    .join("\n\t\t")
             );
         }
     }
@@ -333,16 +342,10 @@ pub fn render_diff(old: &Desired, new: &Desired) -> Option<String> {
             } else {
                 let _ = writeln!(s, "add chain inet {TABLE} {chain}_{i}");
             }
-            let _ = writeln!(
-                s,
-                "add rule inet {TABLE} {chain}_{i} {}",
-                endpoint_rule(
-                    *vip,
-                    *proto,
-                    ep,
-                    new_aff.map(|a| affinity_set(&chain, i, a))
-                )
-            );
+            let aff = new_aff.map(|a| affinity_set(&chain, i, a));
+            for rule in endpoint_rules(*vip, *proto, ep, aff) {
+                let _ = writeln!(s, "add rule inet {TABLE} {chain}_{i} {rule}");
+            }
         }
         if before.is_some() {
             let _ = writeln!(s, "flush chain inet {TABLE} {chain}");
@@ -618,17 +621,20 @@ add element inet l2speaker vips4 { 192.0.2.202 . tcp . 443 : goto vip_192_0_2_20
         );
         let r = render(&[d]);
         assert!(
-            r.contains("\tchain vip_192_0_2_200_tcp_80 {\n\t\tip saddr != { 198.51.100.0/24, 203.0.113.7/32 } drop\n\t\tgoto vip_192_0_2_200_tcp_80_0\n\t}"),
+            r.contains("\tchain vip_192_0_2_200_tcp_80 {\n\t\tfib saddr type != local ip saddr != { 198.51.100.0/24, 203.0.113.7/32 } drop\n\t\tgoto vip_192_0_2_200_tcp_80_0\n\t}"),
             "{r}"
         );
         // Ranges of the other family only: nothing of this family gets through.
         let r = render(&[with_sources("192.0.2.200", Some(&["2001:db8::/32"]))]);
         assert!(
-            r.contains("\tchain vip_192_0_2_200_tcp_80 {\n\t\tdrop\n"),
+            r.contains("\tchain vip_192_0_2_200_tcp_80 {\n\t\tfib saddr type != local drop\n"),
             "{r}"
         );
         let r = render(&[with_sources("2001:db8::200", Some(&["2001:db8::/48"]))]);
-        assert!(r.contains("ip6 saddr != { 2001:db8::/48 } drop"), "{r}");
+        assert!(
+            r.contains("fib saddr type != local ip6 saddr != { 2001:db8::/48 } drop"),
+            "{r}"
+        );
         // No ranges: no filter.
         assert!(!render(&[with_sources("192.0.2.200", None)]).contains("saddr"));
     }
@@ -656,13 +662,25 @@ add element inet l2speaker vips4 { 192.0.2.202 . tcp . 443 : goto vip_192_0_2_20
                 "\t\tip saddr @{c}_0_aff60 goto {c}_0\n\t\tip saddr @{c}_1_aff60 goto {c}_1\n\t\tnumgen random mod 2"
             ),
             format!(
-                "\tchain {c}_1 {{\n\t\tupdate @{c}_1_aff60 {{ ip saddr }} meta l4proto tcp dnat ip to 198.51.100.34:8080"
+                "\tchain {c}_1 {{\n\t\tupdate @{c}_1_aff60 {{ ip saddr }}\n\t\tmeta l4proto tcp dnat ip to 198.51.100.34:8080"
             ),
         ] {
             assert!(r.contains(&want), "{want}\nnot in\n{r}");
         }
         // One endpoint: nothing to remember.
         assert!(!render(&[with_affinity(&["198.51.100.18"], Some(60))]).contains("aff"));
+    }
+
+    #[test]
+    fn the_source_filter_comes_before_the_affinity_lookups() {
+        let mut d = with_affinity(&["198.51.100.18", "198.51.100.34"], Some(60));
+        d.sources = Some(vec!["203.0.113.0/24".parse().unwrap()]);
+        let r = render(&[d]);
+        let c = "vip_192_0_2_200_tcp_80";
+        let want = format!(
+            "\tchain {c} {{\n\t\tfib saddr type != local ip saddr != {{ 203.0.113.0/24 }} drop\n\t\tip saddr @{c}_0_aff60 goto {c}_0\n"
+        );
+        assert!(r.contains(&want), "{want}\nnot in\n{r}");
     }
 
     #[test]
@@ -711,7 +729,7 @@ add element inet l2speaker vips4 { 192.0.2.202 . tcp . 443 : goto vip_192_0_2_20
         let want = "flush chain inet l2speaker vip_192_0_2_200_tcp_80_0
 add rule inet l2speaker vip_192_0_2_200_tcp_80_0 meta l4proto tcp dnat ip to 198.51.100.18:8080
 flush chain inet l2speaker vip_192_0_2_200_tcp_80
-add rule inet l2speaker vip_192_0_2_200_tcp_80 ip saddr != { 198.51.100.0/24 } drop
+add rule inet l2speaker vip_192_0_2_200_tcp_80 fib saddr type != local ip saddr != { 198.51.100.0/24 } drop
 add rule inet l2speaker vip_192_0_2_200_tcp_80 goto vip_192_0_2_200_tcp_80_0
 ";
         assert_eq!(render_diff(&old, &new).unwrap(), want);
