@@ -37,17 +37,11 @@ fn reflect<K>(
     config: watcher::Config,
     bump: watch::Sender<u64>,
     digest: Digest<K>,
+    trim: fn(&mut K),
     metrics: Arc<Metrics>,
 ) -> Store<K>
 where
-    K: Resource
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + std::any::Any
-        + 'static,
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, writer) = reflector::store();
@@ -89,16 +83,18 @@ where
 }
 
 /// Drops what no loop reads before an object enters the cache: the field managers' records
-/// (often larger than the object) and the copy `kubectl apply` keeps in an annotation. Nodes
-/// also lose their list of container images, which can run to hundreds of entries.
-fn trim<K: Resource + std::any::Any>(o: &mut K) {
+/// (often larger than the object) and the copy `kubectl apply` keeps in an annotation.
+fn trim<K: Resource>(o: &mut K) {
     o.meta_mut().managed_fields = None;
     if let Some(a) = o.meta_mut().annotations.as_mut() {
         a.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
-    if let Some(n) = (o as &mut dyn std::any::Any).downcast_mut::<Node>()
-        && let Some(status) = n.status.as_mut()
-    {
+}
+
+/// [`trim`], and a Node's list of container images (it can run to hundreds of entries).
+fn trim_node(n: &mut Node) {
+    trim(n);
+    if let Some(status) = n.status.as_mut() {
         status.images = None;
     }
 }
@@ -139,6 +135,7 @@ impl Cluster {
                 all.clone(),
                 bump.clone(),
                 every_change,
+                trim,
                 metrics.clone(),
             ),
             slices: reflect(
@@ -146,6 +143,7 @@ impl Cluster {
                 all.clone(),
                 bump.clone(),
                 every_change,
+                trim,
                 metrics.clone(),
             ),
             nodes: reflect(
@@ -153,6 +151,7 @@ impl Cluster {
                 all.clone(),
                 bump.clone(),
                 every_change,
+                trim_node,
                 metrics.clone(),
             ),
             pools: reflect(
@@ -160,6 +159,7 @@ impl Cluster {
                 all,
                 bump.clone(),
                 every_change,
+                trim,
                 metrics.clone(),
             ),
             leases: reflect(
@@ -167,6 +167,7 @@ impl Cluster {
                 watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}")),
                 bump,
                 lease_digest,
+                trim,
                 metrics.clone(),
             ),
             changed,
@@ -201,7 +202,7 @@ mod tests {
             images: Some(vec![ContainerImage::default(); 3]),
             ..Default::default()
         });
-        trim(&mut n);
+        trim_node(&mut n);
         assert_eq!(n.metadata.managed_fields, None);
         assert_eq!(n.status.as_ref().unwrap().images, None);
         assert_eq!(n.metadata.labels.as_ref().unwrap()["zone"], "x");

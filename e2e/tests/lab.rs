@@ -247,12 +247,21 @@ fn the_kernel_accepts_every_dnat_change_with_source_ranges_and_affinity() {
         netns::exec(&ns, "nft", &["-f", "-"], Some(script))
             .unwrap_or_else(|e| panic!("nft refused:\n{script}\n{e}"));
     };
-    let state = |eps: &[&str], sources: Option<&[&str]>, affinity: Option<u32>| {
+    let list = || {
+        netns::exec(&ns, "nft", &["list", "table", "inet", "l2speaker"], None)
+            .expect("the table is there")
+    };
+    // One VIP port over remote endpoints (port 8080).
+    let dnat = |vip: &str,
+                (protocol, port): (Protocol, u16),
+                eps: &[&str],
+                sources: Option<&[&str]>,
+                affinity: Option<u32>| {
         desired(&[Dnat {
-            vip: "192.0.2.200".parse().unwrap(),
+            vip: vip.parse().unwrap(),
             ports: vec![PortMap {
-                protocol: Protocol::Tcp,
-                port: 80,
+                protocol,
+                port,
                 endpoints: eps
                     .iter()
                     .map(|e| Endpoint {
@@ -265,6 +274,9 @@ fn the_kernel_accepts_every_dnat_change_with_source_ranges_and_affinity() {
             sources: sources.map(|s| s.iter().map(|n| n.parse().unwrap()).collect()),
             affinity,
         }])
+    };
+    let state = |eps: &[&str], sources: Option<&[&str]>, affinity: Option<u32>| {
+        dnat("192.0.2.200", (Protocol::Tcp, 80), eps, sources, affinity)
     };
     let two = ["198.51.100.18", "198.51.100.34"];
     let steps = [
@@ -289,8 +301,7 @@ fn the_kernel_accepts_every_dnat_change_with_source_ranges_and_affinity() {
             nft(&script);
         }
     }
-    let listed = netns::exec(&ns, "nft", &["list", "table", "inet", "l2speaker"], None)
-        .expect("the table is there");
+    let listed = list();
     assert!(
         !listed.contains("vip_192_0_2_200") && !listed.contains("aff"),
         "the last state has no VIP port, so no chain or set is left:\n{listed}"
@@ -301,29 +312,19 @@ fn the_kernel_accepts_every_dnat_change_with_source_ranges_and_affinity() {
         Some(&["203.0.113.0/24"]),
         Some(60),
     )));
-    let listed = netns::exec(&ns, "nft", &["list", "table", "inet", "l2speaker"], None).unwrap();
+    let listed = list();
     assert!(
         listed.contains("vip_192_0_2_200_tcp_80_1_aff60"),
         "{listed}"
     );
     // IPv6: ranges and affinity over IPv6 endpoints.
-    let v6 = desired(&[Dnat {
-        vip: "2001:db8::200".parse().unwrap(),
-        ports: vec![PortMap {
-            protocol: Protocol::Udp,
-            port: 53,
-            endpoints: ["2001:db8:100:1::2", "2001:db8:100:2::2"]
-                .iter()
-                .map(|e| Endpoint {
-                    ip: e.parse().unwrap(),
-                    port: 5353,
-                    local: true,
-                })
-                .collect(),
-        }],
-        sources: Some(vec!["2001:db8:ffff::/48".parse().unwrap()]),
-        affinity: Some(30),
-    }]);
+    let v6 = dnat(
+        "2001:db8::200",
+        (Protocol::Udp, 53),
+        &["2001:db8:100:1::2", "2001:db8:100:2::2"],
+        Some(&["2001:db8:ffff::/48"]),
+        Some(30),
+    );
     nft(&render_full(&v6));
     nft(&render_diff(&v6, &Default::default()).expect("a change"));
     nft(&render_delete());

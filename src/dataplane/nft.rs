@@ -114,6 +114,11 @@ fn element(vip: IpAddr, proto: Protocol, port: u16) -> String {
     format!("{vip} . {} . {port}", proto.as_str())
 }
 
+/// nft's name of the VIP's address family in a match (`ip saddr`, `ip6 saddr`, `dnat ip to`).
+fn family(vip: IpAddr) -> &'static str {
+    if vip.is_ipv4() { "ip" } else { "ip6" }
+}
+
 fn map_of(vip: IpAddr) -> &'static str {
     if vip.is_ipv4() { "vips4" } else { "vips6" }
 }
@@ -129,10 +134,10 @@ fn port_rules(vip: IpAddr, chain: &str, t: &Target) -> Vec<String> {
         None => {}
         Some(s) if s.is_empty() => rules.push("fib saddr type != local drop".to_string()),
         Some(s) => {
-            let family = if vip.is_ipv4() { "ip" } else { "ip6" };
             let list: Vec<String> = s.iter().map(|n| n.trunc().to_string()).collect();
             rules.push(format!(
-                "fib saddr type != local {family} saddr != {{ {} }} drop",
+                "fib saddr type != local {} saddr != {{ {} }} drop",
+                family(vip),
                 list.join(", ")
             ));
         }
@@ -140,13 +145,11 @@ fn port_rules(vip: IpAddr, chain: &str, t: &Target) -> Vec<String> {
     let n = t.endpoints.len();
     // A client seen lately goes back to its endpoint (each endpoint chain records the
     // clients it took in its own set).
-    if let Some(secs) = t.affinity
-        && n > 1
-    {
-        let family = if vip.is_ipv4() { "ip" } else { "ip6" };
+    if let Some(secs) = affinity_sets(t) {
         for i in 0..n {
             rules.push(format!(
-                "{family} saddr @{} goto {chain}_{i}",
+                "{} saddr @{} goto {chain}_{i}",
+                family(vip),
                 affinity_set(chain, i, secs)
             ));
         }
@@ -185,7 +188,7 @@ fn affinity_set_body(vip: IpAddr, secs: u32) -> String {
 /// of its own: when the set is full the update fails and ends only that rule), mark remote
 /// endpoints for masquerade, then DNAT.
 fn endpoint_rules(vip: IpAddr, proto: Protocol, ep: &Endpoint, aff: Option<String>) -> Vec<String> {
-    let family = if vip.is_ipv4() { "ip" } else { "ip6" };
+    let family = family(vip);
     let mut rules: Vec<String> = aff
         .map(|set| format!("update @{set} {{ {family} saddr }}"))
         .into_iter()
@@ -600,17 +603,22 @@ add element inet l2speaker vips4 { 192.0.2.202 . tcp . 443 : goto vip_192_0_2_20
         assert!(!r.contains("elements"));
     }
 
-    fn with_sources(vip: &str, sources: Option<&[&str]>) -> Dnat {
+    /// TCP port 80 of `vip` over local endpoints `eps`.
+    fn vip80(vip: &str, eps: &[&str], sources: Option<&[&str]>, affinity: Option<u32>) -> Dnat {
         Dnat {
             vip: ip(vip),
             ports: vec![PortMap {
                 protocol: Protocol::Tcp,
                 port: 80,
-                endpoints: vec![ep("198.51.100.18", true), ep("2001:db8:100:1::2", true)],
+                endpoints: eps.iter().map(|e| ep(e, true)).collect(),
             }],
             sources: sources.map(|s| s.iter().map(|n| n.parse().unwrap()).collect()),
-            affinity: None,
+            affinity,
         }
+    }
+
+    fn with_sources(vip: &str, sources: Option<&[&str]>) -> Dnat {
+        vip80(vip, &["198.51.100.18", "2001:db8:100:1::2"], sources, None)
     }
 
     #[test]
@@ -640,16 +648,7 @@ add element inet l2speaker vips4 { 192.0.2.202 . tcp . 443 : goto vip_192_0_2_20
     }
 
     fn with_affinity(eps: &[&str], secs: Option<u32>) -> Dnat {
-        Dnat {
-            vip: ip("192.0.2.200"),
-            ports: vec![PortMap {
-                protocol: Protocol::Tcp,
-                port: 80,
-                endpoints: eps.iter().map(|e| ep(e, true)).collect(),
-            }],
-            sources: None,
-            affinity: secs,
-        }
+        vip80("192.0.2.200", eps, None, secs)
     }
 
     #[test]
