@@ -2,6 +2,7 @@
 # The demo: builds l2speaker, brings up a three-node lab of network namespaces with the test
 # API server, gives a LoadBalancer Service a floating IP, shows it working, runs a failover
 # drill and prints the outage the client saw, then removes everything. Needs root.
+# With --node-ips: no pool; the Service is published on the nodes' own addresses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
@@ -10,4 +11,4 @@ if [ "$(id -u)" != 0 ]; then
 fi
 ./scripts/setup.sh >/dev/null
 cargo build --workspace --locked --quiet
-exec ./target/debug/l2s-demo
+exec ./target/debug/l2s-demo "$@"

@@ -2,7 +2,7 @@
 //! the same state machine as a VIP's Lease) assigns pool IPs to Services and writes their
 //! status; the assignment itself is the pure [`crate::allocator::allocate`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +18,13 @@ use tracing::{info, warn};
 
 use crate::allocator;
 use crate::context::Shared;
+use crate::node_ips;
 use crate::node_lease;
 use crate::ownership::machine::{Stop, View};
 use crate::ownership::shell::{self, Feed, Target};
+use crate::plan;
 use crate::pool::{IPPool, IPPoolSpec, IPPoolStatus, PoolCondition, Pools};
+use crate::service::{CONDITION_POOL_WITHDRAWN, NodeIps};
 
 /// The allocator's own Lease: one speaker assigns IPs at a time.
 pub const ALLOCATOR_LEASE: &str = "l2speaker-allocator";
@@ -75,8 +78,15 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     // What the last assignment pass saw: another one runs when the cluster changed, when
     // this speaker just became the allocator, or every ALLOCATE_EVERY (retries, and Leases
     // that became garbage by age).
-    let mut last: Option<(u64, Instant)> = None;
+    let mut last: Option<(u64, BTreeSet<String>, Instant)> = None;
     let mut was_holding = false;
+    let mut lan = shared.lan_state.subscribe();
+    // Lease mode has no keeper to say when a node dies: the live nodes are read this often.
+    let live_every = if shared.config.liveness == crate::config::Liveness::Lan {
+        shared.config.renew_interval
+    } else {
+        shared.config.heartbeat_interval
+    };
     loop {
         let f = feed(&mut seen);
         feed_tx.send_if_modified(|old| {
@@ -90,17 +100,25 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             .borrow_and_update()
             .is_some_and(|t| Instant::now() < t);
         let counter = *changed.borrow_and_update();
-        let due =
-            !was_holding || last.is_none_or(|(c, t)| c != counter || t.elapsed() >= ALLOCATE_EVERY);
+        lan.borrow_and_update();
+        // Node-IP Services list the nodes whose speakers are alive: a change is a pass.
+        let live = shared.live_nodes();
+        let due = !was_holding
+            || last.as_ref().is_none_or(|(c, l, t)| {
+                *c != counter || *l != live || t.elapsed() >= ALLOCATE_EVERY
+            });
         was_holding = holding;
         if holding && due {
-            last = Some((counter, Instant::now()));
-            allocate_once(&shared, &mut reported, &holds).await;
+            // A speaker that just started has not heard its peers yet.
+            let settled = since.elapsed() >= shared.config.heartbeat_dead_after * 2;
+            last = Some((counter, live.clone(), Instant::now()));
+            allocate_once(&shared, &mut reported, &holds, &live, settled).await;
         }
         tokio::select! {
             _ = changed.changed() => {}
             _ = holds.changed() => {}
-            _ = tokio::time::sleep(shared.config.renew_interval) => {}
+            _ = lan.changed() => {}
+            _ = tokio::time::sleep(live_every) => {}
             _ = stop.changed() => break,
         }
     }
@@ -109,11 +127,14 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 }
 
 /// Writes the assignment to Service status, reports refusals and invalid pools once each,
-/// and deletes Leases of IPs no Service has any more.
+/// and deletes Leases of IPs no Service has any more. Node-IP Services get the addresses of
+/// the nodes serving them, among `live` (left as they are until `settled`).
 async fn allocate_once(
     shared: &Arc<Shared>,
     reported: &mut HashSet<(String, String)>,
     holds: &watch::Receiver<Option<Instant>>,
+    live: &BTreeSet<String>,
+    settled: bool,
 ) {
     let pool_objs = shared.cluster.pools.state();
     let pools = Pools::from_objects(&pool_objs);
@@ -156,9 +177,11 @@ async fn allocate_once(
     let services = shared.services();
     // Never assigned: the Nodes' addresses, and what each node's speaker refuses locally.
     let mut reserved: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let mut busy: BTreeMap<String, BTreeSet<node_ips::Port>> = BTreeMap::new();
     for l in shared.cluster.leases.state() {
-        if l.name_any().starts_with(node_lease::PREFIX) {
+        if let Some(node) = l.name_any().strip_prefix(node_lease::PREFIX) {
             reserved.extend(node_lease::refused(&l));
+            busy.insert(node.to_string(), node_lease::busy_ports(&l));
         }
     }
     for n in shared.cluster.nodes.state() {
@@ -173,12 +196,52 @@ async fn allocate_once(
         shared.config.load_balancer_class.clone(),
         shared.config.claim_unclassed,
     );
-    let alloc = allocator::allocate(
+    let no_pools = pool_objs.is_empty();
+    let node_mode: BTreeMap<&str, Result<NodeIps, String>> = services
+        .iter()
+        .filter_map(|s| Some((s.key.as_str(), shared.node_ip_mode(s, no_pools)?)))
+        .collect();
+    let mut alloc = allocator::allocate(
         &services,
-        |s| s.is_ours(&class, unclassed),
+        |s| s.is_ours(&class, unclassed) && !node_mode.contains_key(s.key.as_str()),
         &pools,
         &reserved,
     );
+    let nodes = shared.cluster.nodes.state();
+    let candidates: Vec<node_ips::Candidate> = nodes
+        .iter()
+        .map(|n| {
+            let name = n.name_any();
+            let b = busy.remove(&name).unwrap_or_default();
+            node_ips::Candidate::from_node(n, live.contains(&name), b)
+        })
+        .collect();
+    let slices = shared.cluster.slices.state();
+    let by_service = plan::slices_by_service(&slices);
+    let mut requests = Vec::new();
+    for s in &services {
+        match node_mode.get(s.key.as_str()) {
+            Some(Ok(mode)) => requests.push(node_ips::Request {
+                svc: s,
+                mode: *mode,
+                ready: plan::ready_nodes(&plan::slices_of(s, &by_service)),
+            }),
+            Some(Err(why)) => {
+                alloc.refusals.push(allocator::Refusal {
+                    service: s.key.clone(),
+                    reason: "InvalidNodeIPs",
+                    message: why.clone(),
+                });
+                alloc.desired.insert(s.key.clone(), Vec::new());
+            }
+            None => {}
+        }
+    }
+    if settled {
+        let on_nodes = node_ips::assign(&requests, &candidates);
+        alloc.desired.extend(on_nodes.desired);
+        alloc.refusals.extend(on_nodes.refusals);
+    }
     for r in &alloc.refusals {
         if reported.insert((r.service.clone(), r.message.clone())) {
             warn!(service = %r.service, reason = r.reason, message = %r.message, "refused");
@@ -197,20 +260,30 @@ async fn allocate_once(
         let Some(want) = alloc.desired.get(&s.key) else {
             continue;
         };
+        let on_nodes = node_mode.contains_key(s.key.as_str());
         let mut have = s.assigned.clone();
         have.sort_by_key(|ip| (!ip.is_ipv4(), *ip));
-        if *want == have {
+        // A pool address withdrawn while no pool exists is remembered (see node_ips::mode).
+        let mark = no_pools && want.is_empty() && !on_nodes && s.vip_ingress;
+        let unmark = s.pool_withdrawn && !want.is_empty();
+        let ip_mode = if on_nodes { "Proxy" } else { "VIP" };
+        // Node-IP ingress written before as VIP (or the reverse) is rewritten.
+        let modes_right = want.is_empty() || s.vip_ingress != on_nodes;
+        if *want == have && modes_right && !mark && !unmark {
             continue;
         }
         let ingress: Vec<serde_json::Value> = want
             .iter()
-            .map(|ip| json!({"ip": ip.to_string(), "ipMode": "VIP"}))
+            .map(|ip| json!({"ip": ip.to_string(), "ipMode": ip_mode}))
             .collect();
-        let patch = if ingress.is_empty() {
+        let mut patch = if ingress.is_empty() {
             json!({"status": {"loadBalancer": {"ingress": null}}})
         } else {
             json!({"status": {"loadBalancer": {"ingress": ingress}}})
         };
+        if mark || unmark {
+            patch["status"]["conditions"] = conditions(shared, s, mark);
+        }
         // Only while we hold the allocator's Lease, and no later than its fence time.
         let Some(until) = *holds.borrow() else {
             return;
@@ -253,6 +326,37 @@ async fn allocate_once(
         }
     }
     crate::lease_gc::collect(shared, &services, &pools, holds).await;
+}
+
+/// The Service's conditions with [`CONDITION_POOL_WITHDRAWN`] set (`mark`) or removed;
+/// others' conditions are kept.
+fn conditions(shared: &Shared, s: &crate::service::ServiceInfo, mark: bool) -> serde_json::Value {
+    let mut list: Vec<serde_json::Value> = shared
+        .cluster
+        .services
+        .state()
+        .iter()
+        .find(|x| x.namespace().as_deref() == Some(s.namespace.as_str()) && x.name_any() == s.name)
+        .and_then(|x| x.status.as_ref()?.conditions.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.type_ != CONDITION_POOL_WITHDRAWN)
+        .filter_map(|c| serde_json::to_value(c).ok())
+        .collect();
+    if mark {
+        list.push(json!({
+            "type": CONDITION_POOL_WITHDRAWN,
+            "status": "True",
+            "reason": "NoIPPool",
+            "message": "its pool address was withdrawn when no IPPool was left; it is not moved to node addresses (create an IPPool, or annotate it l2speaker.io/node-ips)",
+            "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+        }));
+    }
+    if list.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::Value::Array(list)
+    }
 }
 
 /// Each pool's status: the addresses and interface in effect, and the `Valid` condition,

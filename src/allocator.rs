@@ -13,8 +13,9 @@ use crate::service::ServiceInfo;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub service: String,
-    /// An Event reason: `IPNotInPool`, `IPInUse`, `IPIsNodeAddress`, `InvalidIP`,
-    /// `PoolExhausted`, `NoPool`, `UnknownPool`, `IPLeftPool`.
+    /// An Event reason: `IPNotInPool`, `IPInUse`, `IPSharingRefused`, `IPIsNodeAddress`,
+    /// `InvalidIP`, `PoolExhausted`, `NoPool`, `UnknownPool`, `IPLeftPool`; in node-IP mode
+    /// `PortInUse`, `PortConflict`, `NoNode`, `InvalidNodeIPs`.
     pub reason: &'static str,
     pub message: String,
 }
@@ -100,7 +101,8 @@ pub fn allocate(
         }
     }
     claims.sort();
-    let mut owner: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    // Each IP's Services: one, or several that share it (same key, disjoint ports).
+    let mut owner: BTreeMap<IpAddr, Vec<usize>> = BTreeMap::new();
     let mut failed: BTreeSet<usize> = BTreeSet::new();
     for (_, i, ip) in &claims {
         let s = handled[*i];
@@ -121,18 +123,32 @@ pub fn allocate(
                 format!("{ip} is {why}; it will not be assigned"),
             );
             failed.insert(*i);
-        } else if let Some(&other) = owner.get(ip) {
-            if other != *i {
-                refuse(
-                    &mut out,
-                    s,
-                    "IPInUse",
-                    format!("{ip} is already assigned to {}", handled[other].key),
-                );
-                failed.insert(*i);
+        } else if let Some(others) = owner.get_mut(ip) {
+            if others.contains(i) {
+                continue;
+            }
+            match others
+                .iter()
+                .find_map(|o| s.may_share_with(handled[*o]).err())
+            {
+                None => others.push(*i),
+                Some(why) => {
+                    let reason = if s.sharing.is_some() {
+                        "IPSharingRefused"
+                    } else {
+                        "IPInUse"
+                    };
+                    refuse(
+                        &mut out,
+                        s,
+                        reason,
+                        format!("{ip} is not shared with this Service: {why}"),
+                    );
+                    failed.insert(*i);
+                }
             }
         } else {
-            owner.insert(*ip, *i);
+            owner.insert(*ip, vec![*i]);
         }
     }
     for (i, s) in handled.iter().enumerate() {
@@ -166,10 +182,15 @@ pub fn allocate(
         }
     }
     // A Service whose wanted IPs cannot all be had gets none of them: never half.
-    owner.retain(|_, i| !failed.contains(i));
+    for v in owner.values_mut() {
+        v.retain(|i| !failed.contains(i));
+    }
+    owner.retain(|_, v| !v.is_empty());
     let mut has: BTreeMap<usize, Vec<IpAddr>> = BTreeMap::new();
-    for (ip, i) in &owner {
-        has.entry(*i).or_default().push(*ip);
+    for (ip, v) in &owner {
+        for i in v {
+            has.entry(*i).or_default().push(*ip);
+        }
     }
 
     // Fresh addresses for the families still missing.
@@ -200,6 +221,31 @@ pub fn allocate(
                 let offered = candidates()
                     .flat_map(|p| p.ranges.iter())
                     .any(|r| r.first.is_ipv4() == v4);
+                // A sharing key: the IP of the Services with the same key, if this one may
+                // join them; if it may not, no IP (a Warning says why).
+                if s.sharing.is_some() {
+                    let group = owner.iter_mut().find(|(ip, v)| {
+                        ip.is_ipv4() == v4
+                            && v.iter().any(|o| handled[*o].sharing == s.sharing)
+                            && candidates()
+                                .any(|p| pools.pool_of(**ip).is_some_and(|x| x.name == p.name))
+                    });
+                    if let Some((ip, v)) = group {
+                        match v.iter().find_map(|o| s.may_share_with(handled[*o]).err()) {
+                            None => {
+                                v.push(i);
+                                ips.push(*ip);
+                            }
+                            Some(why) => refuse(
+                                &mut out,
+                                s,
+                                "IPSharingRefused",
+                                format!("{ip} is not shared with this Service: {why}"),
+                            ),
+                        }
+                        continue;
+                    }
+                }
                 // Within one pass addresses are only taken, never freed, so each range is
                 // scanned from where the last search in it stopped: linear, not quadratic.
                 let mut free = None;
@@ -224,7 +270,7 @@ pub fn allocate(
                 }
                 match free {
                     Some(ip) => {
-                        owner.insert(ip, i);
+                        owner.insert(ip, vec![i]);
                         ips.push(ip);
                     }
                     None if s.pool.as_ref().is_none_or(|p| pools.get(p).is_some()) => {
@@ -477,5 +523,71 @@ mod tests {
         s.assigned = vec![ip("192.0.2.200")];
         let a = allocate(&[s], |s| s.load_balancer, &p, &BTreeMap::new());
         assert_eq!(a.desired["default/was"], Vec::<IpAddr>::new());
+    }
+
+    #[test]
+    fn services_with_one_sharing_key_and_disjoint_ports_share_one_ip() {
+        use crate::service::{Protocol, ServicePort};
+        let p = pools(&[("lan", &["192.0.2.200-192.0.2.203"], true)]);
+        let port = |protocol, port| ServicePort {
+            name: String::new(),
+            protocol,
+            port,
+        };
+        let dns = |name: &str, created: &str, protocol| ServiceInfo {
+            sharing: Some("dns".into()),
+            ports: vec![port(protocol, 53)],
+            ..svc(name, created)
+        };
+        let tcp = dns("tcp", "1", Protocol::Tcp);
+        let udp = dns("udp", "2", Protocol::Udp);
+        let clash = dns("clash", "3", Protocol::Tcp);
+        let mut local = dns("local", "4", Protocol::Sctp);
+        local.local_traffic = true;
+        let plain = svc("plain", "5");
+        let a = run(&[tcp.clone(), udp.clone(), clash, local, plain], &p, &[]);
+        assert_eq!(a.desired["default/tcp"], vec![ip("192.0.2.200")]);
+        assert_eq!(a.desired["default/udp"], vec![ip("192.0.2.200")], "shared");
+        assert_eq!(a.desired["default/plain"], vec![ip("192.0.2.201")]);
+        for refused in ["clash", "local"] {
+            assert!(a.desired[&format!("default/{refused}")].is_empty());
+        }
+        let said: Vec<(&str, &str, &str)> = a
+            .refusals
+            .iter()
+            .map(|r| (r.service.as_str(), r.reason, r.message.as_str()))
+            .collect();
+        assert!(said.contains(&(
+            "default/clash",
+            "IPSharingRefused",
+            "192.0.2.200 is not shared with this Service: default/tcp uses tcp/53 too"
+        )));
+        assert!(said.contains(&(
+            "default/local",
+            "IPSharingRefused",
+            "192.0.2.200 is not shared with this Service: default/tcp has another externalTrafficPolicy"
+        )));
+        // The older one deleted: the other keeps the IP.
+        let mut alone = udp.clone();
+        alone.assigned = vec![ip("192.0.2.200")];
+        let a = run(&[alone, svc("new", "9")], &p, &[]);
+        assert_eq!(a.desired["default/udp"], vec![ip("192.0.2.200")]);
+        assert_eq!(a.desired["default/new"], vec![ip("192.0.2.201")]);
+        // Asking for the shared IP by address works too; without the key it is in use.
+        let mut asks = dns("asks", "6", Protocol::Udp);
+        asks.ports = vec![port(Protocol::Tcp, 853)];
+        asks.requested = vec![ip("192.0.2.200")];
+        let mut held = tcp.clone();
+        held.assigned = vec![ip("192.0.2.200")];
+        let mut stranger = svc("stranger", "7");
+        stranger.requested = vec![ip("192.0.2.200")];
+        let a = run(&[held, asks, stranger], &p, &[]);
+        assert_eq!(a.desired["default/asks"], vec![ip("192.0.2.200")]);
+        assert!(a.desired["default/stranger"].is_empty());
+        assert!(
+            a.refusals
+                .iter()
+                .any(|r| r.service == "default/stranger" && r.reason == "IPInUse")
+        );
     }
 }

@@ -131,8 +131,30 @@ pub struct Config {
     /// A peer not heard for this long (ms) is no longer alive (at least two intervals).
     #[arg(long, env = "L2SPEAKER_HEARTBEAT_DEAD_AFTER", default_value = "400", value_parser = parse_millis)]
     pub heartbeat_dead_after: Duration,
+    /// Node-IP mode for Services that do not choose (it applies while no IPPool exists at
+    /// all): publish the addresses of `all` eligible nodes, of `one` (with failover), or
+    /// `off` (only Services annotated `l2speaker.io/node-ips` are published on nodes).
+    #[arg(long, env = "L2SPEAKER_NODE_IPS", value_enum, default_value_t = NodeIpsDefault::All)]
+    pub node_ips: NodeIpsDefault,
     #[arg(long, env = "L2SPEAKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NodeIpsDefault {
+    All,
+    One,
+    Off,
+}
+
+impl NodeIpsDefault {
+    pub fn mode(self) -> Option<crate::service::NodeIps> {
+        match self {
+            NodeIpsDefault::All => Some(crate::service::NodeIps::All),
+            NodeIpsDefault::One => Some(crate::service::NodeIps::One),
+            NodeIpsDefault::Off => None,
+        }
+    }
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {

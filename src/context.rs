@@ -60,6 +60,8 @@ pub struct Shared {
     pub(crate) dnat_done: watch::Sender<u64>,
     /// What the claims watcher needs to know and what it has seen.
     pub(crate) lan: Mutex<LanView>,
+    /// Ports of node-IP Services something on this node listens on: never DNATed here.
+    pub(crate) busy_ports: Mutex<std::collections::BTreeSet<crate::node_ips::Port>>,
 }
 
 impl Shared {
@@ -156,6 +158,56 @@ impl Shared {
         self.dnat_wake.send_modify(|n| *n += 1);
     }
 
+    /// Whether a Service of ours is in node-IP mode (see [`crate::node_ips::mode`]).
+    pub fn node_ip_mode(
+        &self,
+        svc: &ServiceInfo,
+        no_pools: bool,
+    ) -> Option<Result<crate::service::NodeIps, String>> {
+        if !svc.is_ours(
+            &self.config.load_balancer_class,
+            self.config.claim_unclassed,
+        ) {
+            return None;
+        }
+        crate::node_ips::mode(svc, no_pools, self.config.node_ips.mode())
+    }
+
+    /// Whether no IPPool exists at all (node-IP mode for Services that do not choose).
+    pub fn no_pools(&self) -> bool {
+        self.cluster.pools.state().is_empty()
+    }
+
+    /// The nodes whose speakers are alive as far as this one can tell: itself, and in LAN
+    /// mode every member a majority has not declared dead (and every node heard now); in
+    /// lease mode, the nodes heard on the LAN now.
+    pub fn live_nodes(&self) -> std::collections::BTreeSet<String> {
+        let mut live = std::collections::BTreeSet::from([self.config.node_name.clone()]);
+        if self.config.liveness == crate::config::Liveness::Lan {
+            let lan = self.lan_state.borrow();
+            live.extend(
+                lan.nodes
+                    .iter()
+                    .filter(|(_, n)| n.dead_since.is_none())
+                    .map(|(name, _)| name.clone()),
+            );
+            live.extend(lan.alive.iter().cloned());
+        } else {
+            let peers = self
+                .liveness
+                .peers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            live.extend(
+                peers
+                    .alive(std::time::Instant::now())
+                    .into_iter()
+                    .map(str::to_string),
+            );
+        }
+        live
+    }
+
     pub fn services(&self) -> Vec<ServiceInfo> {
         self.cluster
             .services
@@ -165,7 +217,8 @@ impl Shared {
             .collect()
     }
 
-    /// Programs DNAT for the VIPs owned now, from the current Services and EndpointSlices.
+    /// Programs DNAT for the VIPs owned now and for this node's addresses in node-IP mode,
+    /// from the current Services and EndpointSlices.
     pub async fn sync_dnat(&self) {
         let owned: BTreeMap<IpAddr, String> = self
             .owned
@@ -186,19 +239,69 @@ impl Shared {
             .filter(|(_, n)| n.dead_since.is_some())
             .map(|(name, _)| name.clone())
             .collect();
-        let entries: Vec<Dnat> = owned
+        // Each owned VIP's Services: all that share it now (the one its holder took it for
+        // may have gone since, leaving the IP to the others).
+        let pools = crate::pool::Pools::from_objects(&self.cluster.pools.state());
+        let ours: Vec<ServiceInfo> = services
             .iter()
-            .filter_map(|(ip, key)| {
-                let svc = services.iter().find(|s| &s.key == key)?;
+            .filter(|s| {
+                s.is_ours(
+                    &self.config.load_balancer_class,
+                    self.config.claim_unclassed,
+                )
+            })
+            .cloned()
+            .collect();
+        let vips = plan::vips(&ours, &pools);
+        let mut entries: Vec<Dnat> = Vec::new();
+        for (ip, key) in &owned {
+            let sharing: Vec<&ServiceInfo> = match vips.get(ip) {
+                Some((on, _)) => on.clone(),
+                None => services.iter().filter(|s| &s.key == key).collect(),
+            };
+            for svc in sharing {
                 let mine = plan::slices_of(svc, &by_service);
-                Some(Dnat {
+                entries.push(Dnat {
                     vip: *ip,
                     ports: plan::port_maps(*ip, svc, &mine, &self.config.node_name, &gone),
                     sources: svc.source_ranges.clone(),
                     affinity: svc.affinity,
-                })
-            })
-            .collect();
+                });
+            }
+        }
+        // Node-IP mode: this node's own addresses where a Service's status lists them,
+        // except on ports something here listens on.
+        let no_pools = self.no_pools();
+        let me = &self.config.node_name;
+        let my_addresses: Vec<IpAddr> = self
+            .cluster
+            .nodes
+            .state()
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(me.as_str()))
+            .map(|n| crate::node_ips::node_addresses(n))
+            .unwrap_or_default();
+        let busy = self
+            .busy_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for svc in &services {
+            if !matches!(self.node_ip_mode(svc, no_pools), Some(Ok(_))) {
+                continue;
+            }
+            let mine = plan::slices_of(svc, &by_service);
+            for ip in svc.assigned.iter().filter(|ip| my_addresses.contains(ip)) {
+                let mut ports = plan::port_maps(*ip, svc, &mine, me, &gone);
+                ports.retain(|p| !busy.contains(&(p.protocol, p.port)));
+                entries.push(Dnat {
+                    vip: *ip,
+                    ports,
+                    sources: svc.source_ranges.clone(),
+                    affinity: svc.affinity,
+                });
+            }
+        }
         if let Err(e) = self.dataplane.program(&entries).await {
             self.metrics.dataplane_error(&e);
             error!(error = %e, "could not program DNAT");

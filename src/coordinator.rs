@@ -14,12 +14,13 @@ use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::context::Shared;
 use crate::dataplane::addr::{AddrOps, Interface};
 use crate::dataplane::packet::format_mac;
 use crate::lease;
+use crate::node_ips;
 use crate::node_lease;
 use crate::ownership::machine::{Observed, Stop, View};
 use crate::ownership::shell::{self, Feed, Target};
@@ -35,6 +36,8 @@ pub const INTERFACE_REFRESH: Duration = Duration::from_millis(250);
 /// mode rewrites an address, and is one), and at least this often (announcements the kernel
 /// dropped on overflow).
 pub const INTERFACE_BACKSTOP: Duration = Duration::from_secs(5);
+/// How often the listening sockets are read while node-IP Services exist.
+pub const PORTS_EVERY: Duration = Duration::from_secs(2);
 /// How much later each next-ranked candidate tries to take a Lease that was released or
 /// expired (a takeover: the first-ranked candidate is normally alive and goes at once).
 pub const RANK_STEP: Duration = Duration::from_millis(300);
@@ -96,6 +99,9 @@ struct Task {
     handle: JoinHandle<()>,
 }
 
+/// What this node's Lease publishes: refused addresses, MACs, busy ports.
+type Published = (BTreeMap<IpAddr, String>, Vec<String>, Vec<String>);
+
 pub struct Coordinator {
     shared: Arc<Shared>,
     tasks: HashMap<IpAddr, Task>,
@@ -105,8 +111,10 @@ pub struct Coordinator {
     gateways: Vec<IpAddr>,
     interfaces_read: Option<Instant>,
     /// What this node's Lease publishes now (None: not yet, or the last write failed).
-    published: Option<(BTreeMap<IpAddr, String>, Vec<String>)>,
+    published: Option<Published>,
     publishing: Option<JoinHandle<bool>>,
+    /// When this node's listening sockets were last read (node-IP Services' ports).
+    ports_read: Option<Instant>,
     /// (Service, IP) pairs already told that this node refuses the IP.
     reported: HashSet<(String, IpAddr)>,
     /// What the last full pass was computed from: a pass with the same inputs would feed
@@ -144,6 +152,7 @@ impl Coordinator {
             interfaces_read: None,
             published: None,
             publishing: None,
+            ports_read: None,
             reported: HashSet::new(),
             last_inputs: None,
             kernel_changes: None,
@@ -226,7 +235,8 @@ impl Coordinator {
             .filter(|m| *m != [0; 6])
             .map(|m| format_mac(&m))
             .collect();
-        self.publish(&published, &my_macs);
+        let busy = self.busy_ports(now);
+        self.publish(&published, &my_macs, &busy);
         let inputs = PassInputs {
             cluster: *s.cluster.changed.borrow(),
             lan: s.lan_state.borrow().clone(),
@@ -241,12 +251,17 @@ impl Coordinator {
             return;
         }
         self.last_inputs = Some(inputs);
-        self.update_lan_view(&pools, &my_macs);
-        let services: Vec<ServiceInfo> = s
+        let no_pools = s.no_pools();
+        let (on_nodes, services): (Vec<ServiceInfo>, Vec<ServiceInfo>) = s
             .services()
             .into_iter()
             .filter(|x| x.is_ours(&s.config.load_balancer_class, s.config.claim_unclassed))
-            .collect();
+            .partition(|x| s.node_ip_mode(x, no_pools).is_some());
+        // Heartbeats go out on the nodes' own subnets as soon as node-IP mode may be used,
+        // so the allocator has heard every speaker by the time a Service needs them.
+        let node_ips_possible =
+            !on_nodes.is_empty() || (no_pools && s.config.node_ips.mode().is_some());
+        self.update_lan_view(&pools, &my_macs, node_ips_possible);
         let vips = plan::vips(&services, &pools);
         let slices = s.cluster.slices.state();
         let by_service = plan::slices_by_service(&slices);
@@ -278,9 +293,21 @@ impl Coordinator {
         let fair_share = vips.len().div_ceil(nodes.len().max(1));
         let lan = s.lan_state.borrow().clone();
         let lan_mode = s.config.liveness == crate::config::Liveness::Lan;
-        for (ip, (svc, pool)) in vips.iter() {
+        for (ip, (sharing, pool)) in vips.iter() {
+            // The oldest Service names the VIP; a node may announce it only if it may for
+            // every Service sharing it.
+            let svc = sharing[0];
             let index = pool.offset(*ip).unwrap_or(0);
-            let svc_slices = plan::slices_of(svc, &by_service);
+            let each_slices: Vec<_> = sharing
+                .iter()
+                .map(|x| plan::slices_of(x, &by_service))
+                .collect();
+            let may_announce = |node: &str, labels: &BTreeMap<String, String>| {
+                sharing
+                    .iter()
+                    .zip(&each_slices)
+                    .try_for_each(|(x, sl)| plan::node_may_announce(node, labels, pool, x, sl))
+            };
             let refused = refusals.get(ip).map(|why| format!("{ip} is {why}"));
             if let Some(why) = &refused
                 && self.reported.insert((svc.key.clone(), *ip))
@@ -321,16 +348,13 @@ impl Coordinator {
                     );
                 }
             }
-            let eligible = plan::node_may_announce(&me, &my_labels, pool, svc, &svc_slices)
+            let eligible = may_announce(&me, &my_labels)
                 .and_then(|()| refused.map_or(Ok(()), Err))
                 .and_then(|()| foreign.map_or(Ok(()), Err))
                 .and_then(|()| plan::interface_for(*ip, pool, &self.interfaces));
             let mut candidates: BTreeSet<String> = nodes
                 .iter()
-                .filter(|n| {
-                    plan::node_may_announce(&n.name_any(), n.labels(), pool, svc, &svc_slices)
-                        .is_ok()
-                })
+                .filter(|n| may_announce(&n.name_any(), n.labels()).is_ok())
                 .map(|n| n.name_any())
                 .collect();
             if lan_mode {
@@ -422,7 +446,10 @@ impl Coordinator {
     /// Tells the claims watcher where to listen (interfaces on a pool's subnet), which
     /// addresses matter (the pools) and which MACs are speakers' (every node's, as their
     /// Leases publish them, and ours).
-    fn update_lan_view(&self, pools: &Pools, my_macs: &[String]) {
+    /// What the claims watcher and the heartbeats need: the pool ranges, the speakers' MACs,
+    /// and the interfaces to watch and send on — those on a pool's subnet, and with node-IP
+    /// Services (`node_ips`) those holding this node's own addresses.
+    fn update_lan_view(&self, pools: &Pools, my_macs: &[String], node_ips: bool) {
         let s = &self.shared;
         let mut macs: std::collections::HashSet<crate::dataplane::packet::Mac> = Default::default();
         let leases = s.cluster.leases.state();
@@ -449,10 +476,26 @@ impl Coordinator {
             .iter()
             .flat_map(|p| p.ranges.iter().copied())
             .collect();
+        let me = s.config.node_name.clone();
+        let node_addresses: Vec<IpAddr> = if node_ips {
+            s.cluster
+                .nodes
+                .state()
+                .iter()
+                .find(|n| n.name_any() == me)
+                .map(|n| node_ips::node_addresses(n))
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let watch: Vec<Interface> = self
             .interfaces
             .iter()
-            .filter(|i| i.up && i.mac.is_some() && ranges.iter().any(|r| i.holds(r.first)))
+            .filter(|i| {
+                i.up && i.mac.is_some()
+                    && (ranges.iter().any(|r| i.holds(r.first))
+                        || node_addresses.iter().any(|a| i.holds(*a)))
+            })
             .cloned()
             .collect();
         let mut lan = s.lan.lock().unwrap_or_else(|e| e.into_inner());
@@ -465,7 +508,70 @@ impl Coordinator {
 
     /// Writes this node's refused addresses to its Lease when they changed (in the
     /// background, with a deadline; retried on the next pass after a failure).
-    fn publish(&mut self, refused: &BTreeMap<IpAddr, String>, macs: &[String]) {
+    /// The ports of node-IP Services something on this node listens on (read at most every
+    /// [`PORTS_EVERY`], and only while such Services exist), kept for the DNAT and returned
+    /// for the node's Lease.
+    fn busy_ports(&mut self, now: Instant) -> Vec<String> {
+        let s = self.shared.clone();
+        let current = || {
+            s.busy_ports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        };
+        if self.ports_read.is_some_and(|t| now - t < PORTS_EVERY) {
+            return current().iter().map(node_ips::format_port).collect();
+        }
+        self.ports_read = Some(now);
+        let no_pools = s.no_pools();
+        let wanted: BTreeSet<node_ips::Port> = s
+            .services()
+            .iter()
+            .filter(|x| matches!(s.node_ip_mode(x, no_pools), Some(Ok(_))))
+            .flat_map(|x| x.ports.iter().map(|p| (p.protocol, p.port)))
+            .collect();
+        let me = s.config.node_name.clone();
+        let mine: Vec<IpAddr> = s
+            .cluster
+            .nodes
+            .state()
+            .iter()
+            .find(|n| n.name_any() == me)
+            .map(|n| {
+                n.status
+                    .iter()
+                    .flat_map(|st| st.addresses.iter().flatten())
+                    .filter_map(|a| a.address.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let busy = if wanted.is_empty() {
+            BTreeSet::new()
+        } else {
+            match crate::dataplane::listening::sockets() {
+                Ok(l) => node_ips::busy_ports(&l, &mine, &wanted),
+                Err(e) => {
+                    warn!(error = %e, "could not read this node's listening sockets");
+                    current()
+                }
+            }
+        };
+        let old = std::mem::replace(
+            &mut *s.busy_ports.lock().unwrap_or_else(|e| e.into_inner()),
+            busy.clone(),
+        );
+        if old != busy {
+            let ports: Vec<String> = busy.iter().map(node_ips::format_port).collect();
+            info!(
+                ?ports,
+                "ports of node-IP Services in use on this node: not served here"
+            );
+            s.dnat_wake.send_modify(|n| *n += 1);
+        }
+        busy.iter().map(node_ips::format_port).collect()
+    }
+
+    fn publish(&mut self, refused: &BTreeMap<IpAddr, String>, macs: &[String], busy: &[String]) {
         if let Some(h) = &self.publishing {
             if !h.is_finished() {
                 return;
@@ -476,7 +582,7 @@ impl Coordinator {
                 self.published = None;
             }
         }
-        let want = (refused.clone(), macs.to_vec());
+        let want = (refused.clone(), macs.to_vec(), busy.to_vec());
         if self.published.as_ref() == Some(&want) {
             return;
         }
@@ -484,9 +590,10 @@ impl Coordinator {
         let s = self.shared.clone();
         let refused = refused.clone();
         let macs = macs.to_vec();
+        let busy = busy.to_vec();
         self.publishing = Some(tokio::spawn(async move {
             let api: Api<Lease> = Api::namespaced(s.client.clone(), &s.config.namespace);
-            let write = node_lease::publish(&api, &s.config.node_name, &refused, &macs);
+            let write = node_lease::publish(&api, &s.config.node_name, &refused, &macs, &busy);
             match tokio::time::timeout(Duration::from_secs(5), write).await {
                 Ok(Ok(())) => true,
                 Ok(Err(e)) => {

@@ -13,6 +13,7 @@
 //! - [`announce`]: the announcement burst's schedule;
 //! - [`claims`]: other hosts claiming a VIP this node owns (reported, defended);
 //! - [`events`]: Kubernetes Events, posted in the background with a deadline;
+//! - [`node_ips`]: node-IP mode, k3s ServiceLB's way: which nodes publish which Service (pure);
 //! - [`node_lease`]: what a node's speaker publishes about the node (addresses it refuses);
 //! - [`dataplane`]: addresses, announcements and DNAT on this node;
 //! - [`cluster`]: the reflectors;
@@ -37,6 +38,7 @@ pub mod lease_gc;
 pub mod liveness;
 pub mod memory;
 pub mod metrics;
+pub mod node_ips;
 pub mod node_lease;
 pub mod ownership;
 pub mod plan;

@@ -91,9 +91,15 @@ async fn speaker(config: Config) -> ExitCode {
 }
 
 async fn status(client: kube::Client, namespace: &str, output: Output) -> ExitCode {
-    match l2speaker::status::fetch(client, namespace).await {
+    match l2speaker::status::fetch(client.clone(), namespace).await {
         Ok(leases) => {
-            let rows = l2speaker::status::rows(&leases, k8s_openapi::jiff::Timestamp::now());
+            let mut rows = l2speaker::status::rows(&leases, k8s_openapi::jiff::Timestamp::now());
+            match l2speaker::status::fetch_node_ips(client).await {
+                Ok((services, nodes)) => {
+                    rows.extend(l2speaker::status::node_ip_rows(&services, &nodes));
+                }
+                Err(e) => eprintln!("node-IP Services not shown (listing Services and Nodes: {e})"),
+            }
             match output {
                 Output::Text => print!("{}", l2speaker::status::table(&rows)),
                 Output::Json => println!(

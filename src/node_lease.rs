@@ -1,7 +1,7 @@
 //! The per-node Lease `node-<node name>`: what a node's speaker publishes about the node.
-//! Today that is the pool addresses it refuses to bind — addresses on its interfaces that
-//! l2speaker did not add, and its gateways — so the allocator never assigns them. Written only
-//! when that set changes.
+//! The pool addresses it refuses to bind — addresses on its interfaces that l2speaker did not
+//! add, and its gateways — so the allocator never assigns them; its MACs; the ports of
+//! node-IP Services something on the node listens on. Written only when those change.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -17,6 +17,9 @@ pub const ANNOTATION_REFUSED: &str = "l2speaker.io/refused";
 /// JSON list: the MACs of the node's interfaces (whose ARP/NA are a speaker's, not a
 /// foreign host's).
 pub const ANNOTATION_MACS: &str = "l2speaker.io/macs";
+/// JSON list: the ports of node-IP Services something on the node listens on (`tcp/22`):
+/// the node does not serve those Services.
+pub const ANNOTATION_BUSY_PORTS: &str = "l2speaker.io/busy-ports";
 /// The speaker's generation (see `ownership::quorum`): changed only by compare-and-swap.
 pub const ANNOTATION_GENERATION: &str = "l2speaker.io/generation";
 /// The generation a candidate fenced (it then takes the node's VIPs), and who fenced it.
@@ -53,6 +56,20 @@ pub fn macs(lease: &Lease) -> Vec<String> {
         .and_then(|a| a.get(ANNOTATION_MACS))
         .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
         .unwrap_or_default()
+}
+
+/// The busy ports a node Lease publishes.
+pub fn busy_ports(lease: &Lease) -> std::collections::BTreeSet<crate::node_ips::Port> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_BUSY_PORTS))
+        .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| crate::node_ips::parse_port(p))
+        .collect()
 }
 
 fn number(lease: &Lease, key: &str) -> Option<u32> {
@@ -188,10 +205,12 @@ pub async fn publish(
     node: &str,
     refused: &BTreeMap<IpAddr, String>,
     macs: &[String],
+    busy: &[String],
 ) -> Result<(), kube::Error> {
     let name = name(node);
     let value = encode(refused);
     let macs = serde_json::to_string(macs).expect("strings");
+    let busy = serde_json::to_string(busy).expect("strings");
     match api.get_opt(&name).await? {
         None => {
             let lease = Lease {
@@ -202,6 +221,7 @@ pub async fn publish(
                         [
                             (ANNOTATION_REFUSED.to_string(), value),
                             (ANNOTATION_MACS.to_string(), macs),
+                            (ANNOTATION_BUSY_PORTS.to_string(), busy),
                         ]
                         .into(),
                     ),
@@ -216,11 +236,15 @@ pub async fn publish(
         }
         Some(mut l) => {
             let a = l.metadata.annotations.get_or_insert_default();
-            if a.get(ANNOTATION_REFUSED) == Some(&value) && a.get(ANNOTATION_MACS) == Some(&macs) {
+            if a.get(ANNOTATION_REFUSED) == Some(&value)
+                && a.get(ANNOTATION_MACS) == Some(&macs)
+                && a.get(ANNOTATION_BUSY_PORTS) == Some(&busy)
+            {
                 return Ok(());
             }
             a.insert(ANNOTATION_REFUSED.to_string(), value);
             a.insert(ANNOTATION_MACS.to_string(), macs);
+            a.insert(ANNOTATION_BUSY_PORTS.to_string(), busy);
             api.replace(&name, &PostParams::default(), &l)
                 .await
                 .map(drop)

@@ -16,18 +16,23 @@ use crate::service::ServiceInfo;
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 
 /// The VIPs to announce: assigned IPs of our Services that lie in a valid pool (anything
-/// else in a status is ignored, whoever wrote it). One Service per IP: the oldest.
+/// else in a status is ignored, whoever wrote it), each with its Services, oldest first: the
+/// oldest, and those that may share the IP with every one before them (the same sharing
+/// key, disjoint ports).
 pub fn vips<'a>(
     services: &'a [ServiceInfo],
     pools: &'a Pools,
-) -> BTreeMap<IpAddr, (&'a ServiceInfo, &'a Pool)> {
+) -> BTreeMap<IpAddr, (Vec<&'a ServiceInfo>, &'a Pool)> {
     let mut sorted: Vec<&ServiceInfo> = services.iter().collect();
     sorted.sort_by(|a, b| (&a.created, &a.key).cmp(&(&b.created, &b.key)));
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<IpAddr, (Vec<&ServiceInfo>, &Pool)> = BTreeMap::new();
     for s in sorted {
         for ip in &s.assigned {
             if let Some(pool) = pools.pool_of(*ip) {
-                out.entry(*ip).or_insert((s, pool));
+                let (on, _) = out.entry(*ip).or_insert((Vec::new(), pool));
+                if on.iter().all(|o| s.may_share_with(o).is_ok()) {
+                    on.push(s);
+                }
             }
         }
     }

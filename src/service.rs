@@ -14,6 +14,28 @@ pub const ANNOTATION_IPS: &str = "l2speaker.io/load-balancer-ips";
 pub const MAX_WANTED: usize = 16;
 /// Names the pool to take an address from.
 pub const ANNOTATION_POOL: &str = "l2speaker.io/pool";
+/// Services with the same value (a sharing key) and disjoint ports share one pool IP, one
+/// Lease and one owner. MetalLB's annotations are read too, so its users keep theirs.
+pub const ANNOTATION_SHARED_IP: &str = "l2speaker.io/allow-shared-ip";
+const METALLB_SHARED_IP: [&str; 2] = [
+    "metallb.io/allow-shared-ip",
+    "metallb.universe.tf/allow-shared-ip",
+];
+/// Exposes the Service on node addresses (`all` eligible nodes, or `one`) whether or not
+/// IPPools exist.
+pub const ANNOTATION_NODE_IPS: &str = "l2speaker.io/node-ips";
+/// k3s ServiceLB's Service label: only nodes labelled with the same pool serve it.
+pub const LABEL_K3S_LBPOOL: &str = "svccontroller.k3s.cattle.io/lbpool";
+/// The Service condition the allocator sets when it withdrew a pool address while no IPPool
+/// exists: such a Service is not moved to node addresses behind the operator's back.
+pub const CONDITION_POOL_WITHDRAWN: &str = "l2speaker.io/PoolAddressWithdrawn";
+
+/// How a Service in node-IP mode is published: on every eligible node, or on one at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodeIps {
+    All,
+    One,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Protocol {
@@ -73,6 +95,17 @@ pub struct ServiceInfo {
     /// `sessionAffinity: ClientIP`: seconds a client keeps its endpoint (the Service's
     /// `timeoutSeconds`, 10800 by default, at most a day).
     pub affinity: Option<u32>,
+    /// The node-IP annotation: its mode, or the unreadable value.
+    pub node_ips: Option<Result<NodeIps, String>>,
+    /// The IP-sharing key (see [`ANNOTATION_SHARED_IP`]).
+    pub sharing: Option<String>,
+    /// k3s' `lbpool` label.
+    pub lbpool: Option<String>,
+    /// The status holds an address published as a VIP (ipMode `VIP`, or none), not a node's.
+    pub vip_ingress: bool,
+    /// The allocator withdrew a pool address while no pool existed (see
+    /// [`CONDITION_POOL_WITHDRAWN`]).
+    pub pool_withdrawn: bool,
 }
 
 impl ServiceInfo {
@@ -170,9 +203,44 @@ impl ServiceInfo {
                 .and_then(|c| c.timeout_seconds)
                 .map_or(DEFAULT_AFFINITY_SECONDS, |t| t.clamp(1, 86_400) as u32)
         });
+        let node_ips = annotations
+            .get(ANNOTATION_NODE_IPS)
+            .map(|v| match v.trim() {
+                "all" | "true" => Ok(NodeIps::All),
+                "one" => Ok(NodeIps::One),
+                other => Err(format!(
+                    "{ANNOTATION_NODE_IPS}: {:?} is neither \"all\" nor \"one\"",
+                    other.chars().take(64).collect::<String>()
+                )),
+            });
+        let pool_withdrawn = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.type_ == CONDITION_POOL_WITHDRAWN && c.status == "True")
+            });
         let namespace = svc.namespace().unwrap_or_default();
         let name = svc.name_any();
         ServiceInfo {
+            node_ips,
+            lbpool: svc.labels().get(LABEL_K3S_LBPOOL).cloned(),
+            sharing: std::iter::once(ANNOTATION_SHARED_IP)
+                .chain(METALLB_SHARED_IP)
+                .find_map(|k| annotations.get(k))
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty()),
+            vip_ingress: svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .is_some_and(|ing| {
+                    ing.iter()
+                        .any(|i| i.ip.is_some() && i.ip_mode.as_deref() != Some("Proxy"))
+                }),
+            pool_withdrawn,
             key: format!("{namespace}/{name}"),
             uid: svc.uid().unwrap_or_default(),
             created: svc
@@ -194,6 +262,34 @@ impl ServiceInfo {
             namespace,
             name,
         }
+    }
+
+    /// Whether `self` may share an IP with `other`: the same sharing key, the same traffic
+    /// policy, and no port (protocol and number) in common. Err says why not.
+    pub fn may_share_with(&self, other: &ServiceInfo) -> Result<(), String> {
+        match (&self.sharing, &other.sharing) {
+            (Some(a), Some(b)) if a == b => {}
+            (Some(_), Some(_)) => return Err(format!("{} has another sharing key", other.key)),
+            _ => return Err(format!("it is assigned to {}", other.key)),
+        }
+        if self.local_traffic != other.local_traffic {
+            return Err(format!("{} has another externalTrafficPolicy", other.key));
+        }
+        let clash: Vec<String> = self
+            .ports
+            .iter()
+            .filter(|p| {
+                other
+                    .ports
+                    .iter()
+                    .any(|o| o.protocol == p.protocol && o.port == p.port)
+            })
+            .map(|p| format!("{}/{}", p.protocol.as_str(), p.port))
+            .collect();
+        if !clash.is_empty() {
+            return Err(format!("{} uses {} too", other.key, clash.join(", ")));
+        }
+        Ok(())
     }
 
     /// Whether this speaker handles the Service: a LoadBalancer of our class (or of no class
@@ -228,6 +324,11 @@ pub fn fixture(name: &str, created: &str) -> ServiceInfo {
         ports: vec![],
         source_ranges: None,
         affinity: None,
+        node_ips: None,
+        lbpool: None,
+        sharing: None,
+        vip_ingress: false,
+        pool_withdrawn: false,
     }
 }
 

@@ -122,6 +122,7 @@ pub async fn run(
         dnat_wake,
         dnat_done,
         lan: Mutex::new(Default::default()),
+        busy_ports: Mutex::new(Default::default()),
     });
 
     tokio::pin!(shutdown);

@@ -1,7 +1,10 @@
-//! `l2speaker status`: who owns which IP, from the Leases alone (readable with `get`/`list`
-//! on Leases in the speaker's namespace; no cluster-admin needed).
+//! `l2speaker status`: who owns which IP, from the Leases (readable with `get`/`list` on
+//! Leases in the speaker's namespace; no cluster-admin needed), and which nodes serve each
+//! node-IP Service (from the Services and Nodes, when those may be listed).
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use serde::Serialize;
 
@@ -22,6 +25,8 @@ pub struct Row {
     /// Seconds until the Lease expires if not renewed (negative: expired).
     pub expires_in: Option<f64>,
     pub transitions: i32,
+    /// `vip` (a pool address and its Lease) or `node` (a node's own address, node-IP mode).
+    pub mode: &'static str,
 }
 
 /// The rows of the VIP Leases, by IP.
@@ -57,11 +62,56 @@ pub fn rows(leases: &[Lease], now: k8s_openapi::jiff::Timestamp) -> Vec<Row> {
                 interface: get(ANNOTATION_INTERFACE),
                 mac: get(ANNOTATION_MAC),
                 transitions: spec.lease_transitions.unwrap_or(0),
+                mode: "vip",
             }
         })
         .collect();
     rows.sort_by(|a, b| {
         (a.ip.parse::<std::net::IpAddr>().ok(), &a.ip).cmp(&(b.ip.parse().ok(), &b.ip))
+    });
+    rows
+}
+
+/// The rows of node-IP Services (ingress with `ipMode: Proxy`): one per address, the node
+/// whose address it is as the owner.
+pub fn node_ip_rows(services: &[Service], nodes: &[Node]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for svc in services {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.clone())
+            .unwrap_or_default();
+        for i in ingress
+            .iter()
+            .filter(|i| i.ip_mode.as_deref() == Some("Proxy"))
+        {
+            let Some(ip) = i.ip.clone() else { continue };
+            let owner = nodes
+                .iter()
+                .find(|n| {
+                    n.status
+                        .iter()
+                        .flat_map(|s| s.addresses.iter().flatten())
+                        .any(|a| a.address == ip)
+                })
+                .and_then(|n| n.metadata.name.clone());
+            rows.push(Row {
+                ip,
+                service: format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()),
+                owner,
+                interface: "-".into(),
+                mac: "-".into(),
+                since: None,
+                expires_in: None,
+                transitions: 0,
+                mode: "node",
+            });
+        }
+    }
+    rows.sort_by(|a, b| {
+        (&a.service, a.ip.parse::<std::net::IpAddr>().ok()).cmp(&(&b.service, b.ip.parse().ok()))
     });
     rows
 }
@@ -78,6 +128,7 @@ pub fn table(rows: &[Row]) -> String {
             "SINCE",
             "EXPIRES",
             "TRANSITIONS",
+            "MODE",
         ]
         .map(String::from)
         .to_vec(),
@@ -96,6 +147,7 @@ pub fn table(rows: &[Row]) -> String {
                 None => "-".into(),
             },
             r.transitions.to_string(),
+            r.mode.to_string(),
         ]);
     }
     let widths: Vec<usize> = (0..lines[0].len())
@@ -123,6 +175,21 @@ pub async fn fetch(client: kube::Client, namespace: &str) -> Result<Vec<Lease>, 
         .list(&ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}")))
         .await?
         .items)
+}
+
+/// Lists the Services (all namespaces) and the Nodes, for the node-IP rows.
+pub async fn fetch_node_ips(
+    client: kube::Client,
+) -> Result<(Vec<Service>, Vec<Node>), kube::Error> {
+    let services = Api::<Service>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let nodes = Api::<Node>::all(client)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    Ok((services, nodes))
 }
 
 #[cfg(test)]
@@ -156,5 +223,39 @@ mod tests {
             t.contains("node-1") && t.contains("in 2.0s") && t.contains("<none>"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn node_ip_services_are_listed_with_the_nodes_serving_them() {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "status": {"loadBalancer": {"ingress": [
+                {"ip": "192.0.2.12", "ipMode": "Proxy"}, {"ip": "192.0.2.11", "ipMode": "Proxy"}]}}}))
+        .unwrap();
+        let vip: Service = serde_json::from_value(json!({
+            "metadata": {"name": "vip", "namespace": "default"},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.200", "ipMode": "VIP"}]}}}))
+        .unwrap();
+        let node = |name: &str, ip: &str| -> Node {
+            serde_json::from_value(json!({"metadata": {"name": name},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}))
+            .unwrap()
+        };
+        let r = node_ip_rows(
+            &[svc, vip],
+            &[node("node-1", "192.0.2.11"), node("node-2", "192.0.2.12")],
+        );
+        let got: Vec<(&str, &str, Option<&str>)> = r
+            .iter()
+            .map(|r| (r.ip.as_str(), r.service.as_str(), r.owner.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("192.0.2.11", "default/web", Some("node-1")),
+                ("192.0.2.12", "default/web", Some("node-2"))
+            ]
+        );
+        assert!(table(&r).contains("node"));
     }
 }

@@ -164,7 +164,20 @@ impl Testbed {
         tb
     }
 
+    /// The same with no IPPool at all: Services are published on the nodes' addresses.
+    pub async fn without_pool(pods_per_node: Vec<usize>, timing: Timing) -> Testbed {
+        let tb = Self::build(pods_per_node, timing, false).await;
+        for n in tb.node_names() {
+            tb.start_speaker(&n);
+        }
+        tb
+    }
+
     pub async fn without_speakers(pods_per_node: Vec<usize>, timing: Timing) -> Testbed {
+        Self::build(pods_per_node, timing, true).await
+    }
+
+    async fn build(pods_per_node: Vec<usize>, timing: Timing, pool: bool) -> Testbed {
         let config = LabConfig::new(lab_bin(), pods_per_node);
         let lab = tokio::task::spawn_blocking(move || Lab::new(config))
             .await
@@ -196,10 +209,12 @@ impl Testbed {
             .run_with_stdin(&["create", "-f", "-"], Some(&nodes))
             .await
             .ok();
-        kubectl
-            .run_with_stdin(&["apply", "-f", "-"], Some(POOL))
-            .await
-            .ok();
+        if pool {
+            kubectl
+                .run_with_stdin(&["apply", "-f", "-"], Some(POOL))
+                .await
+                .ok();
+        }
         Testbed {
             lab,
             kubectl,

@@ -953,3 +953,84 @@ async fn client_ip_affinity_keeps_a_client_on_one_pod() {
         );
     }
 }
+
+/// IP sharing, DNS-style: a TCP and a UDP Service with one sharing key get one pool IP, one
+/// Lease and one owner, and both answer through it; a third Service with the key but a port
+/// already used is refused with a Warning; deleting one keeps the IP for the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_with_one_sharing_key_share_one_ip_lease_and_owner() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    let shared = |name: &str, protocol: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n  annotations: {{l2speaker.io/allow-shared-ip: dns}}\nspec:\n  type: LoadBalancer\n  ports:\n  - {{name: dns, port: 53, targetPort: 8080, protocol: {protocol}}}\n"
+        )
+    };
+    for (name, protocol) in [("dns-tcp", "TCP"), ("dns-udp", "UDP")] {
+        tb.apply(&endpoints(name, &pods(&tb)).replace(
+            "{name: http, port: 8080, protocol: TCP}",
+            &format!("{{name: dns, port: 8080, protocol: {protocol}}}"),
+        ))
+        .await;
+        tb.apply(&shared(name, protocol)).await;
+    }
+    let ip = tb.wait_ips("default", "dns-tcp", 1).await[0];
+    assert_eq!(tb.wait_ips("default", "dns-udp", 1).await, [ip], "one IP");
+    let owner = tb.wait_owner(ip).await;
+    let vip = SocketAddr::new(ip, 53);
+    eventually(
+        Duration::from_secs(10),
+        "TCP through the shared IP",
+        async || {
+            tb.lab
+                .connect("client", vip)
+                .ok()
+                .filter(|a| a.contains("-p0 "))
+        },
+    )
+    .await;
+    let udp = async |what: &str| {
+        eventually(Duration::from_secs(10), what, async || {
+            tb.lab
+                .udp_exchange("client", vip)
+                .ok()?
+                .filter(|a| a.contains("-p0 "))
+        })
+        .await
+    };
+    udp("UDP through the shared IP").await;
+    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(tb.client.clone(), l2speaker_e2e::testbed::NAMESPACE);
+    let vip_leases = api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|l| {
+            l.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("vip-"))
+        })
+        .count();
+    assert_eq!(vip_leases, 1, "one Lease for the two Services");
+
+    tb.apply(&shared("dns-clash", "TCP")).await;
+    let said = tb.wait_describe_svc("dns-clash", "IPSharingRefused").await;
+    assert!(said.contains("uses tcp/53 too"), "{said}");
+
+    tb.kubectl.run(&["delete", "service", "dns-tcp"]).await.ok();
+    eventually(
+        Duration::from_secs(10),
+        "TCP no longer forwarded",
+        async || (!tb.lab.can_connect("client", vip).ok()?).then_some(()),
+    )
+    .await;
+    udp("UDP still answered after the TCP Service went").await;
+    assert_eq!(
+        tb.wait_ips("default", "dns-udp", 1).await,
+        [ip],
+        "the IP stays"
+    );
+    assert_eq!(tb.bound_on(ip), [owner], "and its owner");
+}

@@ -4,13 +4,15 @@
 //! - [`packet`]: gratuitous ARP and unsolicited NA frames, probes and the claim classifier (pure);
 //! - [`probe`]: whether another host answers for an address (ARP probe / DAD);
 //! - [`sink`]: sending frames (pnet);
-//! - [`nft`]: DNAT rules (pure rendering, applied with `nft -f`).
+//! - [`nft`]: DNAT rules (pure rendering, applied with `nft -f`);
+//! - [`listening`]: the sockets listening on the node (node-IP mode keeps off their ports).
 //!
 //! Order on gain: probe the LAN, program DNAT, bind, announce. On loss: stop announcing,
 //! unbind, reprogram.
 
 pub mod addr;
 pub mod gate;
+pub mod listening;
 pub mod nft;
 pub mod packet;
 pub mod probe;

@@ -39,8 +39,8 @@ struct Args {
     /// IP counts for the API-load runs.
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
     ips: Vec<usize>,
-    /// Only these parts (failover, failover-lease, shutdown, api, api-lease, heartbeat,
-    /// false-declarations, dnat); all by default.
+    /// Only these parts (failover, failover-lease, node-ips, shutdown, api, api-lease,
+    /// heartbeat, false-declarations, dnat); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -734,6 +734,82 @@ async fn heartbeat_cost(window: Duration) -> Value {
 
 /// Time from SIGTERM to exit: of a speaker that owns nothing, and of the owner (which
 /// unbinds and releases first). The speaker is started again between runs.
+/// Node-IP mode: a node whose link is cut and speaker killed, until its address is out of the
+/// Service's status; `n` drills on nodes that do not run the allocator and `n_allocator` on
+/// the allocator's node (another speaker takes over the allocator's Lease first).
+async fn node_ip_removal(n: usize, n_allocator: usize) -> Value {
+    let tb = Testbed::without_pool(vec![1, 1, 1], Timing::LAN).await;
+    let pods: Vec<_> = tb.lab.pods().cloned().collect();
+    tb.apply(&endpoints("web", &pods)).await;
+    tb.apply(&service("web", "", "")).await;
+    let api: Api<Service> = Api::namespaced(tb.client.clone(), "default");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(tb.client.clone(), l2speaker_e2e::testbed::NAMESPACE);
+    let published = async |count: usize, without: Option<IpAddr>| {
+        eventually(Duration::from_secs(60), "the status", async || {
+            let s = api.get_opt("web").await.ok()??;
+            let ips: Vec<String> = s
+                .status?
+                .load_balancer?
+                .ingress?
+                .into_iter()
+                .filter_map(|i| i.ip)
+                .collect();
+            let gone = without.is_none_or(|w| !ips.contains(&w.to_string()));
+            (ips.len() == count && gone).then_some(())
+        })
+        .await
+    };
+    published(3, None).await;
+    // Every speaker a settled member, so a majority may declare a node dead.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let mut other = Vec::new();
+    let mut allocator = Vec::new();
+    for i in 0..n + n_allocator {
+        let boss = leases
+            .get("l2speaker-allocator")
+            .await
+            .ok()
+            .and_then(|l| l.spec?.holder_identity)
+            .map(|h| tb.host_of(&h))
+            .expect("an allocator");
+        let on_boss = i >= n;
+        let victim = if on_boss {
+            boss.clone()
+        } else {
+            tb.node_names()
+                .into_iter()
+                .filter(|h| *h != boss)
+                .nth(i % 2)
+                .expect("two other nodes")
+        };
+        let ip = IpAddr::V4(tb.lab.host(&victim).unwrap().ipv4);
+        let t0 = std::time::Instant::now();
+        tb.lab.cut_link(&victim).unwrap();
+        tb.speaker(&victim).kill();
+        published(2, Some(ip)).await;
+        let ms = t0.elapsed().as_millis() as u64;
+        println!(
+            "node-IP drill {i}: {victim}{} out of the status after {ms} ms",
+            if on_boss { " (the allocator)" } else { "" }
+        );
+        if on_boss {
+            allocator.push(ms)
+        } else {
+            other.push(ms)
+        }
+        tb.lab.heal_link(&victim).unwrap();
+        tb.start_speaker(&victim);
+        published(3, None).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    json!({
+        "profile": profile(Timing::LAN),
+        "node_not_running_the_allocator": stats(&other),
+        "node_running_the_allocator": stats(&allocator),
+    })
+}
+
 async fn shutdown(n: usize) -> Value {
     let (tb, ip) = drill_bed(Timing::DEFAULT, false).await;
     let mut idle = Vec::new();
@@ -783,6 +859,9 @@ async fn main() {
             "hard_default": failover("hard", Timing::DEFAULT, args.drills, false, &args.out).await,
             "graceful": failover("graceful", Timing::DEFAULT, args.drills, false, &args.out).await,
         });
+    }
+    if want("node-ips") {
+        results["node_ip_removal"] = node_ip_removal(args.drills, args.drills.min(10)).await;
     }
     if want("shutdown") {
         results["shutdown"] = shutdown(args.drills.min(10)).await;

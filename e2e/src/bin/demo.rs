@@ -1,5 +1,6 @@
 //! `l2s-demo`: l2speaker in a three-node lab, start to finish, as a user would see it.
-//! Run it through `sudo ./scripts/demo.sh`.
+//! Run it through `sudo ./scripts/demo.sh` (floating IPs from a pool), or
+//! `sudo ./scripts/demo.sh --node-ips` (no pool: the nodes' own addresses, as k3s ServiceLB).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,16 +14,7 @@ async fn show(tb: &Testbed, args: &[&str]) {
     print!("{}{}", out.stdout, out.stderr);
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("l2s-demo: the lab needs root: run sudo ./scripts/demo.sh");
-        return std::process::ExitCode::FAILURE;
-    }
-    println!(
-        "== A lab: switch, control plane (test API server), 3 nodes with speakers, pods on two nodes, a client"
-    );
-    let tb = Testbed::new(vec![2, 1, 0], Timing::LAN).await;
+fn list_hosts(tb: &Testbed) {
     for h in &tb.lab.hosts {
         let pods: Vec<String> = h
             .pods
@@ -39,6 +31,76 @@ async fn main() -> std::process::ExitCode {
                 format!("pods: {}", pods.join(", "))
             }
         );
+    }
+}
+
+/// Node-IP mode: the Service is published on every node's address and reachable on each; a
+/// node that loses the LAN leaves the status.
+async fn node_ips_demo(tb: Testbed) -> std::process::ExitCode {
+    let pods: Vec<_> = tb.lab.pods().cloned().collect();
+    tb.apply(&endpoints("web", &pods)).await;
+    tb.apply(&service("web", "", "")).await;
+    let addrs = tb.wait_ips("default", "web", 3).await;
+    show(&tb, &["get", "svc", "web"]).await;
+    println!("\n== The client connects to each node's address on port 80");
+    for ip in &addrs {
+        match tb.lab.connect("client", SocketAddr::new(*ip, 80)) {
+            Ok(a) => println!("  {ip}: {a}"),
+            Err(e) => println!("  {ip}: error: {e}"),
+        }
+    }
+    let (_, out) = tb.l2speaker("n1", &["status"], Duration::from_secs(20));
+    println!("\n$ l2speaker status\n{out}");
+    println!(
+        "\n== Waiting 10 s: a new speaker counts for take-overs 10 s after its node Lease appeared"
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let n3 = tb.lab.host("n3").expect("n3").ipv4.to_string();
+    println!("\n== n3 loses its link: its address leaves the Service's status");
+    let t0 = std::time::Instant::now();
+    if let Err(e) = tb.lab.cut_link("n3") {
+        eprintln!("l2s-demo: error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    let api: kube::Api<k8s_openapi::api::core::v1::Service> =
+        kube::Api::namespaced(tb.client.clone(), "default");
+    l2speaker_e2e::testbed::eventually(
+        Duration::from_secs(30),
+        "n3 out of the status",
+        async || {
+            let s = api.get_opt("web").await.ok()??;
+            let ing = s.status?.load_balancer?.ingress?;
+            (ing.len() == 2 && ing.iter().all(|i| i.ip.as_deref() != Some(n3.as_str())))
+                .then_some(())
+        },
+    )
+    .await;
+    println!("  out of the status after {} ms", t0.elapsed().as_millis());
+    show(&tb, &["get", "svc", "web"]).await;
+    println!("\n== Tearing the lab down");
+    drop(tb);
+    std::process::ExitCode::SUCCESS
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("l2s-demo: the lab needs root: run sudo ./scripts/demo.sh");
+        return std::process::ExitCode::FAILURE;
+    }
+    let node_ips = std::env::args().any(|a| a == "--node-ips");
+    println!(
+        "== A lab: switch, control plane (test API server), 3 nodes with speakers, pods on two nodes, a client{}",
+        if node_ips { "; no IPPool" } else { "" }
+    );
+    let tb = if node_ips {
+        Testbed::without_pool(vec![2, 1, 0], Timing::LAN).await
+    } else {
+        Testbed::new(vec![2, 1, 0], Timing::LAN).await
+    };
+    list_hosts(&tb);
+    if node_ips {
+        return node_ips_demo(tb).await;
     }
     let pods: Vec<_> = tb.lab.pods().cloned().collect();
     tb.apply(&endpoints("web", &pods)).await;
