@@ -196,18 +196,52 @@ async fn allocate_once(
         shared.config.load_balancer_class.clone(),
         shared.config.claim_unclassed,
     );
-    let no_pools = pool_objs.is_empty();
-    let node_mode: BTreeMap<&str, Result<NodeIps, String>> = services
-        .iter()
-        .filter_map(|s| Some((s.key.as_str(), shared.node_ip_mode(s, no_pools)?)))
-        .collect();
+    let ctx = shared.node_ip_context();
+    let mut node_mode: BTreeMap<&str, NodeIps> = BTreeMap::new();
+    let mut invalid: Vec<allocator::Refusal> = Vec::new();
+    for s in &services {
+        match shared.node_ip_mode(s, &ctx) {
+            Some(Ok(mode)) => {
+                node_mode.insert(s.key.as_str(), mode);
+            }
+            // The Service stays where it was (a pool address, or nothing), and is told.
+            Some(Err(why)) => invalid.push(allocator::Refusal {
+                service: s.key.clone(),
+                reason: "InvalidNodeIPs",
+                message: why,
+            }),
+            None => {}
+        }
+    }
     let mut alloc = allocator::allocate(
         &services,
         |s| s.is_ours(&class, unclassed) && !node_mode.contains_key(s.key.as_str()),
         &pools,
         &reserved,
     );
+    alloc.refusals.extend(invalid);
     let nodes = shared.cluster.nodes.state();
+    // Lease mode knows the live nodes from what this speaker hears alone: it changes the
+    // node-IP statuses only while it hears most speakers, so an allocator cut off from the
+    // LAN does not strip every other node (LAN mode's live set needs a majority already).
+    let speakers: BTreeSet<String> = nodes
+        .iter()
+        .map(|n| n.name_any())
+        .filter(|n| n == &shared.config.node_name || busy.contains_key(n))
+        .collect();
+    let heard = speakers.iter().filter(|n| live.contains(*n)).count();
+    let lease_mode = shared.config.liveness == crate::config::Liveness::Lease;
+    let quorate = !lease_mode || heard * 2 > speakers.len();
+    if !quorate && reported.insert(("allocator".into(), "no majority heard".into())) {
+        warn!(
+            heard,
+            speakers = speakers.len(),
+            "hearing too few speakers on the LAN: node-IP statuses are left as they are"
+        );
+    }
+    if quorate {
+        reported.remove(&("allocator".to_string(), "no majority heard".to_string()));
+    }
     let candidates: Vec<node_ips::Candidate> = nodes
         .iter()
         .map(|n| {
@@ -218,26 +252,17 @@ async fn allocate_once(
         .collect();
     let slices = shared.cluster.slices.state();
     let by_service = plan::slices_by_service(&slices);
-    let mut requests = Vec::new();
-    for s in &services {
-        match node_mode.get(s.key.as_str()) {
-            Some(Ok(mode)) => requests.push(node_ips::Request {
+    let requests: Vec<node_ips::Request> = services
+        .iter()
+        .filter_map(|s| {
+            Some(node_ips::Request {
                 svc: s,
-                mode: *mode,
+                mode: *node_mode.get(s.key.as_str())?,
                 ready: plan::ready_nodes(&plan::slices_of(s, &by_service)),
-            }),
-            Some(Err(why)) => {
-                alloc.refusals.push(allocator::Refusal {
-                    service: s.key.clone(),
-                    reason: "InvalidNodeIPs",
-                    message: why.clone(),
-                });
-                alloc.desired.insert(s.key.clone(), Vec::new());
-            }
-            None => {}
-        }
-    }
-    if settled {
+            })
+        })
+        .collect();
+    if settled && quorate {
         let on_nodes = node_ips::assign(&requests, &candidates);
         alloc.desired.extend(on_nodes.desired);
         alloc.refusals.extend(on_nodes.refusals);
@@ -264,11 +289,13 @@ async fn allocate_once(
         let mut have = s.assigned.clone();
         have.sort_by_key(|ip| (!ip.is_ipv4(), *ip));
         // A pool address withdrawn while no pool exists is remembered (see node_ips::mode).
-        let mark = no_pools && want.is_empty() && !on_nodes && s.vip_ingress;
+        let had_pool_address = s.assigned.iter().any(|ip| !ctx.node_addresses.contains(ip));
+        let mark = ctx.no_pools && want.is_empty() && !on_nodes && had_pool_address;
         let unmark = s.pool_withdrawn && !want.is_empty();
         let ip_mode = if on_nodes { "Proxy" } else { "VIP" };
-        // Node-IP ingress written before as VIP (or the reverse) is rewritten.
-        let modes_right = want.is_empty() || s.vip_ingress != on_nodes;
+        // Ingress written before with the other ipMode is rewritten (an API server before
+        // 1.30 keeps no ipMode: nothing to compare).
+        let modes_right = want.is_empty() || s.ip_modes.iter().all(|m| m == ip_mode);
         if *want == have && modes_right && !mark && !unmark {
             continue;
         }

@@ -60,7 +60,9 @@ pub fn allocate(
     for (i, s) in handled.iter().enumerate() {
         // An IP that left every pool (shrunk, deleted) is taken away, and the Service told.
         if s.requested.is_empty() {
-            for ip in s.assigned.iter().filter(|ip| pools.pool_of(**ip).is_none()) {
+            // (A node's address, published in node-IP mode, was never a pool's.)
+            let left = |ip: &&IpAddr| pools.pool_of(**ip).is_none() && !reserved.contains_key(ip);
+            for ip in s.assigned.iter().filter(left) {
                 refuse(
                     &mut out,
                     s,

@@ -60,8 +60,9 @@ pub struct Shared {
     pub(crate) dnat_done: watch::Sender<u64>,
     /// What the claims watcher needs to know and what it has seen.
     pub(crate) lan: Mutex<LanView>,
-    /// Ports of node-IP Services something on this node listens on: never DNATed here.
-    pub(crate) busy_ports: Mutex<std::collections::BTreeSet<crate::node_ips::Port>>,
+    /// Ports of node-IP Services checked against this node's listening sockets, and those
+    /// in use: only ports checked and free are DNATed here.
+    pub(crate) busy_ports: Mutex<crate::node_ips::PortCheck>,
 }
 
 impl Shared {
@@ -162,7 +163,7 @@ impl Shared {
     pub fn node_ip_mode(
         &self,
         svc: &ServiceInfo,
-        no_pools: bool,
+        ctx: &crate::node_ips::Context,
     ) -> Option<Result<crate::service::NodeIps, String>> {
         if !svc.is_ours(
             &self.config.load_balancer_class,
@@ -170,12 +171,36 @@ impl Shared {
         ) {
             return None;
         }
-        crate::node_ips::mode(svc, no_pools, self.config.node_ips.mode())
+        crate::node_ips::mode(svc, ctx)
     }
 
-    /// Whether no IPPool exists at all (node-IP mode for Services that do not choose).
-    pub fn no_pools(&self) -> bool {
-        self.cluster.pools.state().is_empty()
+    /// Whether a Service of ours is in node-IP mode with a valid annotation (an invalid
+    /// one leaves it where it was, with a Warning from the allocator).
+    pub fn on_nodes(&self, svc: &ServiceInfo, ctx: &crate::node_ips::Context) -> bool {
+        matches!(self.node_ip_mode(svc, ctx), Some(Ok(_)))
+    }
+
+    /// What node-IP mode depends on, from the caches now.
+    pub fn node_ip_context(&self) -> crate::node_ips::Context {
+        crate::node_ips::Context {
+            no_pools: self.cluster.pools.state().is_empty(),
+            node_addresses: crate::node_ips::all_node_addresses(
+                self.cluster.nodes.state().iter().map(|n| n.as_ref()),
+            ),
+            default: self.config.node_ips.mode(),
+        }
+    }
+
+    /// This node's own addresses (every address its Node lists).
+    pub fn my_node_addresses(&self) -> Vec<IpAddr> {
+        let me = &self.config.node_name;
+        self.cluster
+            .nodes
+            .state()
+            .iter()
+            .filter(|n| n.metadata.name.as_deref() == Some(me.as_str()))
+            .flat_map(|n| crate::node_ips::all_node_addresses([n.as_ref()]))
+            .collect()
     }
 
     /// The nodes whose speakers are alive as far as this one can tell: itself, and in LAN
@@ -242,6 +267,7 @@ impl Shared {
         // Each owned VIP's Services: all that share it now (the one its holder took it for
         // may have gone since, leaving the IP to the others).
         let pools = crate::pool::Pools::from_objects(&self.cluster.pools.state());
+        let ctx = self.node_ip_context();
         let ours: Vec<ServiceInfo> = services
             .iter()
             .filter(|s| {
@@ -250,6 +276,7 @@ impl Shared {
                     self.config.claim_unclassed,
                 )
             })
+            .filter(|s| !self.on_nodes(s, &ctx))
             .cloned()
             .collect();
         let vips = plan::vips(&ours, &pools);
@@ -269,34 +296,33 @@ impl Shared {
                 });
             }
         }
-        // Node-IP mode: this node's own addresses where a Service's status lists them,
-        // except on ports something here listens on.
-        let no_pools = self.no_pools();
-        let me = &self.config.node_name;
-        let my_addresses: Vec<IpAddr> = self
-            .cluster
-            .nodes
-            .state()
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(me.as_str()))
-            .map(|n| crate::node_ips::node_addresses(n))
-            .unwrap_or_default();
-        let busy = self
+        // Node-IP mode: where a Service's status lists this node, every address of the node
+        // (of the Service's families: a 1:1 NAT delivers traffic for the ExternalIP to the
+        // InternalIP), on the ports checked free here.
+        let mine = self.my_node_addresses();
+        let ports = self
             .busy_ports
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        for svc in &services {
-            if !matches!(self.node_ip_mode(svc, no_pools), Some(Ok(_))) {
+        for svc in services.iter().filter(|s| self.on_nodes(s, &ctx)) {
+            if !svc.assigned.iter().any(|ip| mine.contains(ip)) {
                 continue;
             }
-            let mine = plan::slices_of(svc, &by_service);
-            for ip in svc.assigned.iter().filter(|ip| my_addresses.contains(ip)) {
-                let mut ports = plan::port_maps(*ip, svc, &mine, me, &gone);
-                ports.retain(|p| !busy.contains(&(p.protocol, p.port)));
+            let slices = plan::slices_of(svc, &by_service);
+            let wanted = mine.iter().filter(|ip| {
+                if ip.is_ipv4() {
+                    svc.want_v4
+                } else {
+                    svc.want_v6
+                }
+            });
+            for ip in wanted {
+                let mut maps = plan::port_maps(*ip, svc, &slices, &self.config.node_name, &gone);
+                maps.retain(|p| ports.free(&(p.protocol, p.port)));
                 entries.push(Dnat {
                     vip: *ip,
-                    ports,
+                    ports: maps,
                     sources: svc.source_ranges.clone(),
                     affinity: svc.affinity,
                 });

@@ -251,16 +251,15 @@ impl Coordinator {
             return;
         }
         self.last_inputs = Some(inputs);
-        let no_pools = s.no_pools();
+        let ctx = s.node_ip_context();
         let (on_nodes, services): (Vec<ServiceInfo>, Vec<ServiceInfo>) = s
             .services()
             .into_iter()
             .filter(|x| x.is_ours(&s.config.load_balancer_class, s.config.claim_unclassed))
-            .partition(|x| s.node_ip_mode(x, no_pools).is_some());
+            .partition(|x| s.on_nodes(x, &ctx));
         // Heartbeats go out on the nodes' own subnets as soon as node-IP mode may be used,
         // so the allocator has heard every speaker by the time a Service needs them.
-        let node_ips_possible =
-            !on_nodes.is_empty() || (no_pools && s.config.node_ips.mode().is_some());
+        let node_ips_possible = !on_nodes.is_empty() || (ctx.no_pools && ctx.default.is_some());
         self.update_lan_view(&pools, &my_macs, node_ips_possible);
         let vips = plan::vips(&services, &pools);
         let slices = s.cluster.slices.state();
@@ -476,15 +475,8 @@ impl Coordinator {
             .iter()
             .flat_map(|p| p.ranges.iter().copied())
             .collect();
-        let me = s.config.node_name.clone();
         let node_addresses: Vec<IpAddr> = if node_ips {
-            s.cluster
-                .nodes
-                .state()
-                .iter()
-                .find(|n| n.name_any() == me)
-                .map(|n| node_ips::node_addresses(n))
-                .unwrap_or_default()
+            s.my_node_addresses()
         } else {
             Vec::new()
         };
@@ -508,64 +500,59 @@ impl Coordinator {
 
     /// Writes this node's refused addresses to its Lease when they changed (in the
     /// background, with a deadline; retried on the next pass after a failure).
-    /// The ports of node-IP Services something on this node listens on (read at most every
-    /// [`PORTS_EVERY`], and only while such Services exist), kept for the DNAT and returned
-    /// for the node's Lease.
+    /// The ports of node-IP Services something on this node listens on (read when those
+    /// ports change, and every [`PORTS_EVERY`] while such Services exist), kept for the DNAT
+    /// (which serves only ports checked and free) and returned for the node's Lease.
     fn busy_ports(&mut self, now: Instant) -> Vec<String> {
         let s = self.shared.clone();
-        let current = || {
-            s.busy_ports
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-        };
-        if self.ports_read.is_some_and(|t| now - t < PORTS_EVERY) {
-            return current().iter().map(node_ips::format_port).collect();
-        }
-        self.ports_read = Some(now);
-        let no_pools = s.no_pools();
+        let ctx = s.node_ip_context();
         let wanted: BTreeSet<node_ips::Port> = s
             .services()
             .iter()
-            .filter(|x| matches!(s.node_ip_mode(x, no_pools), Some(Ok(_))))
+            .filter(|x| s.on_nodes(x, &ctx))
             .flat_map(|x| x.ports.iter().map(|p| (p.protocol, p.port)))
             .collect();
-        let me = s.config.node_name.clone();
-        let mine: Vec<IpAddr> = s
-            .cluster
-            .nodes
-            .state()
-            .iter()
-            .find(|n| n.name_any() == me)
-            .map(|n| {
-                n.status
-                    .iter()
-                    .flat_map(|st| st.addresses.iter().flatten())
-                    .filter_map(|a| a.address.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let current = s
+            .busy_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let fresh = self.ports_read.is_some_and(|t| now - t < PORTS_EVERY);
+        if fresh && current.checked == wanted {
+            return current.busy.iter().map(node_ips::format_port).collect();
+        }
+        self.ports_read = Some(now);
         let busy = if wanted.is_empty() {
             BTreeSet::new()
         } else {
             match crate::dataplane::listening::sockets() {
-                Ok(l) => node_ips::busy_ports(&l, &mine, &wanted),
+                Ok(l) => node_ips::busy_ports(&l, &s.my_node_addresses(), &wanted),
                 Err(e) => {
+                    // Nothing new is served until the sockets can be read.
                     warn!(error = %e, "could not read this node's listening sockets");
-                    current()
+                    let checked = current.checked.intersection(&wanted).copied().collect();
+                    let kept = node_ips::PortCheck {
+                        checked,
+                        busy: current.busy.clone(),
+                    };
+                    *s.busy_ports.lock().unwrap_or_else(|e| e.into_inner()) = kept;
+                    return current.busy.iter().map(node_ips::format_port).collect();
                 }
             }
         };
-        let old = std::mem::replace(
-            &mut *s.busy_ports.lock().unwrap_or_else(|e| e.into_inner()),
-            busy.clone(),
-        );
-        if old != busy {
-            let ports: Vec<String> = busy.iter().map(node_ips::format_port).collect();
-            info!(
-                ?ports,
-                "ports of node-IP Services in use on this node: not served here"
-            );
+        let check = node_ips::PortCheck {
+            checked: wanted,
+            busy: busy.clone(),
+        };
+        if check != current {
+            if check.busy != current.busy {
+                let ports: Vec<String> = busy.iter().map(node_ips::format_port).collect();
+                info!(
+                    ?ports,
+                    "ports of node-IP Services in use on this node: not served here"
+                );
+            }
+            *s.busy_ports.lock().unwrap_or_else(|e| e.into_inner()) = check;
             s.dnat_wake.send_modify(|n| *n += 1);
         }
         busy.iter().map(node_ips::format_port).collect()

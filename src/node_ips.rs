@@ -38,28 +38,48 @@ pub fn parse_port(s: &str) -> Option<Port> {
     Some((proto, port.parse().ok()?))
 }
 
+/// What decides whether a Service is in node-IP mode besides the Service itself.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// No IPPool exists at all.
+    pub no_pools: bool,
+    /// Every address of every Node (any type).
+    pub node_addresses: BTreeSet<IpAddr>,
+    /// The mode of Services that do not say (None: the automatic mode is off).
+    pub default: Option<NodeIps>,
+}
+
 /// Whether `svc` is in node-IP mode, and how: its annotation says so (an unreadable value is
 /// an error), or no IPPool exists at all and nothing about the Service asks for a pool
-/// address (a wanted IP, a pool name, a pool address in its status, or one withdrawn while no
-/// pool existed: deleting the last pool does not move Services onto the nodes).
-/// `default` is the mode for Services that do not say; None turns the automatic mode off.
-pub fn mode(
-    svc: &ServiceInfo,
-    no_pools: bool,
-    default: Option<NodeIps>,
-) -> Option<Result<NodeIps, String>> {
+/// address (a wanted IP, a pool name, an address in its status that is no node's, or a pool
+/// address withdrawn while no pool existed: deleting the last pool does not move Services
+/// onto the nodes). A status holding node addresses only, as k3s ServiceLB leaves it, does
+/// not count.
+pub fn mode(svc: &ServiceInfo, ctx: &Context) -> Option<Result<NodeIps, String>> {
     if let Some(m) = &svc.node_ips {
         return Some(m.clone());
     }
     let asks_for_a_pool = !svc.requested.is_empty()
         || !svc.bad_requests.is_empty()
         || svc.pool.is_some()
-        || svc.vip_ingress
+        || svc
+            .assigned
+            .iter()
+            .any(|ip| !ctx.node_addresses.contains(ip))
         || svc.pool_withdrawn;
-    if no_pools && !asks_for_a_pool {
-        return default.map(Ok);
+    if ctx.no_pools && !asks_for_a_pool {
+        return ctx.default.map(Ok);
     }
     None
+}
+
+/// Every address of every Node.
+pub fn all_node_addresses<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> BTreeSet<IpAddr> {
+    nodes
+        .into_iter()
+        .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
 }
 
 /// The addresses a node is published with: per family, its first ExternalIP, else its
@@ -162,7 +182,7 @@ pub fn assign(requests: &[Request], nodes: &[Candidate]) -> Assignment {
                 .filter(|ip| if ip.is_ipv4() { s.want_v4 } else { s.want_v6 })
                 .collect()
         };
-        let (mut alive, mut allowed, mut local) = (0, 0, 0);
+        let (mut alive, mut allowed, mut local, mut busy_on, mut clash_on) = (0, 0, 0, 0, 0);
         let mut fit: Vec<&Candidate> = Vec::new();
         for n in nodes {
             if !n.alive {
@@ -186,6 +206,7 @@ pub fn assign(requests: &[Request], nodes: &[Candidate]) -> Assignment {
             local += 1;
             let busy: Vec<String> = ports.intersection(&n.busy).map(format_port).collect();
             if !busy.is_empty() {
+                busy_on += 1;
                 refuse(
                     &mut out,
                     "PortInUse",
@@ -206,6 +227,7 @@ pub fn assign(requests: &[Request], nodes: &[Candidate]) -> Assignment {
                 })
                 .collect();
             if !clash.is_empty() {
+                clash_on += 1;
                 refuse(
                     &mut out,
                     "PortConflict",
@@ -238,7 +260,7 @@ pub fn assign(requests: &[Request], nodes: &[Candidate]) -> Assignment {
                 &mut out,
                 "NoNode",
                 format!(
-                    "no node can serve it: of {} nodes, {alive} have a live speaker, {allowed} of those are allowed by their labels and have an address of the Service's family{}",
+                    "no node can serve it: of {} nodes, {alive} have a live speaker, {allowed} of those are allowed by their labels and have an address of the Service's family{}; on {busy_on} a port is in use by the node itself, on {clash_on} by an older Service",
                     nodes.len(),
                     if s.local_traffic {
                         format!(
@@ -265,6 +287,21 @@ pub fn assign(requests: &[Request], nodes: &[Candidate]) -> Assignment {
         );
     }
     out
+}
+
+/// The ports of node-IP Services a speaker has checked against its node's sockets, and the
+/// ones found in use.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PortCheck {
+    pub checked: BTreeSet<Port>,
+    pub busy: BTreeSet<Port>,
+}
+
+impl PortCheck {
+    /// Checked, and nothing listens on it.
+    pub fn free(&self, p: &Port) -> bool {
+        self.checked.contains(p) && !self.busy.contains(p)
+    }
 }
 
 /// The ports of `wanted` that something on this node listens on: a socket bound to the
@@ -330,40 +367,50 @@ mod tests {
         v.iter().map(|s| s.parse().unwrap()).collect()
     }
 
+    fn ctx(no_pools: bool, default: Option<NodeIps>) -> Context {
+        Context {
+            no_pools,
+            node_addresses: ips(&["192.0.2.1", "192.0.2.2"]).into_iter().collect(),
+            default,
+        }
+    }
+
     #[test]
     fn the_mode_comes_from_the_annotation_or_from_there_being_no_pool_at_all() {
+        let all = ctx(true, Some(NodeIps::All));
         let plain = svc("a", "1", &[80]);
-        assert_eq!(
-            mode(&plain, true, Some(NodeIps::All)),
-            Some(Ok(NodeIps::All))
-        );
-        assert_eq!(mode(&plain, false, Some(NodeIps::All)), None, "pools exist");
-        assert_eq!(mode(&plain, true, None), None, "automatic mode off");
+        assert_eq!(mode(&plain, &all), Some(Ok(NodeIps::All)));
+        let pools = ctx(false, Some(NodeIps::All));
+        assert_eq!(mode(&plain, &pools), None, "pools exist");
+        assert_eq!(mode(&plain, &ctx(true, None)), None, "automatic mode off");
         let mut wants = plain.clone();
         wants.requested = ips(&["192.0.2.200"]);
-        assert_eq!(mode(&wants, true, Some(NodeIps::All)), None);
+        assert_eq!(mode(&wants, &all), None);
         let mut had_one = plain.clone();
-        had_one.vip_ingress = true;
-        assert_eq!(mode(&had_one, true, Some(NodeIps::All)), None);
+        had_one.assigned = ips(&["192.0.2.200"]);
+        assert_eq!(mode(&had_one, &all), None, "a pool address in the status");
+        let mut from_k3s = plain.clone();
+        from_k3s.assigned = ips(&["192.0.2.1", "192.0.2.2"]);
+        assert_eq!(
+            mode(&from_k3s, &all),
+            Some(Ok(NodeIps::All)),
+            "node addresses in the status (ServiceLB's) do not ask for a pool"
+        );
         let mut withdrawn = plain.clone();
         withdrawn.pool_withdrawn = true;
         assert_eq!(
-            mode(&withdrawn, true, Some(NodeIps::All)),
+            mode(&withdrawn, &all),
             None,
             "a Service whose pool was deleted is not moved to the nodes"
         );
         let mut one = plain.clone();
         one.node_ips = Some(Ok(NodeIps::One));
-        assert_eq!(mode(&one, false, None), Some(Ok(NodeIps::One)));
+        assert_eq!(mode(&one, &ctx(false, None)), Some(Ok(NodeIps::One)));
         let s = ServiceInfo::from_service(
             &serde_json::from_value(json!({"metadata": {"name": "x", "annotations": {crate::service::ANNOTATION_NODE_IPS: "some"}}, "spec": {"type": "LoadBalancer"}})).unwrap(),
         );
-        assert!(
-            mode(&s, false, None)
-                .unwrap()
-                .unwrap_err()
-                .contains("\"some\"")
-        );
+        let err = mode(&s, &ctx(false, None)).unwrap().unwrap_err();
+        assert!(err.contains("\"some\""), "{err}");
     }
 
     #[test]
@@ -496,7 +543,7 @@ mod tests {
         assert!(none.desired["default/web"].is_empty());
         assert_eq!(
             none.refusals[0].message,
-            "no node can serve it: of 1 nodes, 1 have a live speaker, 1 of those are allowed by their labels and have an address of the Service's family, 0 of those run a ready endpoint (externalTrafficPolicy: Local)"
+            "no node can serve it: of 1 nodes, 1 have a live speaker, 1 of those are allowed by their labels and have an address of the Service's family, 0 of those run a ready endpoint (externalTrafficPolicy: Local); on 0 a port is in use by the node itself, on 0 by an older Service"
         );
     }
 

@@ -101,8 +101,10 @@ pub struct ServiceInfo {
     pub sharing: Option<String>,
     /// k3s' `lbpool` label.
     pub lbpool: Option<String>,
-    /// The status holds an address published as a VIP (ipMode `VIP`, or none), not a node's.
-    pub vip_ingress: bool,
+    /// The `ipMode`s the status's ingress names (API servers before 1.30 drop the field).
+    pub ip_modes: std::collections::BTreeSet<String>,
+    /// `spec.selector` (IP sharing with `Local` needs the same pods).
+    pub selector: std::collections::BTreeMap<String, String>,
     /// The allocator withdrew a pool address while no pool existed (see
     /// [`CONDITION_POOL_WITHDRAWN`]).
     pub pool_withdrawn: bool,
@@ -231,15 +233,18 @@ impl ServiceInfo {
                 .find_map(|k| annotations.get(k))
                 .map(|v| v.trim().to_string())
                 .filter(|v| !v.is_empty()),
-            vip_ingress: svc
+            ip_modes: svc
                 .status
                 .as_ref()
                 .and_then(|s| s.load_balancer.as_ref())
                 .and_then(|lb| lb.ingress.as_ref())
-                .is_some_and(|ing| {
-                    ing.iter()
-                        .any(|i| i.ip.is_some() && i.ip_mode.as_deref() != Some("Proxy"))
-                }),
+                .map(|ing| ing.iter().filter_map(|i| i.ip_mode.clone()).collect())
+                .unwrap_or_default(),
+            selector: svc
+                .spec
+                .as_ref()
+                .and_then(|s| s.selector.clone())
+                .unwrap_or_default(),
             pool_withdrawn,
             key: format!("{namespace}/{name}"),
             uid: svc.uid().unwrap_or_default(),
@@ -274,6 +279,13 @@ impl ServiceInfo {
         }
         if self.local_traffic != other.local_traffic {
             return Err(format!("{} has another externalTrafficPolicy", other.key));
+        }
+        // With Local, the owner must run a ready endpoint of each: the same pods.
+        if self.local_traffic && self.selector != other.selector {
+            return Err(format!(
+                "{} selects other pods (with externalTrafficPolicy: Local only Services with one selector share)",
+                other.key
+            ));
         }
         let clash: Vec<String> = self
             .ports
@@ -327,7 +339,8 @@ pub fn fixture(name: &str, created: &str) -> ServiceInfo {
         node_ips: None,
         lbpool: None,
         sharing: None,
-        vip_ingress: false,
+        ip_modes: Default::default(),
+        selector: Default::default(),
         pool_withdrawn: false,
     }
 }

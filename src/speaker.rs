@@ -143,6 +143,11 @@ pub async fn run(
     if lan_mode {
         crate::keeper::remove_table().await;
     }
+    if !shared.config.dnat && shared.config.node_ips.mode().is_some() {
+        warn!(
+            "--dnat=false: Services in node-IP mode (no IPPool, or annotated) are published on node addresses that nothing here serves; set --node-ips=off unless another component does"
+        );
+    }
     if shared.config.dnat && !dataplane::forwards_v4() {
         warn!(
             "net.ipv4.ip_forward is 0: DNAT to pods on other nodes will not work (not changed; that is the node's owner's call)"

@@ -147,19 +147,20 @@ async fn a_service_with_no_pool_gets_the_nodes_addresses_and_is_reachable_on_eac
     );
 }
 
-/// A node whose speaker loses the LAN leaves the status and returns when it is back; so does
-/// the allocator's own node when its speaker is killed (another speaker takes the
-/// allocator's Lease first). The times are printed.
+/// LAN mode: a node whose speaker loses the LAN leaves the status and returns when it is
+/// back; so does the allocator's own node when its speaker is killed (another speaker takes
+/// the allocator's Lease first). The times are printed. (The other node-IP tests run in lease
+/// mode.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_dies_leaves_the_status_and_comes_back_when_healthy() {
-    let tb = Testbed::without_pool(vec![1, 1, 1], Timing::DEFAULT).await;
+    let tb = Testbed::without_pool(vec![1, 1, 1], Timing::LAN).await;
     tb.apply(&endpoints("web", &pods(&tb))).await;
     tb.apply(&service("web", "", "")).await;
     let hosts = ["n1", "n2", "n3"];
     let all = v4_of(&tb, &hosts);
     wait_ingress(&tb, "web", &all).await;
-    // Settled: every speaker has heard the others.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // LAN mode: a speaker counts for declaring another dead 10 s after it appeared.
+    tokio::time::sleep(Duration::from_secs(10)).await;
     wait_ingress(&tb, "web", &all).await;
 
     let boss = allocator(&tb).await;
@@ -213,16 +214,25 @@ async fn the_older_service_keeps_a_port_and_ports_the_node_listens_on_are_refuse
     wait_ingress(&tb, "new", &all).await;
     reach(&tb, SocketAddr::new(*all.first().unwrap(), 80)).await;
 
-    tb.apply(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: busy\n  namespace: default\nspec:\n  type: LoadBalancer\n  ports:\n  - {name: http, port: 9473, targetPort: 8080}\n",
-    )
-    .await;
+    // With pods behind it, so a DNAT would have something to point at.
+    tb.apply(&endpoints("busy", &pods(&tb))).await;
+    tb.apply(&service("busy", "", "").replace("port: 80,", "port: 9473,"))
+        .await;
     let said = tb.wait_describe_svc("busy", "PortInUse").await;
     assert!(said.contains("listens on tcp/9473"), "{said}");
     tb.wait_describe_svc("busy", "NoNode").await;
-    assert!(ingress(&tb, "busy").await.is_empty());
+    eventually(Duration::from_secs(10), "busy not published", async || {
+        ingress(&tb, "busy").await.is_empty().then_some(())
+    })
+    .await;
     for h in ["n1", "n2", "n3"] {
         assert!(!tb.rules(h).contains("9473"), "{h} DNATs nothing on 9473");
+        let metrics = SocketAddr::new(IpAddr::V4(tb.lab.host(h).unwrap().ipv4), 9473);
+        let answer = tb.lab.http_get("client", metrics, "/healthz");
+        assert!(
+            answer.is_ok(),
+            "{h}'s own listener still answers: {answer:?}"
+        );
     }
 }
 
@@ -266,7 +276,39 @@ async fn k3s_enablelb_and_lbpool_labels_choose_the_serving_nodes() {
         &["svccontroller.k3s.cattle.io/enablelb=true", "--overwrite"],
     )
     .await;
-    wait_ingress(&tb, "web", &v4_of(&tb, &["n1", "n2", "n3"])).await;
+    let all = v4_of(&tb, &["n1", "n2", "n3"]);
+    wait_ingress(&tb, "web", &all).await;
+    // What ServiceLB leaves behind on a 1.30 API server: the nodes' addresses, ipMode VIP.
+    // It stays on the nodes (rewritten with ipMode Proxy), not taken for a pool address.
+    let leftover: Vec<serde_json::Value> = all
+        .iter()
+        .map(|ip| serde_json::json!({"ip": ip.to_string(), "ipMode": "VIP"}))
+        .collect();
+    let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": leftover}}});
+    tb.kubectl
+        .run(&[
+            "patch",
+            "service",
+            "web",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ])
+        .await
+        .ok();
+    wait_ingress(&tb, "web", &all).await;
+    let api: Api<Service> = Api::namespaced(tb.client.clone(), "default");
+    let conditions = api
+        .get("web")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.conditions);
+    assert!(
+        conditions.unwrap_or_default().is_empty(),
+        "not marked as a withdrawn pool address"
+    );
 }
 
 /// `l2speaker.io/node-ips: one`, with a pool present: one node's address is published;

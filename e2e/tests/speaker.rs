@@ -1015,15 +1015,28 @@ async fn services_with_one_sharing_key_share_one_ip_lease_and_owner() {
         .count();
     assert_eq!(vip_leases, 1, "one Lease for the two Services");
 
+    // A third Service with the key and a port already used: refused until the port is free.
+    tb.apply(&endpoints("dns-clash", &pods(&tb)).replace(
+        "{name: http, port: 8080, protocol: TCP}",
+        "{name: dns, port: 8080, protocol: TCP}",
+    ))
+    .await;
     tb.apply(&shared("dns-clash", "TCP")).await;
     let said = tb.wait_describe_svc("dns-clash", "IPSharingRefused").await;
     assert!(said.contains("uses tcp/53 too"), "{said}");
 
+    // dns-tcp deleted: dns-udp keeps the IP and its owner, and dns-clash joins it on tcp/53.
     tb.kubectl.run(&["delete", "service", "dns-tcp"]).await.ok();
+    assert_eq!(tb.wait_ips("default", "dns-clash", 1).await, [ip], "joined");
     eventually(
         Duration::from_secs(10),
-        "TCP no longer forwarded",
-        async || (!tb.lab.can_connect("client", vip).ok()?).then_some(()),
+        "TCP through the shared IP for dns-clash",
+        async || {
+            tb.lab
+                .connect("client", vip)
+                .ok()
+                .filter(|a| a.contains("-p0 "))
+        },
     )
     .await;
     udp("UDP still answered after the TCP Service went").await;
