@@ -78,7 +78,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     // What the last assignment pass saw: another one runs when the cluster changed, when
     // this speaker just became the allocator, or every ALLOCATE_EVERY (retries, and Leases
     // that became garbage by age).
-    let mut last: Option<(u64, BTreeSet<String>, Instant)> = None;
+    let mut last: Option<(u64, BTreeSet<String>, bool, Instant)> = None;
     let mut was_holding = false;
     let mut lan = shared.lan_state.subscribe();
     // Lease mode has no keeper to say when a node dies: the live nodes are read this often.
@@ -103,15 +103,15 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         lan.borrow_and_update();
         // Node-IP Services list the nodes whose speakers are alive: a change is a pass.
         let live = shared.live_nodes();
+        // A speaker that just started has not heard its peers yet (node-IP statuses wait).
+        let settled = since.elapsed() >= shared.config.heartbeat_dead_after * 2;
         let due = !was_holding
-            || last.as_ref().is_none_or(|(c, l, t)| {
-                *c != counter || *l != live || t.elapsed() >= ALLOCATE_EVERY
+            || last.as_ref().is_none_or(|(c, l, s, t)| {
+                *c != counter || *l != live || *s != settled || t.elapsed() >= ALLOCATE_EVERY
             });
         was_holding = holding;
         if holding && due {
-            // A speaker that just started has not heard its peers yet.
-            let settled = since.elapsed() >= shared.config.heartbeat_dead_after * 2;
-            last = Some((counter, live.clone(), Instant::now()));
+            last = Some((counter, live.clone(), settled, Instant::now()));
             allocate_once(&shared, &mut reported, &holds, &live, settled).await;
         }
         tokio::select! {
