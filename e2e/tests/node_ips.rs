@@ -407,3 +407,59 @@ async fn deleting_the_last_pool_does_not_move_its_services_onto_the_nodes() {
     })
     .await;
 }
+
+/// Node-IP mode's DNAT filters and protocols too: `loadBalancerSourceRanges` drops a client
+/// left out on a node's address (its connection times out: dropped, not refused for want of
+/// a rule), and answers it once listed; a UDP port reaches a pod through a node's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ip_services_honour_source_ranges_and_carry_udp() {
+    let tb = Testbed::without_pool(vec![1, 0, 0], Timing::DEFAULT).await;
+    let all = v4_of(&tb, &["n1", "n2", "n3"]);
+    tb.apply(&endpoints("ranged", &pods(&tb))).await;
+    let ranged = |ranges: &str| {
+        service(
+            "ranged",
+            &format!("  loadBalancerSourceRanges: [{ranges}]\n"),
+            "",
+        )
+    };
+    tb.apply(&ranged("\"198.51.100.0/24\"")).await;
+    wait_ingress(&tb, "ranged", &all).await;
+    let n2 = SocketAddr::new(IpAddr::V4(tb.lab.host("n2").unwrap().ipv4), 80);
+    eventually(
+        Duration::from_secs(15),
+        "the unlisted client dropped on n2's address",
+        async || {
+            matches!(
+                tb.lab.connect("client", n2),
+                Err(l2speaker_e2e::lab::LabError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::TimedOut
+            )
+            .then_some(())
+        },
+    )
+    .await;
+    let client = tb.lab.client().ipv4;
+    tb.apply(&ranged(&format!("\"{client}/32\""))).await;
+    let answer = reach(&tb, n2).await;
+    assert!(answer.starts_with("n1-p0 "), "{answer}");
+
+    tb.apply(&endpoints("dns", &pods(&tb)).replace(
+        "{name: http, port: 8080, protocol: TCP}",
+        "{name: dns, port: 8080, protocol: UDP}",
+    ))
+    .await;
+    tb.apply(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n  namespace: default\nspec:\n  type: LoadBalancer\n  ports:\n  - {name: dns, port: 53, targetPort: 8080, protocol: UDP}\n",
+    )
+    .await;
+    wait_ingress(&tb, "dns", &all).await;
+    let n3 = SocketAddr::new(IpAddr::V4(tb.lab.host("n3").unwrap().ipv4), 53);
+    let reply = eventually(
+        Duration::from_secs(15),
+        "UDP through n3's address",
+        async || tb.lab.udp_exchange("client", n3).ok()?,
+    )
+    .await;
+    assert!(reply.starts_with("n1-p0 "), "{reply}");
+}
