@@ -198,19 +198,9 @@ async fn allocate_once(
     );
     let ctx = shared.node_ip_context();
     let mut node_mode: BTreeMap<&str, NodeIps> = BTreeMap::new();
-    let mut invalid: Vec<allocator::Refusal> = Vec::new();
     for s in &services {
-        match shared.node_ip_mode(s, &ctx) {
-            Some(Ok(mode)) => {
-                node_mode.insert(s.key.as_str(), mode);
-            }
-            // The Service stays where it was (a pool address, or nothing), and is told.
-            Some(Err(why)) => invalid.push(allocator::Refusal {
-                service: s.key.clone(),
-                reason: "InvalidNodeIPs",
-                message: why,
-            }),
-            None => {}
+        if let Some(mode) = shared.node_ip_mode(s, &ctx) {
+            node_mode.insert(s.key.as_str(), mode);
         }
     }
     let mut alloc = allocator::allocate(
@@ -219,11 +209,21 @@ async fn allocate_once(
         &pools,
         &reserved,
     );
-    alloc.refusals.extend(invalid);
+    // An unreadable annotation counts as none; the Service is told.
+    for s in services.iter().filter(|s| s.is_ours(&class, unclassed)) {
+        if let Some(Err(why)) = &s.node_ips {
+            alloc.refusals.push(allocator::Refusal {
+                service: s.key.clone(),
+                reason: "InvalidNodeIPs",
+                message: format!("{why}; ignored"),
+            });
+        }
+    }
     let nodes = shared.cluster.nodes.state();
-    // Lease mode knows the live nodes from what this speaker hears alone: it changes the
-    // node-IP statuses only while it hears most speakers, so an allocator cut off from the
-    // LAN does not strip every other node (LAN mode's live set needs a majority already).
+    // Lease mode knows the live nodes from what this speaker hears alone: while it hears
+    // fewer than most speakers, it adds nodes to node-IP statuses but removes none, so an
+    // allocator cut off from the LAN does not strip every other node (LAN mode's live set
+    // needs a majority already).
     let speakers: BTreeSet<String> = nodes
         .iter()
         .map(|n| n.name_any())
@@ -232,22 +232,31 @@ async fn allocate_once(
     let heard = speakers.iter().filter(|n| live.contains(*n)).count();
     let lease_mode = shared.config.liveness == crate::config::Liveness::Lease;
     let quorate = !lease_mode || heard * 2 > speakers.len();
-    if !quorate && reported.insert(("allocator".into(), "no majority heard".into())) {
+    let quorum_note = ("allocator".to_string(), "no majority heard".to_string());
+    if quorate {
+        reported.remove(&quorum_note);
+    } else if reported.insert(quorum_note) {
         warn!(
             heard,
             speakers = speakers.len(),
-            "hearing too few speakers on the LAN: node-IP statuses are left as they are"
+            "hearing too few speakers on the LAN: no node is taken out of node-IP statuses"
         );
     }
-    if quorate {
-        reported.remove(&("allocator".to_string(), "no majority heard".to_string()));
-    }
+    let listed: BTreeSet<IpAddr> = services
+        .iter()
+        .filter(|s| node_mode.contains_key(s.key.as_str()))
+        .flat_map(|s| s.assigned.iter().copied())
+        .collect();
     let candidates: Vec<node_ips::Candidate> = nodes
         .iter()
         .map(|n| {
             let name = n.name_any();
             let b = busy.remove(&name).unwrap_or_default();
-            node_ips::Candidate::from_node(n, live.contains(&name), b)
+            let kept = !quorate
+                && node_ips::node_addresses(n)
+                    .iter()
+                    .any(|ip| listed.contains(ip));
+            node_ips::Candidate::from_node(n, live.contains(&name) || kept, b)
         })
         .collect();
     let slices = shared.cluster.slices.state();
@@ -262,7 +271,7 @@ async fn allocate_once(
             })
         })
         .collect();
-    if settled && quorate {
+    if settled {
         let on_nodes = node_ips::assign(&requests, &candidates);
         alloc.desired.extend(on_nodes.desired);
         alloc.refusals.extend(on_nodes.refusals);
@@ -289,7 +298,10 @@ async fn allocate_once(
         let mut have = s.assigned.clone();
         have.sort_by_key(|ip| (!ip.is_ipv4(), *ip));
         // A pool address withdrawn while no pool exists is remembered (see node_ips::mode).
-        let had_pool_address = s.assigned.iter().any(|ip| !ctx.node_addresses.contains(ip));
+        let had_pool_address = s
+            .assigned
+            .iter()
+            .any(|ip| !ctx.node_addresses.contains(ip) && !s.proxied.contains(ip));
         let mark = ctx.no_pools && want.is_empty() && !on_nodes && had_pool_address;
         let unmark = s.pool_withdrawn && !want.is_empty();
         let ip_mode = if on_nodes { "Proxy" } else { "VIP" };

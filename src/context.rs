@@ -164,7 +164,7 @@ impl Shared {
         &self,
         svc: &ServiceInfo,
         ctx: &crate::node_ips::Context,
-    ) -> Option<Result<crate::service::NodeIps, String>> {
+    ) -> Option<crate::service::NodeIps> {
         if !svc.is_ours(
             &self.config.load_balancer_class,
             self.config.claim_unclassed,
@@ -174,10 +174,8 @@ impl Shared {
         crate::node_ips::mode(svc, ctx)
     }
 
-    /// Whether a Service of ours is in node-IP mode with a valid annotation (an invalid
-    /// one leaves it where it was, with a Warning from the allocator).
     pub fn on_nodes(&self, svc: &ServiceInfo, ctx: &crate::node_ips::Context) -> bool {
-        matches!(self.node_ip_mode(svc, ctx), Some(Ok(_)))
+        self.node_ip_mode(svc, ctx).is_some()
     }
 
     /// What node-IP mode depends on, from the caches now.

@@ -113,8 +113,10 @@ pub struct Coordinator {
     /// What this node's Lease publishes now (None: not yet, or the last write failed).
     published: Option<Published>,
     publishing: Option<JoinHandle<bool>>,
-    /// When this node's listening sockets were last read (node-IP Services' ports).
+    /// When this node's listening sockets were last read (node-IP Services' ports), and
+    /// whether that read failed.
     ports_read: Option<Instant>,
+    ports_failed: bool,
     /// (Service, IP) pairs already told that this node refuses the IP.
     reported: HashSet<(String, IpAddr)>,
     /// What the last full pass was computed from: a pass with the same inputs would feed
@@ -153,6 +155,7 @@ impl Coordinator {
             published: None,
             publishing: None,
             ports_read: None,
+            ports_failed: false,
             reported: HashSet::new(),
             last_inputs: None,
             kernel_changes: None,
@@ -517,11 +520,13 @@ impl Coordinator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        // Read again when the ports change, or every PORTS_EVERY (also after a failed read).
         let fresh = self.ports_read.is_some_and(|t| now - t < PORTS_EVERY);
-        if fresh && current.checked == wanted {
+        if fresh && (current.checked == wanted || self.ports_failed) {
             return current.busy.iter().map(node_ips::format_port).collect();
         }
         self.ports_read = Some(now);
+        self.ports_failed = false;
         let busy = if wanted.is_empty() {
             BTreeSet::new()
         } else {
@@ -530,6 +535,7 @@ impl Coordinator {
                 Err(e) => {
                     // Nothing new is served until the sockets can be read.
                     warn!(error = %e, "could not read this node's listening sockets");
+                    self.ports_failed = true;
                     let checked = current.checked.intersection(&wanted).copied().collect();
                     let kept = node_ips::PortCheck {
                         checked,

@@ -49,26 +49,28 @@ pub struct Context {
     pub default: Option<NodeIps>,
 }
 
-/// Whether `svc` is in node-IP mode, and how: its annotation says so (an unreadable value is
-/// an error), or no IPPool exists at all and nothing about the Service asks for a pool
+/// Whether `svc` is in node-IP mode, and how: its annotation says so (an unreadable value
+/// counts as no annotation), or no IPPool exists at all and nothing about the Service asks for a pool
 /// address (a wanted IP, a pool name, an address in its status that is no node's, or a pool
 /// address withdrawn while no pool existed: deleting the last pool does not move Services
 /// onto the nodes). A status holding node addresses only, as k3s ServiceLB leaves it, does
 /// not count.
-pub fn mode(svc: &ServiceInfo, ctx: &Context) -> Option<Result<NodeIps, String>> {
-    if let Some(m) = &svc.node_ips {
-        return Some(m.clone());
+pub fn mode(svc: &ServiceInfo, ctx: &Context) -> Option<NodeIps> {
+    match &svc.node_ips {
+        Some(Ok(m)) => return Some(*m),
+        // An unreadable annotation counts as none (the allocator says so in a Warning).
+        Some(Err(_)) | None => {}
     }
+    // Addresses published on nodes (ipMode Proxy) are not pool addresses, also once their
+    // node is gone.
+    let pool_address = |ip: &IpAddr| !ctx.node_addresses.contains(ip) && !svc.proxied.contains(ip);
     let asks_for_a_pool = !svc.requested.is_empty()
         || !svc.bad_requests.is_empty()
         || svc.pool.is_some()
-        || svc
-            .assigned
-            .iter()
-            .any(|ip| !ctx.node_addresses.contains(ip))
+        || svc.assigned.iter().any(pool_address)
         || svc.pool_withdrawn;
     if ctx.no_pools && !asks_for_a_pool {
-        return ctx.default.map(Ok);
+        return ctx.default;
     }
     None
 }
@@ -379,7 +381,7 @@ mod tests {
     fn the_mode_comes_from_the_annotation_or_from_there_being_no_pool_at_all() {
         let all = ctx(true, Some(NodeIps::All));
         let plain = svc("a", "1", &[80]);
-        assert_eq!(mode(&plain, &all), Some(Ok(NodeIps::All)));
+        assert_eq!(mode(&plain, &all), Some(NodeIps::All));
         let pools = ctx(false, Some(NodeIps::All));
         assert_eq!(mode(&plain, &pools), None, "pools exist");
         assert_eq!(mode(&plain, &ctx(true, None)), None, "automatic mode off");
@@ -393,7 +395,7 @@ mod tests {
         from_k3s.assigned = ips(&["192.0.2.1", "192.0.2.2"]);
         assert_eq!(
             mode(&from_k3s, &all),
-            Some(Ok(NodeIps::All)),
+            Some(NodeIps::All),
             "node addresses in the status (ServiceLB's) do not ask for a pool"
         );
         let mut withdrawn = plain.clone();
@@ -405,12 +407,22 @@ mod tests {
         );
         let mut one = plain.clone();
         one.node_ips = Some(Ok(NodeIps::One));
-        assert_eq!(mode(&one, &ctx(false, None)), Some(Ok(NodeIps::One)));
+        assert_eq!(mode(&one, &ctx(false, None)), Some(NodeIps::One));
+        let mut node_gone = plain.clone();
+        node_gone.assigned = ips(&["192.0.2.9"]);
+        node_gone.proxied = ips(&["192.0.2.9"]);
+        assert_eq!(
+            mode(&node_gone, &all),
+            Some(NodeIps::All),
+            "an address published on a node that is gone now is no pool address"
+        );
         let s = ServiceInfo::from_service(
             &serde_json::from_value(json!({"metadata": {"name": "x", "annotations": {crate::service::ANNOTATION_NODE_IPS: "some"}}, "spec": {"type": "LoadBalancer"}})).unwrap(),
         );
-        let err = mode(&s, &ctx(false, None)).unwrap().unwrap_err();
+        let err = s.node_ips.clone().unwrap().unwrap_err();
         assert!(err.contains("\"some\""), "{err}");
+        assert_eq!(mode(&s, &ctx(false, None)), None, "as if not annotated");
+        assert_eq!(mode(&s, &all), Some(NodeIps::All), "as if not annotated");
     }
 
     #[test]

@@ -103,6 +103,8 @@ pub struct ServiceInfo {
     pub lbpool: Option<String>,
     /// The `ipMode`s the status's ingress names (API servers before 1.30 drop the field).
     pub ip_modes: std::collections::BTreeSet<String>,
+    /// Ingress addresses published with `ipMode: Proxy` (on nodes).
+    pub proxied: Vec<IpAddr>,
     /// `spec.selector` (IP sharing with `Local` needs the same pods).
     pub selector: std::collections::BTreeMap<String, String>,
     /// The allocator withdrew a pool address while no pool existed (see
@@ -240,6 +242,18 @@ impl ServiceInfo {
                 .and_then(|lb| lb.ingress.as_ref())
                 .map(|ing| ing.iter().filter_map(|i| i.ip_mode.clone()).collect())
                 .unwrap_or_default(),
+            proxied: svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .map(|ing| {
+                    ing.iter()
+                        .filter(|i| i.ip_mode.as_deref() == Some("Proxy"))
+                        .filter_map(|i| i.ip.as_deref()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default(),
             selector: svc
                 .spec
                 .as_ref()
@@ -340,6 +354,7 @@ pub fn fixture(name: &str, created: &str) -> ServiceInfo {
         lbpool: None,
         sharing: None,
         ip_modes: Default::default(),
+        proxied: vec![],
         selector: Default::default(),
         pool_withdrawn: false,
     }
