@@ -56,10 +56,9 @@ pub struct Context {
 /// onto the nodes). A status holding node addresses only, as k3s ServiceLB leaves it, does
 /// not count.
 pub fn mode(svc: &ServiceInfo, ctx: &Context) -> Option<NodeIps> {
-    match &svc.node_ips {
-        Some(Ok(m)) => return Some(*m),
-        // An unreadable annotation counts as none (the allocator says so in a Warning).
-        Some(Err(_)) | None => {}
+    // An unreadable annotation counts as none (the allocator says so in a Warning).
+    if let Some(Ok(m)) = &svc.node_ips {
+        return Some(*m);
     }
     // Addresses published on nodes (ipMode Proxy) are not pool addresses, also once their
     // node is gone.

@@ -157,17 +157,15 @@ impl ServiceInfo {
             (Some("IPv6"), false) => (false, true),
             _ => (true, false),
         };
-        let assigned = svc
+        let ingress: &[k8s_openapi::api::core::v1::LoadBalancerIngress] = svc
             .status
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref())
-            .map(|ing| {
-                ing.iter()
-                    .filter_map(|i| i.ip.as_deref()?.parse().ok())
-                    .collect()
-            })
+            .and_then(|lb| lb.ingress.as_deref())
             .unwrap_or_default();
+        let ip =
+            |i: &k8s_openapi::api::core::v1::LoadBalancerIngress| i.ip.as_deref()?.parse().ok();
+        let assigned = ingress.iter().filter_map(ip).collect();
         let ports = spec
             .ports
             .unwrap_or_default()
@@ -235,25 +233,12 @@ impl ServiceInfo {
                 .find_map(|k| annotations.get(k))
                 .map(|v| v.trim().to_string())
                 .filter(|v| !v.is_empty()),
-            ip_modes: svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref())
-                .map(|ing| ing.iter().filter_map(|i| i.ip_mode.clone()).collect())
-                .unwrap_or_default(),
-            proxied: svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref())
-                .map(|ing| {
-                    ing.iter()
-                        .filter(|i| i.ip_mode.as_deref() == Some("Proxy"))
-                        .filter_map(|i| i.ip.as_deref()?.parse().ok())
-                        .collect()
-                })
-                .unwrap_or_default(),
+            ip_modes: ingress.iter().filter_map(|i| i.ip_mode.clone()).collect(),
+            proxied: ingress
+                .iter()
+                .filter(|i| i.ip_mode.as_deref() == Some("Proxy"))
+                .filter_map(ip)
+                .collect(),
             selector: svc
                 .spec
                 .as_ref()

@@ -299,30 +299,19 @@ async fn k3s_enablelb_and_lbpool_labels_choose_the_serving_nodes() {
         .ok();
     wait_ingress(&tb, "web", &all).await;
     let api: Api<Service> = Api::namespaced(tb.client.clone(), "default");
-    let conditions = api
-        .get("web")
-        .await
-        .unwrap()
-        .status
-        .and_then(|s| s.conditions);
-    assert!(
-        conditions.unwrap_or_default().is_empty(),
-        "not marked as a withdrawn pool address"
-    );
+    let unmarked = async || {
+        let s = api.get("web").await.unwrap();
+        s.status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .is_empty()
+    };
+    assert!(unmarked().await, "not marked as a withdrawn pool address");
     // A Node deleted (drained and removed, its speaker still running): its address leaves
     // the status; the Service stays on the other nodes.
     tb.kubectl.run(&["delete", "node", "node-3"]).await.ok();
     wait_ingress(&tb, "web", &v4_of(&tb, &["n1", "n2"])).await;
-    let conditions = api
-        .get("web")
-        .await
-        .unwrap()
-        .status
-        .and_then(|s| s.conditions);
-    assert!(
-        conditions.unwrap_or_default().is_empty(),
-        "still not taken for a pool Service"
-    );
+    assert!(unmarked().await, "still not taken for a pool Service");
 }
 
 /// `l2speaker.io/node-ips: one`, with a pool present: one node's address is published;
