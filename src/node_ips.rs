@@ -151,7 +151,8 @@ fn spread(key: &str, node: &str) -> u64 {
     h.finish()
 }
 
-/// Which nodes serve which Service, oldest Service first: a node serves a Service when its
+/// Which nodes serve which Service, oldest Service first (of two created in the same second,
+/// the one already published): a node serves a Service when its
 /// speaker is alive, its labels allow it (not excluded; k3s `enablelb` and `lbpool`), it
 /// has an address of a family the Service wants, it runs a ready endpoint when the traffic
 /// policy is Local, nothing on it listens on the Service's ports, and no older Service is
@@ -163,7 +164,16 @@ pub fn assign(requests: &[Request], nodes: &[Candidate]) -> Assignment {
         .iter()
         .any(|n| n.labels.contains_key(LABEL_K3S_ENABLELB));
     let mut order: Vec<&Request> = requests.iter().collect();
-    order.sort_by(|a, b| (&a.svc.created, &a.svc.key).cmp(&(&b.svc.created, &b.svc.key)));
+    // Creation times have whole seconds: between two of the same age, the one published
+    // already keeps its ports (no flapping), then the name decides.
+    let rank = |r: &Request| {
+        (
+            r.svc.created.clone(),
+            r.svc.assigned.is_empty(),
+            r.svc.key.clone(),
+        )
+    };
+    order.sort_by_key(|r| rank(r));
     // Node → port → the Service served there on it.
     let mut taken: BTreeMap<&str, BTreeMap<Port, &str>> = BTreeMap::new();
     for r in order {
@@ -504,6 +514,22 @@ mod tests {
             "node-1 serves tcp/80 for default/old, an older Service; it does not serve this one"
         )));
         assert!(said.iter().any(|(r, _)| *r == "NoNode"));
+    }
+
+    #[test]
+    fn of_two_services_created_in_one_second_the_published_one_keeps_the_port() {
+        let mut old = svc("old", "1", &[80]);
+        old.assigned = ips(&["192.0.2.1"]);
+        let new = svc("new", "1", &[80]);
+        let a = assign(
+            &[req(&new, NodeIps::All), req(&old, NodeIps::All)],
+            &[node(1, &[])],
+        );
+        assert_eq!(a.serving["default/old"], ["node-1"]);
+        assert!(
+            a.serving["default/new"].is_empty(),
+            "\"new\" sorts first by name only"
+        );
     }
 
     #[test]
