@@ -117,6 +117,8 @@ pub struct Coordinator {
     /// whether that read failed.
     ports_read: Option<Instant>,
     ports_failed: bool,
+    /// The node-IP Services' ports, for the cluster change counter they were read at.
+    ports_wanted: Option<(u64, BTreeSet<node_ips::Port>)>,
     /// (Service, IP) pairs already told that this node refuses the IP.
     reported: HashSet<(String, IpAddr)>,
     /// What the last full pass was computed from: a pass with the same inputs would feed
@@ -156,6 +158,7 @@ impl Coordinator {
             publishing: None,
             ports_read: None,
             ports_failed: false,
+            ports_wanted: None,
             reported: HashSet::new(),
             last_inputs: None,
             kernel_changes: None,
@@ -508,13 +511,22 @@ impl Coordinator {
     /// (which serves only ports checked and free) and returned for the node's Lease.
     fn busy_ports(&mut self, now: Instant) -> Vec<String> {
         let s = self.shared.clone();
-        let ctx = s.node_ip_context();
-        let wanted: BTreeSet<node_ips::Port> = s
-            .services()
-            .iter()
-            .filter(|x| s.on_nodes(x, &ctx))
-            .flat_map(|x| x.ports.iter().map(|p| (p.protocol, p.port)))
-            .collect();
+        // The ports wanted change only with the cluster: not every pass parses every Service.
+        let counter = *s.cluster.changed.borrow();
+        let wanted = match &self.ports_wanted {
+            Some((c, w)) if *c == counter => w.clone(),
+            _ => {
+                let ctx = s.node_ip_context();
+                let w: BTreeSet<node_ips::Port> = s
+                    .services()
+                    .iter()
+                    .filter(|x| s.on_nodes(x, &ctx))
+                    .flat_map(|x| x.ports.iter().map(|p| (p.protocol, p.port)))
+                    .collect();
+                self.ports_wanted = Some((counter, w.clone()));
+                w
+            }
+        };
         let current = s
             .busy_ports
             .lock()

@@ -47,26 +47,25 @@ pub fn refused(lease: &Lease) -> BTreeMap<IpAddr, String> {
         .unwrap_or_default()
 }
 
-/// The MACs a node Lease publishes.
-pub fn macs(lease: &Lease) -> Vec<String> {
+/// A JSON list of strings in annotation `key` (empty when absent or unreadable).
+fn strings(lease: &Lease, key: &str) -> Vec<String> {
     lease
         .metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(ANNOTATION_MACS))
+        .and_then(|a| a.get(key))
         .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
         .unwrap_or_default()
 }
 
+/// The MACs a node Lease publishes.
+pub fn macs(lease: &Lease) -> Vec<String> {
+    strings(lease, ANNOTATION_MACS)
+}
+
 /// The busy ports a node Lease publishes.
 pub fn busy_ports(lease: &Lease) -> std::collections::BTreeSet<crate::node_ips::Port> {
-    lease
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_BUSY_PORTS))
-        .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
-        .unwrap_or_default()
+    strings(lease, ANNOTATION_BUSY_PORTS)
         .iter()
         .filter_map(|p| crate::node_ips::parse_port(p))
         .collect()

@@ -549,6 +549,14 @@ pub fn service(name: &str, extra_spec: &str, annotations: &str) -> String {
     )
 }
 
+/// [`endpoints`] with the port named `dns` and of `protocol` (`TCP`, `UDP`).
+pub fn dns_endpoints(name: &str, pods: &[Pod], protocol: &str) -> String {
+    endpoints(name, pods).replace(
+        "{name: http, port: 8080, protocol: TCP}",
+        &format!("{{name: dns, port: 8080, protocol: {protocol}}}"),
+    )
+}
+
 /// EndpointSlices (IPv4 and IPv6) putting `pods` behind Service `name`.
 pub fn endpoints(name: &str, pods: &[Pod]) -> String {
     let mut out = String::new();

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use l2speaker_e2e::lab::Pod;
 use l2speaker_e2e::lab::sampler::AllSamples;
-use l2speaker_e2e::testbed::{Testbed, Timing, endpoints, eventually, service};
+use l2speaker_e2e::testbed::{Testbed, Timing, dns_endpoints, endpoints, eventually, service};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
@@ -555,10 +555,7 @@ async fn lan_udp_reaches_a_pod_through_the_vip_before_and_after_a_failover() {
     ready(&tb).await;
     let pods = pods(&tb);
     let names: std::collections::BTreeSet<String> = pods.iter().map(|p| p.name.clone()).collect();
-    let slices = endpoints("dns", &pods).replace(
-        "{name: http, port: 8080, protocol: TCP}",
-        "{name: dns, port: 8080, protocol: UDP}",
-    );
+    let slices = dns_endpoints("dns", &pods, "UDP");
     assert!(
         slices.contains("protocol: UDP"),
         "the slices name a UDP port"

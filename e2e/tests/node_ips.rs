@@ -10,7 +10,9 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::Api;
 use l2speaker_e2e::lab::Pod;
-use l2speaker_e2e::testbed::{NAMESPACE, Testbed, Timing, endpoints, eventually, service};
+use l2speaker_e2e::testbed::{
+    NAMESPACE, Testbed, Timing, dns_endpoints, endpoints, eventually, service,
+};
 
 fn pods(tb: &Testbed) -> Vec<Pod> {
     tb.lab.pods().cloned().collect()
@@ -447,11 +449,7 @@ async fn node_ip_services_honour_source_ranges_and_carry_udp() {
     let answer = reach(&tb, n2).await;
     assert!(answer.starts_with("n1-p0 "), "{answer}");
 
-    tb.apply(&endpoints("dns", &pods(&tb)).replace(
-        "{name: http, port: 8080, protocol: TCP}",
-        "{name: dns, port: 8080, protocol: UDP}",
-    ))
-    .await;
+    tb.apply(&dns_endpoints("dns", &pods(&tb), "UDP")).await;
     tb.apply(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n  namespace: default\nspec:\n  type: LoadBalancer\n  ports:\n  - {name: dns, port: 53, targetPort: 8080, protocol: UDP}\n",
     )

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use l2speaker_e2e::lab::Pod;
-use l2speaker_e2e::testbed::{Testbed, Timing, endpoints, eventually, service};
+use l2speaker_e2e::testbed::{Testbed, Timing, dns_endpoints, endpoints, eventually, service};
 
 fn pods(tb: &Testbed) -> Vec<Pod> {
     tb.lab.pods().cloned().collect()
@@ -966,28 +966,23 @@ async fn services_with_one_sharing_key_share_one_ip_lease_and_owner() {
         )
     };
     for (name, protocol) in [("dns-tcp", "TCP"), ("dns-udp", "UDP")] {
-        tb.apply(&endpoints(name, &pods(&tb)).replace(
-            "{name: http, port: 8080, protocol: TCP}",
-            &format!("{{name: dns, port: 8080, protocol: {protocol}}}"),
-        ))
-        .await;
+        tb.apply(&dns_endpoints(name, &pods(&tb), protocol)).await;
         tb.apply(&shared(name, protocol)).await;
     }
     let ip = tb.wait_ips("default", "dns-tcp", 1).await[0];
     assert_eq!(tb.wait_ips("default", "dns-udp", 1).await, [ip], "one IP");
     let owner = tb.wait_owner(ip).await;
     let vip = SocketAddr::new(ip, 53);
-    eventually(
-        Duration::from_secs(10),
-        "TCP through the shared IP",
-        async || {
+    let tcp = async |what: &str| {
+        eventually(Duration::from_secs(10), what, async || {
             tb.lab
                 .connect("client", vip)
                 .ok()
                 .filter(|a| a.contains("-p0 "))
-        },
-    )
-    .await;
+        })
+        .await
+    };
+    tcp("TCP through the shared IP").await;
     let udp = async |what: &str| {
         eventually(Duration::from_secs(10), what, async || {
             tb.lab
@@ -1016,11 +1011,8 @@ async fn services_with_one_sharing_key_share_one_ip_lease_and_owner() {
     assert_eq!(vip_leases, 1, "one Lease for the two Services");
 
     // A third Service with the key and a port already used: refused until the port is free.
-    tb.apply(&endpoints("dns-clash", &pods(&tb)).replace(
-        "{name: http, port: 8080, protocol: TCP}",
-        "{name: dns, port: 8080, protocol: TCP}",
-    ))
-    .await;
+    tb.apply(&dns_endpoints("dns-clash", &pods(&tb), "TCP"))
+        .await;
     tb.apply(&shared("dns-clash", "TCP")).await;
     let said = tb.wait_describe_svc("dns-clash", "IPSharingRefused").await;
     assert!(said.contains("uses tcp/53 too"), "{said}");
@@ -1028,17 +1020,7 @@ async fn services_with_one_sharing_key_share_one_ip_lease_and_owner() {
     // dns-tcp deleted: dns-udp keeps the IP and its owner, and dns-clash joins it on tcp/53.
     tb.kubectl.run(&["delete", "service", "dns-tcp"]).await.ok();
     assert_eq!(tb.wait_ips("default", "dns-clash", 1).await, [ip], "joined");
-    eventually(
-        Duration::from_secs(10),
-        "TCP through the shared IP for dns-clash",
-        async || {
-            tb.lab
-                .connect("client", vip)
-                .ok()
-                .filter(|a| a.contains("-p0 "))
-        },
-    )
-    .await;
+    tcp("TCP through the shared IP for dns-clash").await;
     udp("UDP still answered after the TCP Service went").await;
     assert_eq!(
         tb.wait_ips("default", "dns-udp", 1).await,
