@@ -56,7 +56,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 lease: observed,
                 absent_since: since,
             },
-            lease: lease.map(|l| (*l).clone()),
+            lease,
             interface: None,
             service: String::new(),
         }

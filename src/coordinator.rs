@@ -394,7 +394,7 @@ impl Coordinator {
                     lease: observed,
                     absent_since,
                 },
-                lease: leases.get(&name).map(|l| (**l).clone()),
+                lease: leases.get(&name).cloned(),
                 interface: eligible.ok(),
                 service: svc.key.clone(),
             };

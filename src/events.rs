@@ -3,6 +3,11 @@
 //! Repeats of one Event are aggregated into a series by kube's recorder (one PATCH with a
 //! count), and each object's Events are rate-limited as client-go's spam filter does (a burst
 //! of 25, then one per 5 minutes), so hostile amounts never flood the API server.
+//!
+//! kube's recorder keeps every Event it posted for six minutes, to aggregate repeats. A
+//! take-over of a thousand VIPs posts a thousand Events, about 3 MiB held for nothing: this
+//! module starts a fresh recorder after [`RECORDER_EVENTS`] Events, so a repeat is aggregated
+//! unless that many other Events came between (then it is posted as a new Event).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -12,7 +17,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 use tracing::{debug, warn};
 
 use crate::dataplane::addr::Interface;
@@ -23,6 +28,8 @@ pub const EVENT_DEADLINE: Duration = Duration::from_secs(5);
 /// client-go's spam filter: per object, a burst of 25 Events, then one per 5 minutes.
 pub const SPAM_BURST: f64 = 25.0;
 pub const SPAM_REFILL: Duration = Duration::from_secs(300);
+/// How many Events one recorder posts before a fresh one (with an empty cache) replaces it.
+pub const RECORDER_EVENTS: u32 = 128;
 
 /// A token bucket per object.
 #[derive(Debug, Default)]
@@ -56,7 +63,9 @@ impl SpamFilter {
 
 #[derive(Clone)]
 pub struct Events {
-    recorder: Recorder,
+    client: Client,
+    /// The recorder in use, and how many Events it has posted.
+    recorder: Arc<Mutex<(Recorder, u32)>>,
     services: Store<Service>,
     node: String,
     spam: Arc<Mutex<SpamFilter>>,
@@ -65,13 +74,8 @@ pub struct Events {
 impl Events {
     pub fn new(client: Client, node: &str, services: Store<Service>) -> Self {
         Events {
-            recorder: Recorder::new(
-                client,
-                Reporter {
-                    controller: "l2speaker".into(),
-                    instance: Some(node.to_string()),
-                },
-            ),
+            recorder: Arc::new(Mutex::new((recorder(client.clone(), node), 0))),
+            client,
             services,
             node: node.to_string(),
             spam: Arc::default(),
@@ -83,10 +87,19 @@ impl Events {
         let (ns, name) = key.split_once('/')?;
         let svc = self
             .services
-            .state()
-            .into_iter()
-            .find(|s| s.namespace().as_deref() == Some(ns) && s.name_any() == name)?;
+            .get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))?;
         Some(svc.object_ref(&()))
+    }
+
+    /// The recorder for the next Event: a fresh one every [`RECORDER_EVENTS`] Events (the old
+    /// one's cache goes with the last of its posts).
+    fn recorder(&self) -> Recorder {
+        let mut r = self.recorder.lock().unwrap_or_else(|e| e.into_inner());
+        if r.1 >= RECORDER_EVENTS {
+            *r = (recorder(self.client.clone(), &self.node), 0);
+        }
+        r.1 += 1;
+        r.0.clone()
     }
 
     /// Posts in the background, dropped after [`EVENT_DEADLINE`].
@@ -120,7 +133,7 @@ impl Events {
             action: action.into(),
             secondary: None,
         };
-        let recorder = self.recorder.clone();
+        let recorder = self.recorder();
         let reason = reason.to_string();
         tokio::spawn(async move {
             match tokio::time::timeout(EVENT_DEADLINE, recorder.publish(&ev, &reference)).await {
@@ -148,6 +161,16 @@ impl Events {
         };
         self.post(r, EventType::Normal, reason, note, "Announce");
     }
+}
+
+fn recorder(client: Client, node: &str) -> Recorder {
+    Recorder::new(
+        client,
+        Reporter {
+            controller: "l2speaker".into(),
+            instance: Some(node.to_string()),
+        },
+    )
 }
 
 #[cfg(test)]

@@ -10,8 +10,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::channel::mpsc;
 use k8s_openapi::api::coordination::v1::Lease;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -32,7 +34,9 @@ const BIND_RETRY: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, PartialEq)]
 pub struct Feed {
     pub view: View,
-    pub lease: Option<Lease>,
+    /// The watch cache's copy, shared (a thousand VIPs would otherwise copy a thousand
+    /// Leases on every pass that changes their views).
+    pub lease: Option<Arc<Lease>>,
     pub interface: Option<Interface>,
     pub service: String,
     /// LAN mode: moves each time this node's generation was fenced (withdraw at once).
@@ -99,14 +103,16 @@ pub async fn run(
         held: None,
         interfaces: HashMap::new(),
         bound: None,
-        done: mpsc::unbounded_channel(),
+        done: mpsc::unbounded(),
     };
     let mut input = Input::Tick;
     loop {
         let now = Instant::now();
         let step = holder.step(input, now);
         for action in step.actions {
-            shell.perform(action).await;
+            // Boxed: the actions' futures (netlink, retries) would otherwise sit inside every
+            // VIP's task for its whole life, a few KiB each.
+            Box::pin(shell.perform(action)).await;
         }
         if let Some(h) = &holds {
             h.send_if_modified(|v| {
@@ -127,7 +133,7 @@ pub async fn run(
         input = tokio::select! {
             biased;
             _ = tokio::time::sleep_until(wake) => Input::Tick,
-            Some(done) = shell.done.1.recv() => match done {
+            Some(done) = shell.done.1.next() => match done {
                 Done::Api(req, result) => shell.reply(req, *result),
                 Done::Probe(req, answered_by) => Input::Probed { req, answered_by },
                 Done::Reply(req, reply) => Input::Reply { req, reply },
@@ -165,11 +171,13 @@ struct Shell {
     name: String,
     feed: Feed,
     /// What our last successful write returned (renewals and releases CAS on it).
-    held: Option<Lease>,
+    held: Option<Box<Lease>>,
     /// Interfaces by index, as last seen (an action names the one it was decided on).
     interfaces: HashMap<u32, Interface>,
     /// The interface of the last bind.
     bound: Option<u32>,
+    /// futures' channel, not tokio's: it allocates per message, where tokio's allocates a
+    /// block of 32 up front (over a KiB per VIP, on every speaker, for a rare message).
     done: (mpsc::UnboundedSender<Done>, mpsc::UnboundedReceiver<Done>),
 }
 
@@ -189,7 +197,7 @@ impl Shell {
                     .and_then(|l| l.metadata.resource_version.clone())
                     .unwrap_or_default();
                 if lease.is_some() {
-                    self.held = lease;
+                    self.held = lease.map(Box::new);
                 }
                 Reply::Written { resource_version }
             }
@@ -210,7 +218,7 @@ impl Shell {
             let result = tokio::time::timeout_at(deadline, f)
                 .await
                 .unwrap_or(Err(LeaseError::Timeout(name)));
-            let _ = tx.send(Done::Api(req, Box::new(result)));
+            let _ = tx.unbounded_send(Done::Api(req, Box::new(result)));
         });
     }
 
@@ -229,9 +237,10 @@ impl Shell {
         let seen = self
             .feed
             .lease
-            .clone()
-            .filter(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(me));
-        match (seen, self.held.clone()) {
+            .as_deref()
+            .filter(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(me))
+            .cloned();
+        match (seen, self.held.as_deref().cloned()) {
             (Some(a), Some(b)) => {
                 if rv(&a) > rv(&b) {
                     a
@@ -282,7 +291,7 @@ impl Shell {
             } => {
                 // CAS on exactly what the machine decided on.
                 let current = resource_version.map(|rv| {
-                    let mut l = self.feed.lease.clone().unwrap_or_default();
+                    let mut l = self.feed.lease.as_deref().cloned().unwrap_or_default();
                     l.metadata.resource_version = Some(rv);
                     l
                 });
@@ -324,11 +333,11 @@ impl Shell {
                         Ok(Err(e)) => Reply::Failed(e.to_string()),
                         Err(_) => Reply::Failed("fencing timed out".into()),
                     };
-                    let _ = tx.send(Done::Reply(req, reply));
+                    let _ = tx.unbounded_send(Done::Reply(req, reply));
                 });
             }
             Action::Renew { req, deadline } => {
-                let held = self.held.clone().unwrap_or_default();
+                let held = self.held.as_deref().cloned().unwrap_or_default();
                 self.request(req, deadline, async move {
                     leases.renew(&name, &held).await.map(Some)
                 });
@@ -416,7 +425,7 @@ impl Shell {
             }
             Action::Probe { req, iface } => {
                 let (Some(ip), Some(i)) = (self.ip(), self.interface(iface)) else {
-                    let _ = self.done.0.send(Done::Probe(req, None));
+                    let _ = self.done.0.unbounded_send(Done::Probe(req, None));
                     return;
                 };
                 let tx = self.done.0.clone();
@@ -432,7 +441,7 @@ impl Shell {
                         }
                     };
                     metrics.probed(t0.elapsed());
-                    let _ = tx.send(Done::Probe(req, answered));
+                    let _ = tx.unbounded_send(Done::Probe(req, answered));
                 });
             }
             Action::Unbind { iface } => {
