@@ -39,8 +39,11 @@ struct Args {
     /// IP counts for the API-load runs.
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
     ips: Vec<usize>,
-    /// Only these parts (failover, failover-lease, node-ips, shutdown, api, api-lease,
-    /// heartbeat, false-declarations, dnat); all by default.
+    /// How long each API outage lasts (api-outage).
+    #[arg(long, default_value_t = 60)]
+    outage_seconds: u64,
+    /// Only these parts (failover, failover-lease, api-outage, node-ips, shutdown, api,
+    /// api-lease, heartbeat, false-declarations, dnat); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -96,6 +99,62 @@ async fn drill_bed(timing: Timing, v6: bool) -> (Testbed, IpAddr) {
         tokio::time::sleep(Duration::from_secs(11)).await;
     }
     (tb, ip)
+}
+
+/// The API server down for everyone for `secs` — frozen (requests held), refusing (503) and
+/// black-holed (connections accepted, never answered) — then 5 s more after it is back: the
+/// longest outage a client connecting every 10 ms saw, its failed attempts, and whether the
+/// VIP moved (its Lease's transitions).
+async fn api_outage(timing: Timing, secs: u64) -> Value {
+    let (tb, ip) = drill_bed(timing, false).await;
+    let faults = [
+        (
+            "frozen",
+            json!({"action": "delay", "ms": secs * 1000, "phase": "before"}),
+        ),
+        ("refusing", json!({"action": "fail", "code": 503})),
+        ("black-holed", json!({"action": "blackhole"})),
+    ];
+    let transitions = async || {
+        tb.lease(ip)
+            .await
+            .and_then(|l| l.spec?.lease_transitions)
+            .unwrap_or(0)
+    };
+    let mut rows = Vec::new();
+    for (what, fault) in faults {
+        let owner = tb.wait_owner(ip).await;
+        let before = transitions().await;
+        let prober = tb.probe(ip).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let from = prober.now();
+        tb.api_fault(fault);
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        tb.clear_api_faults();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let t = prober.stop();
+        let outage = t.outage_after(from);
+        let moved = transitions().await - before;
+        let now_owner = tb.wait_owner(ip).await;
+        println!(
+            "API server {what} for {secs} s, {}: outage {} ms, {} of {} attempts failed, Lease moved {moved} times ({owner} -> {now_owner})",
+            profile(timing),
+            outage.as_millis(),
+            t.failures(),
+            t.failures() + t.successes()
+        );
+        rows.push(json!({
+            "fault": what,
+            "seconds": secs,
+            "outage_ms": outage.as_millis() as u64,
+            "failed_attempts": t.failures(),
+            "attempts": t.failures() + t.successes(),
+            "lease_moves": moved,
+        }));
+        // Whatever moved settles before the next fault.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    json!({"profile": profile(timing), "faults": rows})
 }
 
 fn metric_sum(tb: &Testbed, host: &str, prefix: &str) -> f64 {
@@ -297,14 +356,30 @@ fn rates(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>, secs: f64) -> BTr
         .collect()
 }
 
+/// A field of /proc/PID/status in KiB (0 if the process is gone).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resident memory as JSON: all of it, and the part that is the process's own heap and stacks
+/// (anonymous) rather than pages of the binary and libraries (file).
+fn rss_json(pid: u32) -> (f64, f64, f64) {
+    let mib = |k: u64| (k as f64 / 1024.0 * 10.0).round() / 10.0;
+    (
+        mib(status_kib(pid, "VmRSS")),
+        mib(status_kib(pid, "RssAnon")),
+        mib(status_kib(pid, "RssFile")),
+    )
+}
+
 /// Resident memory (KiB) and CPU seconds of a process.
 fn usage(pid: u32) -> (u64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    let rss = status_kib(pid, "VmRSS");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit(')')
@@ -338,8 +413,9 @@ fn footprint(tb: &Testbed, window: Duration, during: impl FnOnce()) -> Value {
         .iter()
         .zip(before)
         .map(|((h, p), (_, cpu0))| {
-            let (rss, cpu1) = usage(*p);
-            json!({"node": h, "rss_mib": (rss as f64 / 1024.0 * 10.0).round() / 10.0, "cpu_percent": ((cpu1 - cpu0) / secs * 1000.0).round() / 10.0})
+            let (_, cpu1) = usage(*p);
+            let (rss, anon, file) = rss_json(*p);
+            json!({"node": h, "rss_mib": rss, "rss_anon_mib": anon, "rss_file_mib": file, "cpu_percent": ((cpu1 - cpu0) / secs * 1000.0).round() / 10.0})
         })
         .collect();
     json!(per)
@@ -858,6 +934,12 @@ async fn main() {
             "hard_short": failover("hard", Timing::SHORT, args.drills, false, &args.out).await,
             "hard_default": failover("hard", Timing::DEFAULT, args.drills, false, &args.out).await,
             "graceful": failover("graceful", Timing::DEFAULT, args.drills, false, &args.out).await,
+        });
+    }
+    if want("api-outage") {
+        results["api_outage"] = json!({
+            "lan_default": api_outage(Timing::LAN, args.outage_seconds).await,
+            "lease_default": api_outage(Timing::DEFAULT, args.outage_seconds).await,
         });
     }
     if want("node-ips") {
