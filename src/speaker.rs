@@ -53,6 +53,26 @@ async fn dnat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// How long the API server may take to start answering a request (its status and headers;
+/// a watch's events stream on afterwards). kube's client sets no such limit: a LIST or the
+/// start of a watch sent to an API server that accepts the connection and never answers
+/// (black-holed) would wait forever, and that watch's cache would never be updated again.
+pub const API_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The kube client the speaker uses: every request is timed into
+/// `l2speaker_api_request_duration_seconds`, and given up (an error: the caller retries)
+/// when the API server has not started answering within `reply_timeout`.
+pub fn api_client(
+    kube_config: kube::Config,
+    metrics: Arc<Metrics>,
+    reply_timeout: Duration,
+) -> anyhow::Result<Client> {
+    Ok(kube::client::ClientBuilder::try_from(kube_config)?
+        .with_layer(&crate::metrics::TimedLayer(metrics))
+        .with_layer(&tower::timeout::TimeoutLayer::new(reply_timeout))
+        .build())
+}
+
 /// Runs the speaker until `shutdown` resolves, then withdraws and releases everything.
 pub async fn run(
     config: Config,
@@ -64,10 +84,7 @@ pub async fn run(
         .cluster_url
         .host()
         .and_then(|h| h.trim_matches(['[', ']']).parse().ok());
-    // Every API request is timed into l2speaker_api_request_duration_seconds.
-    let client: Client = kube::client::ClientBuilder::try_from(kube_config)?
-        .with_layer(&crate::metrics::TimedLayer(metrics.clone()))
-        .build();
+    let client = api_client(kube_config, metrics.clone(), API_REPLY_TIMEOUT)?;
     let metrics_addr = config.metrics_address;
     let m = metrics.clone();
     tokio::spawn(async move {
@@ -233,4 +250,39 @@ pub async fn run(
         error!(error = %e, "could not remove DNAT rules");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod client_tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::Lease;
+
+    /// A black-holed API server (it accepts connections and never answers): a LIST fails by
+    /// itself after the reply timeout, so a watcher retries instead of waiting forever.
+    #[tokio::test]
+    async fn a_request_the_api_server_never_answers_fails_after_the_reply_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((c, _)) = listener.accept().await {
+                open.push(c);
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let client =
+            api_client(config, Arc::new(Metrics::new()), Duration::from_millis(300)).unwrap();
+        let leases: Api<Lease> = Api::namespaced(client, "l2speaker-system");
+        let t0 = std::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), leases.list(&Default::default()))
+            .await
+            .expect("the client gave up by itself, well before 10 s");
+        assert!(r.is_err(), "nothing answered, yet: {r:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "gave up after {:?}",
+            t0.elapsed()
+        );
+        held.abort();
+    }
 }

@@ -102,7 +102,8 @@ async fn drill_bed(timing: Timing, v6: bool) -> (Testbed, IpAddr) {
 }
 
 /// The API server down for everyone for `secs` — frozen (requests held), refusing (503) and
-/// black-holed (connections accepted, never answered) — then 5 s more after it is back: the
+/// black-holed (connections accepted, never answered) — then 5 s more after it is back (a
+/// frozen server: until everything it held has been served, `secs` more): the
 /// longest outage a client connecting every 10 ms saw, its failed attempts, and whether the
 /// VIP moved (its Lease's transitions).
 async fn api_outage(timing: Timing, secs: u64) -> Value {
@@ -131,7 +132,10 @@ async fn api_outage(timing: Timing, secs: u64) -> Value {
         tb.api_fault(fault);
         tokio::time::sleep(Duration::from_secs(secs)).await;
         tb.clear_api_faults();
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // A frozen server still holds what it received during the fault, for up to `secs`
+        // after it is cleared: the drill lasts until all of it has been served.
+        let tail = if what == "frozen" { secs + 5 } else { 5 };
+        tokio::time::sleep(Duration::from_secs(tail)).await;
         let t = prober.stop();
         let outage = t.outage_after(from);
         let moved = transitions().await - before;
