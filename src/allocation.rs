@@ -301,7 +301,7 @@ async fn allocate_once(
         let had_pool_address = s
             .assigned
             .iter()
-            .any(|ip| !ctx.node_addresses.contains(ip) && !s.proxied.contains(ip));
+            .any(|ip| node_ips::pool_address(s, &ctx, ip));
         let mark = ctx.no_pools && want.is_empty() && !on_nodes && had_pool_address;
         let unmark = s.pool_withdrawn && !want.is_empty();
         let ip_mode = if on_nodes { "Proxy" } else { "VIP" };

@@ -49,6 +49,12 @@ pub struct Context {
     pub default: Option<NodeIps>,
 }
 
+/// Whether `ip` in `svc`'s status is a pool address: no node's address now, and not published
+/// on a node (ipMode Proxy), also once that node is gone.
+pub fn pool_address(svc: &ServiceInfo, ctx: &Context, ip: &IpAddr) -> bool {
+    !ctx.node_addresses.contains(ip) && !svc.proxied.contains(ip)
+}
+
 /// Whether `svc` is in node-IP mode, and how: its annotation says so (an unreadable value
 /// counts as no annotation), or no IPPool exists at all and nothing about the Service asks for a pool
 /// address (a wanted IP, a pool name, an address in its status that is no node's, or a pool
@@ -60,13 +66,10 @@ pub fn mode(svc: &ServiceInfo, ctx: &Context) -> Option<NodeIps> {
     if let Some(Ok(m)) = &svc.node_ips {
         return Some(*m);
     }
-    // Addresses published on nodes (ipMode Proxy) are not pool addresses, also once their
-    // node is gone.
-    let pool_address = |ip: &IpAddr| !ctx.node_addresses.contains(ip) && !svc.proxied.contains(ip);
     let asks_for_a_pool = !svc.requested.is_empty()
         || !svc.bad_requests.is_empty()
         || svc.pool.is_some()
-        || svc.assigned.iter().any(pool_address)
+        || svc.assigned.iter().any(|ip| pool_address(svc, ctx, ip))
         || svc.pool_withdrawn;
     if ctx.no_pools && !asks_for_a_pool {
         return ctx.default;
@@ -166,14 +169,13 @@ pub fn assign(requests: &[Request], nodes: &[Candidate]) -> Assignment {
     let mut order: Vec<&Request> = requests.iter().collect();
     // Creation times have whole seconds: between two of the same age, the one published
     // already keeps its ports (no flapping), then the name decides.
-    let rank = |r: &Request| {
-        (
-            r.svc.created.clone(),
-            r.svc.assigned.is_empty(),
-            r.svc.key.clone(),
-        )
-    };
-    order.sort_by_key(|r| rank(r));
+    order.sort_by(|a, b| {
+        (&a.svc.created, a.svc.assigned.is_empty(), &a.svc.key).cmp(&(
+            &b.svc.created,
+            b.svc.assigned.is_empty(),
+            &b.svc.key,
+        ))
+    });
     // Node → port → the Service served there on it.
     let mut taken: BTreeMap<&str, BTreeMap<Port, &str>> = BTreeMap::new();
     for r in order {

@@ -421,6 +421,14 @@ impl Testbed {
             .unwrap()
     }
 
+    /// How many times the Lease of `ip` changed hands (0 without a Lease).
+    pub async fn transitions(&self, ip: IpAddr) -> i32 {
+        self.lease(ip)
+            .await
+            .and_then(|l| l.spec?.lease_transitions)
+            .unwrap_or(0)
+    }
+
     pub async fn holder(&self, ip: IpAddr) -> Option<String> {
         self.lease(ip)
             .await

@@ -189,20 +189,14 @@ async fn around<F: AsyncFnOnce(&Testbed, &str)>(
     owner: &str,
     fault: F,
 ) -> (AllSamples, Duration, i32, i32) {
-    let transitions = async || {
-        tb.lease(ip)
-            .await
-            .and_then(|l| l.spec?.lease_transitions)
-            .unwrap_or(0)
-    };
-    let before = transitions().await;
+    let before = tb.transitions(ip).await;
     let sampler = tb.sample(&[ip]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let at = sampler.now();
     fault(tb, owner).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let s = sampler.stop().unwrap();
-    (s, at, before, transitions().await)
+    (s, at, before, tb.transitions(ip).await)
 }
 
 /// A row whose expected result is "no outage, no move".

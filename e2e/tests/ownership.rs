@@ -243,11 +243,7 @@ async fn a_hanging_event_post_never_flaps_an_ip() {
     tb.speaker(&owner).kill();
     let new_owner = tb.wait_new_owner(ip, &owner).await;
     let took = sampler.now();
-    let transitions = tb
-        .lease(ip)
-        .await
-        .and_then(|l| l.spec?.lease_transitions)
-        .unwrap_or(0);
+    let transitions = tb.transitions(ip).await;
     tokio::time::sleep(Duration::from_secs(8)).await;
     let s = sampler.stop().unwrap();
     assert_never_two("failover with hanging Event POSTs", &s);
@@ -258,14 +254,7 @@ async fn a_hanging_event_post_never_flaps_an_ip() {
         rounds.iter().all(|r| r.macs == [new_mac.clone()]),
         "only {new_owner} answered, every time, after taking over"
     );
-    assert_eq!(
-        tb.lease(ip)
-            .await
-            .and_then(|l| l.spec?.lease_transitions)
-            .unwrap_or(0),
-        transitions,
-        "no further moves"
-    );
+    assert_eq!(tb.transitions(ip).await, transitions, "no further moves");
 }
 
 /// The owner's carrier goes down while its speaker keeps running: it withdraws on its own

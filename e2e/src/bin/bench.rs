@@ -116,16 +116,10 @@ async fn api_outage(timing: Timing, secs: u64) -> Value {
         ("refusing", json!({"action": "fail", "code": 503})),
         ("black-holed", json!({"action": "blackhole"})),
     ];
-    let transitions = async || {
-        tb.lease(ip)
-            .await
-            .and_then(|l| l.spec?.lease_transitions)
-            .unwrap_or(0)
-    };
     let mut rows = Vec::new();
     for (what, fault) in faults {
         let owner = tb.wait_owner(ip).await;
-        let before = transitions().await;
+        let before = tb.transitions(ip).await;
         let prober = tb.probe(ip).unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let from = prober.now();
@@ -138,7 +132,7 @@ async fn api_outage(timing: Timing, secs: u64) -> Value {
         tokio::time::sleep(Duration::from_secs(tail)).await;
         let t = prober.stop();
         let outage = t.outage_after(from);
-        let moved = transitions().await - before;
+        let moved = tb.transitions(ip).await - before;
         let now_owner = tb.wait_owner(ip).await;
         println!(
             "API server {what} for {secs} s, {}: outage {} ms, {} of {} attempts failed, Lease moved {moved} times ({owner} -> {now_owner})",
@@ -658,11 +652,7 @@ async fn false_declarations(secs: u64) -> Value {
             let transitions = async |tb: &Testbed| -> i64 {
                 let mut n = 0;
                 for ip in &ips {
-                    n += tb
-                        .lease(*ip)
-                        .await
-                        .and_then(|l| l.spec?.lease_transitions)
-                        .unwrap_or(0) as i64;
+                    n += tb.transitions(*ip).await as i64;
                 }
                 n
             };
