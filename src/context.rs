@@ -60,6 +60,10 @@ pub struct Shared {
     pub(crate) dnat_done: watch::Sender<u64>,
     /// What the claims watcher needs to know and what it has seen.
     pub(crate) lan: Mutex<LanView>,
+    /// Moves when someone else changed one of our nftables tables (see
+    /// [`crate::dataplane::nft_watch`]); never moves when the notifications cannot be followed
+    /// (the periodic check still runs).
+    pub nft_changes: watch::Receiver<u64>,
     /// Ports of node-IP Services checked against this node's listening sockets, and those
     /// in use: only ports checked and free are DNATed here.
     pub(crate) busy_ports: Mutex<crate::node_ips::PortCheck>,

@@ -353,9 +353,15 @@ impl Coordinator {
                     );
                 }
             }
+            // A node whose gate does not work gives up its VIPs and takes none.
+            let gate = match (&lan.gate_broken, lan_mode) {
+                (Some(why), true) => Err(format!("this node's kernel gate does not work: {why}")),
+                _ => Ok(()),
+            };
             let eligible = may_announce(&me, &my_labels)
                 .and_then(|()| refused.map_or(Ok(()), Err))
                 .and_then(|()| foreign.map_or(Ok(()), Err))
+                .and_then(|()| gate.clone())
                 .and_then(|()| plan::interface_for(*ip, pool, &self.interfaces));
             let mut candidates: BTreeSet<String> = nodes
                 .iter()

@@ -10,19 +10,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::context::Shared;
 use crate::dataplane::gate::{self, Netlink, Op};
+use crate::dataplane::nft_watch;
 use crate::node_lease::{self, NodeWriteError};
+use crate::ownership::gate_health::{self, Change, GateHealth};
 use crate::ownership::machine::HolderNode;
 use crate::ownership::node::{NodeAction, NodeInput, NodeKeeper, NodeReply, NodeTiming};
 use crate::ownership::quorum;
+use kube::runtime::events::EventType;
 
 /// What the keeper tells the coordinator (and through it every VIP holder).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,6 +38,9 @@ pub struct LanState {
     pub nodes: BTreeMap<String, HolderNode>,
     /// The nodes whose speakers we hear on the LAN now (candidates are only these and us).
     pub alive: BTreeSet<String>,
+    /// Why this node's kernel gate cannot be shown to work (see
+    /// [`crate::ownership::gate_health`]): it gives up its VIPs and takes none.
+    pub gate_broken: Option<String>,
 }
 
 /// The kernel gate of this node: its table, the interfaces it covers, the VIPs in it.
@@ -86,6 +92,30 @@ impl Gate {
             .map(|(set, key)| Op::Destroy { set, key })
             .collect();
         self.apply(&ops)
+    }
+
+    /// Whether the gate's table is in the kernel with exactly our VIPs under it.
+    pub fn intact(&mut self) -> std::io::Result<bool> {
+        if self.netlink.is_none() {
+            self.netlink = Some(Netlink::open()?);
+        }
+        let nl = self.netlink.as_mut().expect("opened");
+        let mut want: BTreeMap<&'static str, BTreeSet<Vec<u8>>> = BTreeMap::new();
+        for set in [gate::VIPS4, gate::VIPS6, gate::TARGETS6] {
+            want.insert(set, BTreeSet::new());
+        }
+        for ip in &self.vips {
+            for (set, key) in gate::vip_keys(*ip) {
+                want.entry(set).or_default().insert(key);
+            }
+        }
+        for (set, keys) in want {
+            match nl.set_keys(set)? {
+                Some(have) if have.iter().cloned().collect::<BTreeSet<_>>() == keys => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
     }
 
     /// Opens the gate until `until` at the latest (at most `max` from now), or closes it.
@@ -182,6 +212,14 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     // holders have unbound every one of them (taken it out of the gate): a new generation
     // must not reopen the gate for an address another node now owns.
     let mut withdrawing: BTreeSet<IpAddr> = BTreeSet::new();
+    // The gate's health; a check of its table is due (someone else changed our tables, or
+    // the periodic check).
+    let mut health = GateHealth::default();
+    let mut gate_failing = false;
+    let mut gate_suspect = false;
+    let mut next_check = Instant::now() + nft_watch::CHECK_EVERY;
+    let mut nft = s.nft_changes.clone();
+    let mut following = true;
     loop {
         let mut inputs = Vec::new();
         let silence = next_silence.map(|t| t + Duration::from_millis(1));
@@ -195,6 +233,10 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
                 inputs.push(NodeInput::Reply { req, reply });
             }
+            r = nft.changed(), if following => match r {
+                Ok(()) => gate_suspect = true,
+                Err(_) => following = false,
+            },
             _ = stop.changed() => break,
         }
         let now = Instant::now();
@@ -366,42 +408,60 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
             }
         }
-        // The gate's table follows the interfaces (rarely: `nft -f`), then the refresh,
-        // computed and sent right here with no queue in between.
-        let want: Vec<String> = s.owned_interfaces().into_iter().map(|i| i.name).collect();
-        let have = s
-            .gate
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .interfaces
-            .clone();
-        if want != have {
-            use crate::dataplane::nft::NftApply;
-            match crate::dataplane::nft::Nft.apply(&gate::render(&want)).await {
-                Ok(()) => {
-                    let mut g = s.gate.lock().unwrap_or_else(|e| e.into_inner());
-                    g.interfaces = want;
-                    let vips: Vec<IpAddr> = g.vips.iter().copied().collect();
-                    for ip in vips {
-                        if let Err(e) = g.add_vip(ip) {
-                            error!(ip = %ip, error = %e, "cannot put the VIP under the gate");
-                        }
-                    }
-                }
-                Err(e) => error!(error = %e, "cannot install the gate table"),
-            }
-        }
-        {
-            let mut g = s.gate.lock().unwrap_or_else(|e| e.into_inner());
+        // The gate: installed for the interfaces, put back when someone else removed or
+        // changed it (checked on their nftables changes and every CHECK_EVERY), then the
+        // refresh, computed and sent right here with no queue in between.
+        let until = {
+            let g = s.gate.lock().unwrap_or_else(|e| e.into_inner());
             withdrawing.retain(|ip| g.vips.contains(ip));
-            let until = if withdrawing.is_empty() {
+            if withdrawing.is_empty() {
                 keeper.open_until(Instant::now())
             } else {
                 None
-            };
-            if let Err(e) = g.refresh(until, gate_max) {
-                error!(error = %e, "cannot refresh the gate");
             }
+        };
+        let check = std::mem::take(&mut gate_suspect) || Instant::now() >= next_check;
+        if check {
+            next_check = Instant::now() + nft_watch::CHECK_EVERY;
+        }
+        let outcome = tend_gate(&s, check, until, gate_max).await;
+        if let Err(e) = &outcome {
+            if !gate_failing {
+                error!(error = %e, "the gate does not work: retrying every heartbeat");
+            }
+            gate_failing = true;
+        } else {
+            gate_failing = false;
+        }
+        match health.observe(outcome, Instant::now()) {
+            Some(Change::Broken(why)) => {
+                error!(
+                    error = %why,
+                    "the gate has not worked for {} ms: giving up every VIP and taking none until it does",
+                    gate_health::REPAIR_BOUND.as_millis()
+                );
+                s.metrics.set_gate_healthy(false);
+                node_event(
+                    &s,
+                    EventType::Warning,
+                    "GateBroken",
+                    format!(
+                        "{me} cannot install or refresh its kernel gate (table netdev {}): it gives up its VIPs and takes none until the gate works: {why}",
+                        gate::TABLE
+                    ),
+                );
+            }
+            Some(Change::Restored) => {
+                info!("the gate works again: taking VIPs again");
+                s.metrics.set_gate_healthy(true);
+                node_event(
+                    &s,
+                    EventType::Normal,
+                    "GateRestored",
+                    format!("{me}'s kernel gate works again: it takes VIPs again"),
+                );
+            }
+            None => {}
         }
         // Who a majority has declared dead (counting only settled members).
         let settled: Vec<&str> = refs
@@ -459,6 +519,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             fenced_epoch: s.lan_state.borrow().fenced_epoch + u64::from(fenced),
             nodes,
             alive,
+            gate_broken: health.broken().map(str::to_string),
         };
         s.lan_state.send_if_modified(|cur| {
             if *cur == state {
@@ -471,6 +532,129 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
     let mut g = s.gate.lock().unwrap_or_else(|e| e.into_inner());
     let _ = g.refresh(None, gate_max);
+}
+
+/// Installs the gate when its interfaces changed, puts it back when `check` finds it gone or
+/// changed (or a refresh finds it gone), and refreshes it: Ok when the gate works now.
+async fn tend_gate(
+    s: &Shared,
+    check: bool,
+    until: Option<Instant>,
+    gate_max: Duration,
+) -> Result<(), String> {
+    let want: Vec<String> = s.owned_interfaces().into_iter().map(|i| i.name).collect();
+    let have = s
+        .gate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .interfaces
+        .clone();
+    let t0 = Instant::now();
+    let mut install = want != have;
+    if !install && check && !want.is_empty() {
+        let intact = s.gate.lock().unwrap_or_else(|e| e.into_inner()).intact();
+        match intact {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!("the gate table is gone or changed: putting it back");
+                install = true;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the gate table: putting it back");
+                install = true;
+            }
+        }
+    }
+    let repair = install && want == have;
+    if install {
+        install_gate(s, &want).await?;
+    }
+    let refreshed = s
+        .gate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .refresh(until, gate_max);
+    let refreshed = match refreshed {
+        // The table or one of its sets is gone (someone else's flush): put it back whole.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !install => {
+            warn!("the gate table is gone: putting it back");
+            install_gate(s, &want).await?;
+            s.metrics.kernel_repaired("gate");
+            info!(
+                took_ms = t0.elapsed().as_millis() as u64,
+                "the gate table is back"
+            );
+            s.gate
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refresh(until, gate_max)
+        }
+        r => {
+            if repair {
+                s.metrics.kernel_repaired("gate");
+                info!(
+                    took_ms = t0.elapsed().as_millis() as u64,
+                    "the gate table is back"
+                );
+            }
+            r
+        }
+    };
+    refreshed.map_err(|e| format!("refreshing the gate: {e}"))
+}
+
+/// Replaces the gate's table for `interfaces` with every VIP under it, in one transaction.
+async fn install_gate(s: &Shared, interfaces: &[String]) -> Result<(), String> {
+    use crate::dataplane::nft::NftApply;
+    let vips: Vec<IpAddr> = s
+        .gate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .vips
+        .iter()
+        .copied()
+        .collect();
+    crate::dataplane::nft::Nft
+        .apply(&gate::render(interfaces, &vips))
+        .await
+        .map_err(|e| format!("installing the gate table: {e}"))?;
+    let mut g = s.gate.lock().unwrap_or_else(|e| e.into_inner());
+    g.interfaces = interfaces.to_vec();
+    // Holders that put a VIP under the gate, or took one out, while it was replaced.
+    let added: Vec<IpAddr> = g
+        .vips
+        .iter()
+        .filter(|ip| !vips.contains(ip))
+        .copied()
+        .collect();
+    let removed: Vec<IpAddr> = vips
+        .iter()
+        .filter(|ip| !g.vips.contains(ip))
+        .copied()
+        .collect();
+    for ip in added {
+        g.add_vip(ip)
+            .map_err(|e| format!("putting {ip} under the gate: {e}"))?;
+    }
+    for ip in removed {
+        g.remove_vip(ip)
+            .map_err(|e| format!("taking {ip} out of the gate: {e}"))?;
+    }
+    Ok(())
+}
+
+/// An Event on this node's Node object.
+fn node_event(s: &Shared, type_: EventType, reason: &str, note: String) {
+    let node = s
+        .cluster
+        .nodes
+        .state()
+        .into_iter()
+        .find(|n| n.name_any() == s.config.node_name);
+    if let Some(n) = node {
+        s.events
+            .post(n.object_ref(&()), type_, reason, note, "Gate");
+    }
 }
 
 /// Sleeps until `t`, or forever when there is none.

@@ -46,6 +46,8 @@ pub struct Metrics {
     announcements: Family<KindLabel, Counter>,
     dataplane_errors: Family<KindLabel, Counter>,
     watch_events: Family<KindLabel, Counter>,
+    kernel_repairs: Family<KindLabel, Counter>,
+    gate_healthy: Gauge<i64, AtomicI64>,
     failover: Histogram,
     heartbeats_sent: Counter,
     heartbeat_bytes_sent: Counter,
@@ -188,6 +190,21 @@ impl Metrics {
              every one is a node that really stopped, a stray one a heartbeat setting too short",
             declarations.clone(),
         );
+        let kernel_repairs = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "kernel_repairs",
+            "Kernel state put back after someone else removed or changed it (dnat: the DNAT \
+             table; gate: the gate table; address: a VIP's address), by kind",
+            kernel_repairs.clone(),
+        );
+        let gate_healthy = Gauge::default();
+        gate_healthy.set(1);
+        registry.register(
+            "gate_healthy",
+            "LAN mode: 1 while this node's gate table is in place and refreshed, 0 while it \
+             cannot be (the node then gives up its VIPs and takes none)",
+            gate_healthy.clone(),
+        );
         let peers_alive = Gauge::default();
         registry.register(
             "peers_alive",
@@ -223,6 +240,8 @@ impl Metrics {
             announcements,
             dataplane_errors,
             watch_events,
+            kernel_repairs,
+            gate_healthy,
             failover,
             takeovers: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
@@ -311,6 +330,16 @@ impl Metrics {
                 kind: e.metric_label().into(),
             })
             .inc();
+    }
+
+    pub fn kernel_repaired(&self, kind: &str) {
+        self.kernel_repairs
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn set_gate_healthy(&self, healthy: bool) {
+        self.gate_healthy.set(i64::from(healthy));
     }
 
     pub fn watch_event(&self, kind: &str) {

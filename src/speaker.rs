@@ -33,19 +33,56 @@ pub const PASS_SPACING: Duration = Duration::from_millis(20);
 
 /// Keeps DNAT in step with ownership and endpoints, apart from the holders: a slow `nft`
 /// never delays a holder's decisions.
+///
+/// Level-triggered: when someone else changes the table (a firewall reload flushes the whole
+/// ruleset) or the periodic check finds it gone, the table is put back whole, from the
+/// ownership and endpoints of now, in one transaction.
 async fn dnat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut wake = shared.dnat_wake.subscribe();
     let mut changed = shared.cluster.changed.clone();
     // Nodes declared dead on the LAN leave the endpoints (LAN mode).
     let mut lan = shared.lan_state.subscribe();
+    let mut nft = shared.nft_changes.clone();
+    let mut check = tokio::time::interval(dataplane::nft_watch::CHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check.tick().await;
+    let mut repairing: Option<Instant> = None;
+    let mut following = true;
     loop {
         let generation = *wake.borrow_and_update();
         shared.sync_dnat().await;
         shared.dnat_done.send_replace(generation);
+        if let Some(since) = repairing.take() {
+            shared.metrics.kernel_repaired("dnat");
+            info!(
+                took_ms = since.elapsed().as_millis() as u64,
+                "the DNAT table is back"
+            );
+        }
         tokio::select! {
             _ = wake.changed() => {}
             _ = changed.changed() => {}
             _ = lan.changed() => {}
+            r = nft.changed(), if following => {
+                if r.is_err() {
+                    warn!("stopped following nftables changes; checking the DNAT table every {} s", dataplane::nft_watch::CHECK_EVERY.as_secs());
+                    following = false;
+                    continue;
+                }
+                warn!("someone else changed the DNAT table: putting it back whole");
+                repairing = Some(Instant::now());
+                shared.dataplane.invalidate().await;
+                continue;
+            }
+            _ = check.tick() => match shared.dataplane.verify().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!("the DNAT table is gone: putting it back whole");
+                    repairing = Some(Instant::now());
+                    continue;
+                }
+                Err(e) => warn!(error = %e, "cannot check the DNAT table"),
+            },
             _ = stop.changed() => return,
         }
         // Fold a burst of changes into one transaction.
@@ -118,6 +155,13 @@ pub async fn run(
         )
     };
     let (lan_state, _) = watch::channel(crate::keeper::LanState::default());
+    let nft_changes = dataplane::nft_watch::watch_changes().unwrap_or_else(|e| {
+        warn!(error = %e, "cannot follow nftables changes; checking our tables every {} s instead", dataplane::nft_watch::CHECK_EVERY.as_secs());
+        // Kept open so the receiver never ends.
+        let (tx, rx) = watch::channel(0);
+        std::mem::forget(tx);
+        rx
+    });
     let shared = Arc::new(Shared {
         liveness,
         vip_leases,
@@ -140,6 +184,7 @@ pub async fn run(
         dnat_done,
         lan: Mutex::new(Default::default()),
         busy_ports: Mutex::new(Default::default()),
+        nft_changes,
     });
 
     tokio::pin!(shutdown);

@@ -60,9 +60,21 @@ fn setup(lab: &Lab) -> String {
         .stdin
         .take()
         .unwrap()
-        .write_all(gate::render(&["eth0".into()]).as_bytes())
+        .write_all(gate::render(&["eth0".into()], &[IpAddr::V4(VIP4), IpAddr::V6(VIP6)]).as_bytes())
         .unwrap();
     assert!(child.wait().unwrap().success(), "nft takes the gate table");
+    // The table's text puts the VIPs in with the very keys the holders add over netlink.
+    let keys = netns::run_in(&ns, || {
+        let mut nl = gate::Netlink::open().unwrap();
+        [gate::VIPS4, gate::VIPS6, gate::TARGETS6].map(|set| nl.set_keys(set).unwrap().unwrap())
+    })
+    .unwrap();
+    let want: Vec<Vec<u8>> = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)]
+        .into_iter()
+        .flat_map(gate::vip_keys)
+        .map(|(_, k)| k)
+        .collect();
+    assert_eq!(keys.concat(), want, "rendered elements = netlink keys");
     apply(&ns, vip_ops());
     ns
 }

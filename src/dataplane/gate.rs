@@ -45,16 +45,32 @@ pub const TICKET_LIFE: Duration = Duration::from_millis(10);
 /// kernel's timer granularity (a jiffy, 4 ms at HZ=250).
 pub const TICKET_SLACK: Duration = Duration::from_millis(15);
 
-/// The table for `interfaces` (names), replacing any previous one atomically while keeping
-/// nothing of it: the caller re-adds VIPs and reopens the gate afterwards.
-pub fn render(interfaces: &[String]) -> String {
+/// The table for `interfaces` (names) with `vips` under it, replacing any previous one
+/// atomically: one transaction holds the table, its chains and its VIP elements, so no VIP
+/// is ever answered ungated while the table is rebuilt. The `live` set starts empty (the
+/// gate closed): the caller reopens it with a refresh.
+pub fn render(interfaces: &[String], vips: &[IpAddr]) -> String {
+    let list = |f: &dyn Fn(&IpAddr) -> Option<String>| {
+        let items: Vec<String> = vips.iter().filter_map(f).collect();
+        if items.is_empty() {
+            String::new()
+        } else {
+            format!(" elements = {{ {} }};", items.join(", "))
+        }
+    };
+    let v4 = list(&|ip| ip.is_ipv4().then(|| ip.to_string()));
+    let v6 = list(&|ip| ip.is_ipv6().then(|| ip.to_string()));
+    let t6 = list(&|ip| match ip {
+        IpAddr::V6(a) => Some(format!("0x{:032x}", u128::from(*a))),
+        IpAddr::V4(_) => None,
+    });
     let mut s = format!(
         "table netdev {TABLE}\ndelete table netdev {TABLE}\ntable netdev {TABLE} {{\n\
          \tset {LIVE} {{ type ifname; flags timeout; }}\n\
          \tset {TICKET} {{ type ifname; flags timeout; }}\n\
-         \tset {VIPS4} {{ type ipv4_addr; }}\n\
-         \tset {VIPS6} {{ type ipv6_addr; }}\n\
-         \tset {TARGETS6} {{ typeof @th,64,128; }}\n"
+         \tset {VIPS4} {{ type ipv4_addr;{v4} }}\n\
+         \tset {VIPS6} {{ type ipv6_addr;{v6} }}\n\
+         \tset {TARGETS6} {{ typeof @th,64,128;{t6} }}\n"
     );
     for (i, name) in interfaces.iter().enumerate() {
         let dev = quote(name);
@@ -91,6 +107,8 @@ const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DESTROYSETELEM: u16 = 30;
 const NFT_MSG_GETSETELEM: u16 = 13;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFTA_TABLE_NAME: u16 = 1;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_DONE: u16 = 0x3;
@@ -419,6 +437,45 @@ impl Netlink {
         }
     }
 
+    /// Whether table `name` of nf_tables family `family` exists (one GETTABLE request).
+    pub fn table_exists(&mut self, family: u8, name: &str) -> io::Result<bool> {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let mut body = Vec::new();
+        attr(&mut body, NFTA_TABLE_NAME, &cstr(name));
+        let mut buf = Vec::new();
+        message(
+            &mut buf,
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            family,
+            0,
+            &body,
+        );
+        self.send(&buf)?;
+        let mut rx = vec![0u8; 8192];
+        let mut found = false;
+        loop {
+            for m in self.receive(&mut rx)? {
+                if m.seq != seq {
+                    continue;
+                }
+                match m.ty {
+                    NLMSG_ERROR => {
+                        return match m.errno() {
+                            Some(0) => Ok(found),
+                            Some(e) if e == libc::ENOENT => Ok(false),
+                            Some(e) => Err(io::Error::from_raw_os_error(e)),
+                            None => Err(io::Error::other("malformed netlink error")),
+                        };
+                    }
+                    _ => found = true,
+                }
+            }
+        }
+    }
+
     /// Sends `ops` as one transaction and waits for the kernel's verdict (at most 1 s).
     pub fn apply(&mut self, ops: &[Op]) -> io::Result<()> {
         if ops.is_empty() {
@@ -499,7 +556,7 @@ mod tests {
 
     #[test]
     fn the_table_gates_every_way_out_on_each_interface() {
-        let t = render(&["eth0".into(), "bond\"0".into()]);
+        let t = render(&["eth0".into(), "bond\"0".into()], &[]);
         assert!(t.starts_with("table netdev l2speaker_gate\ndelete table netdev l2speaker_gate\n"));
         assert!(t.contains("hook egress device \"eth0\""));
         assert!(

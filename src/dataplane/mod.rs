@@ -5,6 +5,7 @@
 //! - [`probe`]: whether another host answers for an address (ARP probe / DAD);
 //! - [`sink`]: sending frames (pnet);
 //! - [`nft`]: DNAT rules (pure rendering, applied with `nft -f`);
+//! - [`nft_watch`]: notices when someone else changes our nftables tables;
 //! - [`listening`]: the sockets listening on the node (node-IP mode keeps off their ports).
 //!
 //! Order on gain: probe the LAN, program DNAT, bind, announce. On loss: stop announcing,
@@ -14,6 +15,7 @@ pub mod addr;
 pub mod gate;
 pub mod listening;
 pub mod nft;
+pub mod nft_watch;
 pub mod packet;
 pub mod probe;
 pub mod sink;
@@ -126,6 +128,29 @@ impl<A: AddrOps, N: NftApply, S: FrameSink> Dataplane<A, N, S> {
         }
         *applied = Some(want);
         Ok(())
+    }
+
+    /// Forgets what the kernel holds: the next [`Dataplane::program`] replaces the table
+    /// whole (someone else changed it).
+    pub async fn invalidate(&self) {
+        *self.applied.lock().await = None;
+    }
+
+    /// Checks that the table the last [`Dataplane::program`] applied is still in the kernel;
+    /// when it is not, forgets it (the next program puts it back whole) and says so.
+    pub async fn verify(&self) -> Result<bool, DataplaneError> {
+        if !self.dnat {
+            return Ok(true);
+        }
+        let mut applied = self.applied.lock().await;
+        if applied.is_none() {
+            return Ok(true);
+        }
+        let present = self.nft.table_exists().await?;
+        if !present {
+            *applied = None;
+        }
+        Ok(present)
     }
 
     /// Removes the DNAT table.
@@ -252,9 +277,14 @@ pub mod fake {
     #[derive(Default)]
     pub struct Nft {
         pub scripts: Mutex<Vec<String>>,
+        /// Someone else removed the table.
+        pub gone: std::sync::atomic::AtomicBool,
     }
 
     impl NftApply for Nft {
+        async fn table_exists(&self) -> Result<bool, NftError> {
+            Ok(!self.gone.load(std::sync::atomic::Ordering::SeqCst))
+        }
         async fn apply(&self, script: &str) -> Result<(), NftError> {
             self.scripts.lock().unwrap().push(script.to_string());
             Ok(())
@@ -328,6 +358,30 @@ mod tests {
             d.nft.scripts.lock().unwrap().last().unwrap(),
             &nft::render_delete()
         );
+    }
+
+    #[tokio::test]
+    async fn a_table_removed_by_someone_else_is_put_back_whole() {
+        let d = dp();
+        let e = Dnat {
+            vip: "192.0.2.200".parse().unwrap(),
+            ports: vec![nft::PortMap {
+                protocol: Protocol::Tcp,
+                port: 80,
+                endpoints: vec![],
+            }],
+            sources: None,
+            affinity: None,
+        };
+        d.program(std::slice::from_ref(&e)).await.unwrap();
+        assert!(d.verify().await.unwrap(), "still there");
+        d.nft.gone.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(!d.verify().await.unwrap(), "found gone");
+        d.nft.gone.store(false, std::sync::atomic::Ordering::SeqCst);
+        d.program(std::slice::from_ref(&e)).await.unwrap();
+        let scripts = d.nft.scripts.lock().unwrap();
+        assert_eq!(scripts.len(), 2, "the same entries, applied again");
+        assert_eq!(scripts[1], nft::render_full(&nft::desired(&[e])));
     }
 
     #[tokio::test]

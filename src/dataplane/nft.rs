@@ -399,12 +399,24 @@ pub const NFT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 pub trait NftApply: Send + Sync {
     fn apply(&self, script: &str)
     -> impl std::future::Future<Output = Result<(), NftError>> + Send;
+    /// Whether the DNAT table is in the kernel now.
+    fn table_exists(&self) -> impl std::future::Future<Output = Result<bool, NftError>> + Send;
 }
 
 /// `nft -f -`.
 pub struct Nft;
 
 impl NftApply for Nft {
+    async fn table_exists(&self) -> Result<bool, NftError> {
+        // One netlink request, on a blocking thread (it waits for the kernel's answer).
+        tokio::task::spawn_blocking(|| {
+            super::gate::Netlink::open()?.table_exists(super::nft_watch::FAMILY_INET, TABLE)
+        })
+        .await
+        .map_err(|e| NftError::Spawn(std::io::Error::other(e)))?
+        .map_err(NftError::Spawn)
+    }
+
     async fn apply(&self, script: &str) -> Result<(), NftError> {
         use tokio::io::AsyncWriteExt;
         let mut child = tokio::process::Command::new("nft")
@@ -414,6 +426,9 @@ impl NftApply for Nft {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()?;
+        if let Some(pid) = child.id() {
+            super::nft_watch::started_nft(pid);
+        }
         let mut stdin = child.stdin.take().expect("piped");
         let run = async {
             stdin.write_all(script.as_bytes()).await?;
