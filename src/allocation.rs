@@ -47,6 +47,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             .map(|l| crate::lease::observe(l, seen.as_ref(), Instant::now()));
         *seen = observed.clone();
         Feed {
+            address_lost: 0,
             fenced_epoch: 0,
             view: View {
                 serving: true,

@@ -127,6 +127,11 @@ pub struct Coordinator {
     last_inputs: Option<PassInputs>,
     /// Moves on every link, address or route change the kernel announces (None: polled).
     kernel_changes: Option<watch::Receiver<u64>>,
+    /// The VIP addresses this speaker added that the kernel holds, as of the last read.
+    bound: BTreeSet<(u32, IpAddr)>,
+    /// Per VIP: how many times its owner's address was found missing on a fresh read (the
+    /// holder binds it again each time the count moves).
+    address_lost: HashMap<IpAddr, u64>,
 }
 
 /// Everything a pass's views depend on besides the clock (nothing in a view does; holders
@@ -142,6 +147,8 @@ struct PassInputs {
     foreign: Vec<(IpAddr, String)>,
     /// Moves when the VIPs bound here change.
     owned: u64,
+    /// The VIP addresses the kernel holds (someone else may remove one).
+    bound: BTreeSet<(u32, IpAddr)>,
 }
 
 impl Coordinator {
@@ -162,6 +169,8 @@ impl Coordinator {
             reported: HashSet::new(),
             last_inputs: None,
             kernel_changes: None,
+            bound: BTreeSet::new(),
+            address_lost: HashMap::new(),
         }
     }
 
@@ -192,6 +201,7 @@ impl Coordinator {
             }
             (None, Some(t)) => now - t >= INTERFACE_REFRESH,
         };
+        let mut fresh = false;
         if due {
             // A change announced while the list is read makes the next pass read it again.
             if let Some(c) = &mut self.kernel_changes {
@@ -200,13 +210,20 @@ impl Coordinator {
             let read = async {
                 let i = s.dataplane.addrs.interfaces().await?;
                 let g = s.dataplane.addrs.gateways().await?;
-                Ok::<_, crate::dataplane::addr::AddrError>((i, g))
+                let a = s.dataplane.addrs.addresses().await?;
+                Ok::<_, crate::dataplane::addr::AddrError>((i, g, a))
             };
             match tokio::time::timeout(Duration::from_secs(1), read).await {
-                Ok(Ok((i, g))) => {
+                Ok(Ok((i, g, a))) => {
                     self.interfaces = i;
                     self.gateways = g;
                     self.interfaces_read = Some(now);
+                    self.bound = a
+                        .into_iter()
+                        .filter(|a| a.ours)
+                        .map(|a| (a.index, a.ip))
+                        .collect();
+                    fresh = true;
                 }
                 // Read again at the next pass.
                 Ok(Err(e)) => {
@@ -250,8 +267,18 @@ impl Coordinator {
             gateways: self.gateways.clone(),
             foreign: s.fresh_foreign_claims(),
             owned: *s.dnat_wake.borrow(),
+            bound: self.bound.clone(),
         };
+        // An owned VIP whose address the kernel does not hold is looked at on every fresh
+        // read, changed or not (its holder binds it again).
+        let missing = fresh
+            && s.owned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|(ip, (_, i))| !self.bound.contains(&(i.index, *ip)));
         if self.last_inputs.as_ref() == Some(&inputs)
+            && !missing
             && !self.tasks.values().any(|t| t.handle.is_finished())
         {
             return;
@@ -383,7 +410,18 @@ impl Coordinator {
                 .as_ref()
                 .and_then(|o| o.holder.as_ref())
                 .and_then(|h| lan.nodes.get(h).cloned());
+            // Owned here, yet the kernel (read just now) does not hold the address: someone
+            // else removed it (a network manager reconfiguring the link, an admin). The
+            // holder binds it again, gate first, if it still owns the VIP.
+            let lost = self.address_lost.entry(*ip).or_insert(0);
+            if fresh
+                && let Some((_, i)) = s.owner_of(*ip)
+                && !self.bound.contains(&(i.index, *ip))
+            {
+                *lost += 1;
+            }
             let feed = Feed {
+                address_lost: *lost,
                 fenced_epoch: lan.fenced_epoch,
                 view: View {
                     serving: !lan_mode || lan.may_take,
@@ -451,6 +489,7 @@ impl Coordinator {
                 });
             }
             self.absent_since.remove(&ip);
+            self.address_lost.remove(&ip);
         }
     }
 

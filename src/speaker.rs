@@ -197,10 +197,24 @@ pub async fn run(
     if let Err(e) = shared.dataplane.remove_rules().await {
         error!(error = %e, "could not remove stale DNAT rules");
     }
-    match shared.dataplane.remove_stale_addresses(|_| false).await {
-        Ok(removed) if !removed.is_empty() => info!(?removed, "removed stale addresses"),
-        Ok(_) => {}
-        Err(e) => error!(error = %e, "could not remove stale addresses"),
+    // Until the leftovers are gone the speaker does not serve (and keeps the old gate,
+    // which holds a dead speaker's addresses silent).
+    loop {
+        match shared.dataplane.remove_stale_addresses(|_| false).await {
+            Ok(removed) => {
+                if !removed.is_empty() {
+                    info!(?removed, "removed stale addresses");
+                }
+                break;
+            }
+            Err(e) => {
+                error!(error = %e, "could not remove stale addresses; not serving until they are gone (retrying every second)")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
     }
     if lan_mode {
         crate::keeper::remove_table().await;

@@ -137,6 +137,9 @@ pub enum Input {
     Stop(Stop),
     /// This node's generation was fenced: withdraw now ([`Mode::Lan`]).
     Fenced,
+    /// The kernel was read without the VIP's address while we own it (someone else removed
+    /// it): bind it again, if we still own it.
+    AddressLost,
 }
 
 /// What the shell does. Every action that makes this node answer for the VIP carries a
@@ -215,6 +218,8 @@ pub enum Report {
     Conflict {
         mac: String,
     },
+    /// The address was found removed by someone else and is bound again.
+    Rebinding,
     RenewFailed(String),
     AcquireFailed(String),
     ReleaseFailed(String),
@@ -422,6 +427,26 @@ impl Holder {
             }
             Input::Reply { req, reply } => self.reply(req, reply, now, &mut out),
             Input::Probed { req, answered_by } => self.probed(req, answered_by, now, &mut out),
+            Input::AddressLost => {
+                if let Phase::Owner(o) = &mut self.phase
+                    && self.kind == Kind::Vip
+                    && o.probing.is_none()
+                    && now < o.fence_at
+                {
+                    out.actions.push(Action::Report(Report::Rebinding));
+                    out.actions.push(Action::Bind {
+                        iface: o.iface,
+                        until: match self.mode {
+                            Mode::Lease => self.timing.address_until(o.sent),
+                            Mode::Lan => o.fence_at,
+                        },
+                        not_after: o.fence_at,
+                    });
+                    // Announce again: clients that dropped the entry meanwhile relearn it.
+                    o.burst_start = now;
+                    o.burst_round = 0;
+                }
+            }
             Input::Fenced => match self.phase {
                 Phase::Owner(_) => {
                     self.withdraw(
@@ -1243,6 +1268,49 @@ mod tests {
         let s = clean_probe(&mut h, &s, t0);
         assert!(s.actions.contains(&Action::Dnat(true)));
         h
+    }
+
+    #[test]
+    fn an_address_someone_else_removed_is_bound_again_only_while_owned() {
+        let t0 = Instant::now();
+        // Before it owns anything, nothing happens.
+        let mut standby = Holder::new(ME, timing(), Kind::Vip, view(None, t0));
+        standby.step(Input::Tick, t0);
+        let s = standby.step(Input::AddressLost, t0 + ms(1));
+        assert!(
+            !s.actions.iter().any(|a| matches!(a, Action::Bind { .. })),
+            "{s:?}"
+        );
+        // The owner binds it again, within its fence, and announces again at once.
+        let mut h = owner(t0);
+        let s = h.step(Input::AddressLost, t0 + ms(300));
+        let bind = s
+            .actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Bind {
+                    until, not_after, ..
+                } => Some((*until, *not_after)),
+                _ => None,
+            })
+            .expect("bound again");
+        assert!(bind.0 <= bind.1 + timing().lease && bind.1 > t0 + ms(300));
+        assert!(s.actions.contains(&Action::Report(Report::Rebinding)));
+        assert!(
+            s.actions
+                .iter()
+                .any(|a| matches!(a, Action::Announce { round: 0, .. })),
+            "{s:?}"
+        );
+        // Once it has withdrawn (no longer eligible), a late report binds nothing.
+        let mut v = view(None, t0);
+        v.eligible = Err("link down".into());
+        h.step(Input::View(v), t0 + ms(400));
+        let s = h.step(Input::AddressLost, t0 + ms(410));
+        assert!(
+            !s.actions.iter().any(|a| matches!(a, Action::Bind { .. })),
+            "{s:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -41,6 +41,9 @@ pub struct Feed {
     pub service: String,
     /// LAN mode: moves each time this node's generation was fenced (withdraw at once).
     pub fenced_epoch: u64,
+    /// Moves each time the kernel was read without this VIP's address while it is owned
+    /// here (someone else removed it): the holder binds it again.
+    pub address_lost: u64,
 }
 
 /// Which Lease a holder holds.
@@ -94,6 +97,7 @@ pub async fn run(
         holder = holder.lan();
     }
     let mut fenced_epoch = first.fenced_epoch;
+    let mut address_lost = first.address_lost;
     let mut queued: Vec<Input> = Vec::new();
     let mut shell = Shell {
         shared: shared.clone(),
@@ -150,6 +154,11 @@ pub async fn run(
                     shell.feed = feed.borrow_and_update().clone();
                     if let Some(i) = &shell.feed.interface {
                         shell.interfaces.insert(i.index, i.clone());
+                    }
+                    if shell.feed.address_lost != address_lost {
+                        address_lost = shell.feed.address_lost;
+                        // After the new view (which may say the node can no longer hold it).
+                        queued.push(Input::AddressLost);
                     }
                     if shell.feed.fenced_epoch != fenced_epoch {
                         // Withdraw first, then look at the new view.
@@ -571,6 +580,10 @@ impl Shell {
                         "Bind",
                     );
                 }
+            }
+            Report::Rebinding => {
+                s.metrics.kernel_repaired("address");
+                warn!(lease = %self.name, what = %what, "someone else removed the address: binding it again");
             }
             Report::RenewFailed(e) => {
                 s.metrics.renew_failed();
