@@ -587,3 +587,141 @@ async fn lan_udp_reaches_a_pod_through_the_vip_before_and_after_a_failover() {
         cut.elapsed().as_millis()
     );
 }
+
+// ---- the kernel shared with firewalls and network managers ------------------------------
+
+/// Runs `nft flush ruleset` on `hosts` at once (a firewall reload everywhere).
+fn flush_ruleset(tb: &Testbed, hosts: &[String]) {
+    let mut children: Vec<std::process::Child> = hosts
+        .iter()
+        .map(|h| {
+            let ns = tb.lab.host(h).unwrap().ns.clone();
+            let mut c = l2speaker_e2e::lab::netns::command_in(&ns, "nft").unwrap();
+            c.args(["flush", "ruleset"]);
+            c.spawn().unwrap()
+        })
+        .collect();
+    for c in &mut children {
+        assert!(c.wait().unwrap().success(), "nft flush ruleset");
+    }
+}
+
+fn gate_table(tb: &Testbed, host: &str) -> Option<String> {
+    let ns = tb.lab.host(host).unwrap().ns.clone();
+    l2speaker_e2e::lab::netns::exec(
+        &ns,
+        "nft",
+        &["list", "table", "netdev", l2speaker::dataplane::gate::TABLE],
+        None,
+    )
+    .ok()
+}
+
+/// Both of the speaker's tables are back on `host`, the DNAT one with `ip` in it.
+async fn tables_back(tb: &Testbed, host: &str, ip: IpAddr) {
+    eventually(
+        Duration::from_secs(5),
+        "the speaker's tables are back",
+        async || {
+            (tb.rules(host).contains(&ip.to_string()) && gate_table(tb, host).is_some())
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_a_firewall_reload_on_the_owner_is_healed_and_never_two_answer() {
+    let (tb, ip, owner) = settled(Timing::LAN).await;
+    let prober = tb.probe(ip).unwrap();
+    let fault = std::sync::Mutex::new(Duration::ZERO);
+    let (s, _, before, after) = around(&tb, ip, &owner, async |tb: &Testbed, owner: &str| {
+        *fault.lock().unwrap() = prober.now();
+        flush_ruleset(tb, &[owner.to_string()]);
+    })
+    .await;
+    let fault = *fault.lock().unwrap();
+    prober
+        .wait_for(Duration::from_secs(10), "answers after the flush", |t| {
+            t.successes_after(fault) >= 20
+        })
+        .unwrap();
+    let t = prober.stop();
+    let outage = t.outage_after(fault);
+    println!(
+        "flush ruleset on the owner: client outage {} ms",
+        outage.as_millis()
+    );
+    assert_never_two("flush ruleset on the owner", &s);
+    tables_back(&tb, &owner, ip).await;
+    assert!(
+        outage < Duration::from_secs(1),
+        "the Service answered again only after {outage:?}"
+    );
+    assert_eq!(after, before, "the VIP moved");
+    assert_eq!(tb.host_of(&tb.holder(ip).await.unwrap()), owner);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_a_firewall_reload_on_every_node_at_once_moves_nothing() {
+    let (tb, ip, owner) = settled(Timing::LAN).await;
+    let hosts: Vec<String> = tb.lab.nodes().map(|h| h.name.clone()).collect();
+    let (s, _, before, after) = around(&tb, ip, &owner, async |tb: &Testbed, _: &str| {
+        flush_ruleset(tb, &hosts);
+    })
+    .await;
+    assert_never_two("flush ruleset on every node", &s);
+    tables_back(&tb, &owner, ip).await;
+    assert_eq!(after, before, "the VIP moved");
+    assert_eq!(tb.host_of(&tb.holder(ip).await.unwrap()), owner);
+    let client = tb.lab.client().ns.clone();
+    let answer = l2speaker_e2e::lab::connect_from(
+        &client,
+        SocketAddr::new(ip, 80),
+        Duration::from_millis(500),
+    );
+    assert!(answer.is_ok(), "served after the flush: {answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_a_vip_address_removed_by_someone_else_is_bound_again() {
+    let (tb, ip, owner) = settled(Timing::LAN).await;
+    let ns = tb.lab.host(&owner).unwrap().ns.clone();
+    let client = tb.lab.client().ns.clone();
+    use l2speaker_e2e::lab::netns;
+    netns::ip(&ns, &["addr", "del", &format!("{ip}/32"), "dev", "eth0"]).unwrap();
+    // A client that has not talked to the VIP yet: it must ask ARP, so only a bound
+    // address (or nothing) answers it.
+    netns::ip(&client, &["neigh", "flush", "dev", "eth0"]).unwrap();
+    let t0 = std::time::Instant::now();
+    let served = eventually(Duration::from_secs(10), "served again", async || {
+        let c = client.clone();
+        tokio::task::spawn_blocking(move || {
+            l2speaker_e2e::lab::connect_from(
+                &c,
+                SocketAddr::new(ip, 80),
+                Duration::from_millis(100),
+            )
+        })
+        .await
+        .unwrap()
+        .ok()
+    })
+    .await;
+    let took = t0.elapsed();
+    println!(
+        "ip addr del of the VIP: a new client served after {} ms ({served})",
+        took.as_millis()
+    );
+    assert!(
+        netns::ip(&ns, &["-br", "addr", "show", "dev", "eth0"])
+            .unwrap()
+            .contains(&ip.to_string()),
+        "bound again on the owner"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "served again only after {took:?}"
+    );
+    assert_eq!(tb.host_of(&tb.holder(ip).await.unwrap()), owner);
+}

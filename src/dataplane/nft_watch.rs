@@ -272,7 +272,7 @@ mod tests {
         out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
         out.extend_from_slice(&ty.to_ne_bytes());
         out.extend_from_slice(payload);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     }
@@ -332,10 +332,8 @@ mod tests {
             table_msg(&mut d, 2, family, table);
             gen_msg(&mut d, pid);
             let mut t = Tracker::default();
-            parse(&d)
-                .iter()
-                .map(|n| t.feed(n, &ours, |p| p == 1))
-                .any(|b| b)
+            let notes = parse(&d);
+            notes.iter().any(|n| t.feed(n, &ours, |p| p == 1))
         };
         assert!(run(FAMILY_INET, "l2speaker", 99), "someone else's flush");
         assert!(run(FAMILY_NETDEV, "l2speaker_gate", 99));
