@@ -313,3 +313,49 @@ fn a_refresh_that_lands_after_its_ticket_ran_out_opens_nothing() {
     assert_eq!(live(&ns), vec![gate::ifname_key("eth0")]);
     assert!(!arp_answers(&lab).is_empty(), "the node answers");
 }
+
+/// Whether the counter `rx` moves within `within`.
+fn moves(rx: &mut tokio::sync::watch::Receiver<u64>, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if rx.has_changed().unwrap_or(false) {
+            rx.borrow_and_update();
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+fn nft_in(ns: &str, args: &[&str]) {
+    let mut c = netns::command_in(ns, "nft").unwrap();
+    c.args(args);
+    assert!(c.status().unwrap().success(), "nft {args:?}");
+}
+
+#[test]
+fn a_foreign_change_to_the_speakers_tables_is_noticed_and_others_are_not() {
+    use l2speaker::dataplane::nft_watch;
+    let lab = lab();
+    let ns = setup(&lab);
+    let mut rx = netns::run_in(&ns, nft_watch::watch_changes)
+        .unwrap()
+        .expect("the watcher subscribes");
+    // Another agent's own table: not ours, nothing moves.
+    nft_in(&ns, &["add", "table", "inet", "l2s-other-agent"]);
+    assert!(
+        !moves(&mut rx, Duration::from_millis(300)),
+        "another agent's table moved it"
+    );
+    // A firewall reload removes ours: noticed within milliseconds.
+    let t0 = Instant::now();
+    nft_in(&ns, &["flush", "ruleset"]);
+    assert!(
+        moves(&mut rx, Duration::from_secs(2)),
+        "flush ruleset went unnoticed"
+    );
+    println!(
+        "flush ruleset noticed after {} µs",
+        t0.elapsed().as_micros()
+    );
+}

@@ -192,6 +192,23 @@ fn subscribe() -> io::Result<OwnedFd> {
     }
     // SAFETY: fd is a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Bound (the kernel picks the port id): nf_tables sends its notifications excluding
+    // the committer's port id, and an unbound socket's id 0 is the kernel's own, so an
+    // unbound socket would hear nothing.
+    // SAFETY: sockaddr_nl is plain data; zeroed is a valid value (any port id, no groups).
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: bind(2) with a correctly sized sockaddr_nl.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
     let group: i32 = NFNLGRP_NFTABLES;
     // SAFETY: setsockopt with a correctly sized int.
     let r = unsafe {
