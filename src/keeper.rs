@@ -44,10 +44,16 @@ pub struct LanState {
 }
 
 /// The kernel gate of this node: its table, the interfaces it covers, the VIPs in it.
+///
+/// Every write goes through one netlink socket, kept for the speaker's life: the table is
+/// owned by that socket (see [`gate::TABLE_F_OWNER`]), so another socket could not change it.
 pub struct Gate {
     netlink: Option<Netlink>,
     interfaces: Vec<String>,
     vips: BTreeSet<IpAddr>,
+    /// The flags the table is created with: owned and persistent, or none on kernels
+    /// without them (older than 6.9; found out once, then logged).
+    table_flags: u32,
 }
 
 impl Gate {
@@ -56,18 +62,52 @@ impl Gate {
             netlink: None,
             interfaces: Vec::new(),
             vips: BTreeSet::new(),
+            table_flags: gate::TABLE_F_OWNER | gate::TABLE_F_PERSIST,
         }
     }
 
-    fn apply(&mut self, ops: &[Op]) -> std::io::Result<()> {
+    fn netlink(&mut self) -> std::io::Result<&mut Netlink> {
         if self.netlink.is_none() {
             self.netlink = Some(Netlink::open()?);
         }
-        let r = self.netlink.as_mut().expect("opened").apply(ops);
-        if r.is_err() {
-            self.netlink = None;
+        Ok(self.netlink.as_mut().expect("opened"))
+    }
+
+    /// One transaction of element operations. An error is the kernel refusing it; the
+    /// socket (the table's owner) is kept.
+    fn apply(&mut self, ops: &[Op]) -> std::io::Result<()> {
+        self.netlink()?.apply(ops)
+    }
+
+    /// Replaces the table with one for `interfaces` with every VIP under it, in one
+    /// transaction (the gate closed until the next refresh).
+    fn install(&mut self, interfaces: &[String]) -> std::io::Result<()> {
+        let vips: Vec<IpAddr> = self.vips.iter().copied().collect();
+        let flags = self.table_flags;
+        let r = self
+            .netlink()?
+            .transact(&gate::table_msgs(interfaces, &vips, flags));
+        let r = match r {
+            Err(e) if flags != 0 && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                warn!(
+                    "this kernel has no owned, persistent nftables tables (Linux 6.9 or later): the gate is an ordinary table, which `nft flush ruleset` removes (the speaker puts it back) and which a flush after the speaker died leaves open"
+                );
+                self.table_flags = 0;
+                self.netlink()?
+                    .transact(&gate::table_msgs(interfaces, &vips, 0))
+            }
+            r => r,
+        };
+        if r.is_ok() {
+            self.interfaces = interfaces.to_vec();
         }
         r
+    }
+
+    /// Removes the table (ours, or one a dead speaker left).
+    pub fn remove_table(&mut self) -> std::io::Result<()> {
+        self.interfaces.clear();
+        self.netlink()?.transact(&gate::remove_msgs())
     }
 
     /// Puts `ip` under the gate (before it is bound).
@@ -96,10 +136,6 @@ impl Gate {
 
     /// Whether the gate's table is in the kernel with exactly our VIPs under it.
     pub fn intact(&mut self) -> std::io::Result<bool> {
-        if self.netlink.is_none() {
-            self.netlink = Some(Netlink::open()?);
-        }
-        let nl = self.netlink.as_mut().expect("opened");
         let mut want: BTreeMap<&'static str, BTreeSet<Vec<u8>>> = BTreeMap::new();
         for set in [gate::VIPS4, gate::VIPS6, gate::TARGETS6] {
             want.insert(set, BTreeSet::new());
@@ -109,6 +145,7 @@ impl Gate {
                 want.entry(set).or_default().insert(key);
             }
         }
+        let nl = self.netlink()?;
         for (set, keys) in want {
             match nl.set_keys(set)? {
                 Some(have) if have.iter().cloned().collect::<BTreeSet<_>>() == keys => {}
@@ -604,43 +641,13 @@ async fn tend_gate(
 }
 
 /// Replaces the gate's table for `interfaces` with every VIP under it, in one transaction.
+/// The gate is locked throughout, so no holder adds or removes a VIP meanwhile.
 async fn install_gate(s: &Shared, interfaces: &[String]) -> Result<(), String> {
-    use crate::dataplane::nft::NftApply;
-    let vips: Vec<IpAddr> = s
-        .gate
+    s.gate
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .vips
-        .iter()
-        .copied()
-        .collect();
-    crate::dataplane::nft::Nft
-        .apply(&gate::render(interfaces, &vips))
-        .await
-        .map_err(|e| format!("installing the gate table: {e}"))?;
-    let mut g = s.gate.lock().unwrap_or_else(|e| e.into_inner());
-    g.interfaces = interfaces.to_vec();
-    // Holders that put a VIP under the gate, or took one out, while it was replaced.
-    let added: Vec<IpAddr> = g
-        .vips
-        .iter()
-        .filter(|ip| !vips.contains(ip))
-        .copied()
-        .collect();
-    let removed: Vec<IpAddr> = vips
-        .iter()
-        .filter(|ip| !g.vips.contains(ip))
-        .copied()
-        .collect();
-    for ip in added {
-        g.add_vip(ip)
-            .map_err(|e| format!("putting {ip} under the gate: {e}"))?;
-    }
-    for ip in removed {
-        g.remove_vip(ip)
-            .map_err(|e| format!("taking {ip} out of the gate: {e}"))?;
-    }
-    Ok(())
+        .install(interfaces)
+        .map_err(|e| format!("installing the gate table: {e}"))
 }
 
 /// An Event on this node's Node object.
@@ -669,13 +676,13 @@ async fn sleep_until_some(t: Option<Instant>) {
 pub type SharedGate = Mutex<Gate>;
 
 /// Removes the gate's table (at start, before anything is bound; and at the end).
-pub async fn remove_table() {
-    use crate::dataplane::nft::NftApply;
-    let script = format!(
-        "table netdev {t}\ndelete table netdev {t}\n",
-        t = gate::TABLE
-    );
-    if let Err(e) = crate::dataplane::nft::Nft.apply(&script).await {
+pub fn remove_table(s: &Shared) {
+    let r = s
+        .gate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove_table();
+    if let Err(e) = r {
         warn!(error = %e, "could not remove the gate table");
     }
 }

@@ -217,7 +217,7 @@ pub async fn run(
         }
     }
     if lan_mode {
-        crate::keeper::remove_table().await;
+        crate::keeper::remove_table(&shared);
     }
     if !shared.config.dnat && shared.config.node_ips.mode().is_some() {
         warn!(
@@ -296,7 +296,7 @@ pub async fn run(
     let _ = stop_keeper.send(true);
     if let Some(k) = keeper {
         let _ = tokio::time::timeout(Duration::from_millis(500), k).await;
-        crate::keeper::remove_table().await;
+        crate::keeper::remove_table(&shared);
     }
     heartbeats.abort();
     trim.abort();

@@ -52,31 +52,50 @@ fn setup(lab: &Lab) -> String {
         ],
     )
     .unwrap();
-    let mut nft = netns::command_in(&ns, "nft").unwrap();
-    nft.args(["-f", "-"]).stdin(std::process::Stdio::piped());
-    let mut child = nft.spawn().unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(gate::render(&["eth0".into()], &[IpAddr::V4(VIP4), IpAddr::V6(VIP6)]).as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "nft takes the gate table");
-    // The table's text puts the VIPs in with the very keys the holders add over netlink.
+    // An ordinary table here (flags 0), so that each step below may use its own socket;
+    // the owned table the speaker makes is tested on its own further down.
+    let vips = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)];
+    netns::run_in(&ns, move || {
+        Netlink::open()?.transact(&gate::table_msgs(&["eth0".into()], &vips, 0))
+    })
+    .unwrap()
+    .expect("the kernel takes the gate table");
+    assert_gate_rules(&ns);
+    // The table puts the VIPs in with the very keys the holders add and remove.
     let keys = netns::run_in(&ns, || {
         let mut nl = gate::Netlink::open().unwrap();
         [gate::VIPS4, gate::VIPS6, gate::TARGETS6].map(|set| nl.set_keys(set).unwrap().unwrap())
     })
     .unwrap();
-    let want: Vec<Vec<u8>> = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)]
+    let want: Vec<Vec<u8>> = vips
         .into_iter()
         .flat_map(gate::vip_keys)
         .map(|(_, k)| k)
         .collect();
-    assert_eq!(keys.concat(), want, "rendered elements = netlink keys");
+    assert_eq!(keys.concat(), want, "table elements = holders' keys");
     apply(&ns, vip_ops());
     ns
+}
+
+/// What `nft list` shows of the gate (as an admin reads it): the rules the netlink batch
+/// meant to make.
+fn assert_gate_rules(ns: &str) {
+    let listed = netns::exec(ns, "nft", &["list", "table", "netdev", gate::TABLE], None)
+        .expect("nft lists the gate table");
+    for rule in [
+        "type filter hook egress device \"eth0\" priority filter; policy accept;",
+        "oifname @live accept",
+        "arp saddr ip @vips4 drop",
+        "ip6 saddr @vips6 icmpv6 type nd-neighbor-solicit drop",
+        "ip6 saddr @vips6 icmpv6 type nd-neighbor-advert drop",
+        "icmpv6 type nd-neighbor-advert @th,64,128 @targets6 drop",
+        "type filter hook ingress device \"eth0\" priority filter; policy accept;",
+        "iifname @live accept",
+        "ip daddr @vips4 drop",
+        "ip6 daddr @vips6 drop",
+    ] {
+        assert!(listed.contains(rule), "the gate lacks `{rule}`:\n{listed}");
+    }
 }
 
 fn arp_answers(lab: &Lab) -> Vec<String> {
@@ -358,4 +377,82 @@ fn a_foreign_change_to_the_speakers_tables_is_noticed_and_others_are_not() {
         "flush ruleset noticed after {} µs",
         t0.elapsed().as_micros()
     );
+}
+
+/// Until `f` holds, at most `within`.
+fn within(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+#[test]
+fn the_owned_gate_outlives_a_flush_and_its_owners_death_and_closes_on_time() {
+    let lab = lab();
+    let ns = setup(&lab);
+    let vips = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)];
+    let owned = gate::TABLE_F_OWNER | gate::TABLE_F_PERSIST;
+    // The speaker's socket: it replaces the table with an owned one and opens the gate.
+    let owner = netns::run_in(&ns, move || {
+        let mut nl = Netlink::open()?;
+        nl.transact(&gate::table_msgs(&["eth0".into()], &vips, owned))?;
+        nl.apply(&gate::refresh_ops(
+            &["eth0".into()],
+            Duration::from_secs(30),
+        ))?;
+        Ok::<_, std::io::Error>(nl)
+    })
+    .unwrap()
+    .expect("an owned, persistent table (Linux 6.9 or later)");
+    assert_gate_rules(&ns);
+    assert!(!arp_answers(&lab).is_empty(), "the open gate lets ARP out");
+    // Nobody else can change or remove it: not another socket, not a firewall reload.
+    let foreign = netns::run_in(&ns, || Netlink::open()?.transact(&gate::remove_msgs())).unwrap();
+    assert_eq!(
+        foreign.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EPERM)),
+        "another socket removed the owned table"
+    );
+    nft_in(&ns, &["flush", "ruleset"]);
+    assert!(
+        !arp_answers(&lab).is_empty(),
+        "the flush closed or removed the gate"
+    );
+    // The owner refreshes a short timeout, then dies (its socket closes): the table stays,
+    // and the node goes silent when that timeout runs out.
+    let mut owner = owner;
+    owner
+        .apply(&gate::refresh_ops(
+            &["eth0".into()],
+            Duration::from_millis(300),
+        ))
+        .unwrap();
+    let died = Instant::now();
+    drop(owner);
+    let table_left = netns::run_in(&ns, || {
+        Netlink::open()?.table_exists(l2speaker::dataplane::nft_watch::FAMILY_NETDEV, gate::TABLE)
+    })
+    .unwrap()
+    .unwrap();
+    assert!(table_left, "the table went with its owner's socket");
+    assert!(
+        within(Duration::from_secs(2), || arp_answers(&lab).is_empty()
+            && na_answers(&lab).is_empty()),
+        "the dead owner's node still answers"
+    );
+    println!(
+        "silent {} ms after the owner died with 300 ms left",
+        died.elapsed().as_millis()
+    );
+    // A new speaker takes the orphaned table over with its own socket.
+    netns::run_in(&ns, move || {
+        Netlink::open()?.transact(&gate::table_msgs(&["eth0".into()], &vips, owned))
+    })
+    .unwrap()
+    .expect("a new owner replaces the orphaned table");
 }

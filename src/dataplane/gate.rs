@@ -19,9 +19,12 @@
 //! refuses if the ticket has run out. A speaker frozen between its clock and the send cannot
 //! open the gate after it resumes.
 //!
-//! The table's layout is nft text ([`render`], applied with `nft -f` when interfaces change,
-//! which is rare); the hot path (refresh, VIP membership) is hand-written netlink below,
-//! because no maintained crate sends nf_tables set-element batches with timeouts.
+//! The table is an *owned, persistent* one ([`TABLE_F_OWNER`], [`TABLE_F_PERSIST`], Linux
+//! 6.9 and later): only the speaker's own netlink socket may change it, `nft flush ruleset`
+//! passes it by, and when the speaker dies it stays, closed. So everything the speaker writes
+//! to it, the layout included ([`table_msgs`]), is netlink sent on that one socket, by hand,
+//! because no maintained crate sends nf_tables batches with set-element timeouts or table
+//! flags.
 
 use std::io;
 use std::net::IpAddr;
@@ -45,57 +48,333 @@ pub const TICKET_LIFE: Duration = Duration::from_millis(10);
 /// kernel's timer granularity (a jiffy, 4 ms at HZ=250).
 pub const TICKET_SLACK: Duration = Duration::from_millis(15);
 
-/// The table for `interfaces` (names) with `vips` under it, replacing any previous one
-/// atomically: one transaction holds the table, its chains and its VIP elements, so no VIP
-/// is ever answered ungated while the table is rebuilt. The `live` set starts empty (the
-/// gate closed): the caller reopens it with a refresh.
-pub fn render(interfaces: &[String], vips: &[IpAddr]) -> String {
-    let list = |f: &dyn Fn(&IpAddr) -> Option<String>| {
-        let items: Vec<String> = vips.iter().filter_map(f).collect();
-        if items.is_empty() {
-            String::new()
-        } else {
-            format!(" elements = {{ {} }};", items.join(", "))
-        }
-    };
-    let v4 = list(&|ip| ip.is_ipv4().then(|| ip.to_string()));
-    let v6 = list(&|ip| ip.is_ipv6().then(|| ip.to_string()));
-    let t6 = list(&|ip| match ip {
-        IpAddr::V6(a) => Some(format!("0x{:032x}", u128::from(*a))),
-        IpAddr::V4(_) => None,
-    });
-    let mut s = format!(
-        "table netdev {TABLE}\ndelete table netdev {TABLE}\ntable netdev {TABLE} {{\n\
-         \tset {LIVE} {{ type ifname; flags timeout; }}\n\
-         \tset {TICKET} {{ type ifname; flags timeout; }}\n\
-         \tset {VIPS4} {{ type ipv4_addr;{v4} }}\n\
-         \tset {VIPS6} {{ type ipv6_addr;{v6} }}\n\
-         \tset {TARGETS6} {{ typeof @th,64,128;{t6} }}\n"
-    );
-    for (i, name) in interfaces.iter().enumerate() {
-        let dev = quote(name);
-        s.push_str(&format!(
-            "\tchain out{i} {{\n\
-             \t\ttype filter hook egress device {dev} priority 0; policy accept;\n\
-             \t\toifname @{LIVE} accept\n\
-             \t\tarp saddr ip @{VIPS4} drop\n\
-             \t\tip6 saddr @{VIPS6} icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} drop\n\
-             \t\ticmpv6 type nd-neighbor-advert @th,64,128 @{TARGETS6} drop\n\
-             \t}}\n\
-             \tchain in{i} {{\n\
-             \t\ttype filter hook ingress device {dev} priority 0; policy accept;\n\
-             \t\tiifname @{LIVE} accept\n\
-             \t\tip daddr @{VIPS4} drop\n\
-             \t\tip6 daddr @{VIPS6} drop\n\
-             \t}}\n"
-        ));
-    }
-    s.push_str("}\n");
-    s
+/// Table flags: the table belongs to the netlink socket that created it (no one else can
+/// change or delete it, and `nft flush ruleset` passes it by), and it stays when that socket
+/// closes (the speaker killed): orphaned, with its VIP sets and its timed-out `live` set, so
+/// a dead speaker's node keeps dropping what it would answer for its VIPs.
+pub const TABLE_F_OWNER: u32 = 0x2;
+pub const TABLE_F_PERSIST: u32 = 0x4;
+
+/// One nf_tables message of a batch: its type, the flags beyond `NLM_F_REQUEST`, its
+/// attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg {
+    pub ty: u16,
+    pub flags: u16,
+    pub body: Vec<u8>,
 }
 
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace(['"', '\\'], ""))
+/// The messages that replace the gate's table with one for `interfaces` (names) with `vips`
+/// under it, atomically: one transaction destroys the old table (if any) and creates the
+/// table, its sets with the VIPs in them, and its chains, so no VIP is ever answered
+/// ungated while the table is rebuilt. The `live` set starts empty (the gate closed): the
+/// caller reopens it with a refresh. `table_flags`: [`TABLE_F_OWNER`] | [`TABLE_F_PERSIST`]
+/// where the kernel has them (6.9 and later).
+///
+/// Built as netlink, not nft text, because an owned table can only be written by the socket
+/// that owns it; the rules are the ones `nft` 1.0.6 makes of
+/// ```text
+/// chain outN { type filter hook egress device "IF" priority 0; policy accept;
+///     oifname @live accept
+///     arp saddr ip @vips4 drop
+///     ip6 saddr @vips6 icmpv6 type nd-neighbor-solicit drop
+///     ip6 saddr @vips6 icmpv6 type nd-neighbor-advert drop
+///     icmpv6 type nd-neighbor-advert @th,64,128 @targets6 drop }
+/// chain inN { type filter hook ingress device "IF" priority 0; policy accept;
+///     iifname @live accept
+///     ip daddr @vips4 drop
+///     ip6 daddr @vips6 drop }
+/// ```
+/// (the lab checks them against what `nft list` shows).
+pub fn table_msgs(interfaces: &[String], vips: &[IpAddr], table_flags: u32) -> Vec<Msg> {
+    let mut out = Vec::new();
+    let mut table = Vec::new();
+    attr(&mut table, NFTA_TABLE_NAME, &cstr(TABLE));
+    out.push(Msg {
+        ty: NFT_MSG_DESTROYTABLE,
+        flags: 0,
+        body: table.clone(),
+    });
+    attr(&mut table, NFTA_TABLE_FLAGS, &table_flags.to_be_bytes());
+    out.push(Msg {
+        ty: NFT_MSG_NEWTABLE,
+        flags: NLM_F_CREATE,
+        body: table,
+    });
+    let sets: [(&str, u32, u32, u32); 5] = [
+        (LIVE, TYPE_IFNAME, IFNAMSIZ as u32, NFT_SET_TIMEOUT),
+        (TICKET, TYPE_IFNAME, IFNAMSIZ as u32, NFT_SET_TIMEOUT),
+        (VIPS4, TYPE_IPADDR, 4, 0),
+        (VIPS6, TYPE_IP6ADDR, 16, 0),
+        (TARGETS6, TYPE_INTEGER, 16, 0),
+    ];
+    for (id, (name, key_type, key_len, flags)) in sets.into_iter().enumerate() {
+        let mut b = Vec::new();
+        attr(&mut b, NFTA_SET_TABLE, &cstr(TABLE));
+        attr(&mut b, NFTA_SET_NAME, &cstr(name));
+        attr(&mut b, NFTA_SET_FLAGS, &flags.to_be_bytes());
+        attr(&mut b, NFTA_SET_KEY_TYPE, &key_type.to_be_bytes());
+        attr(&mut b, NFTA_SET_KEY_LEN, &key_len.to_be_bytes());
+        attr(&mut b, NFTA_SET_ID, &(id as u32 + 1).to_be_bytes());
+        if name == TARGETS6 {
+            attr(&mut b, NFTA_SET_USERDATA, &unhex(TARGETS6_USERDATA));
+        }
+        out.push(Msg {
+            ty: NFT_MSG_NEWSET,
+            flags: NLM_F_CREATE,
+            body: b,
+        });
+    }
+    let mut keys: Vec<(&'static str, Vec<u8>)> = vips.iter().flat_map(|ip| vip_keys(*ip)).collect();
+    keys.sort();
+    for set in [VIPS4, VIPS6, TARGETS6] {
+        let of_set: Vec<&Vec<u8>> = keys
+            .iter()
+            .filter(|(s, _)| *s == set)
+            .map(|(_, k)| k)
+            .collect();
+        // A message's element list is one attribute (at most 64 KiB): a few hundred each.
+        for chunk in of_set.chunks(512) {
+            out.push(elements_msg(set, chunk));
+        }
+    }
+    for (i, dev) in interfaces.iter().enumerate() {
+        let out_chain = format!("out{i}");
+        let in_chain = format!("in{i}");
+        out.push(chain_msg(&out_chain, NF_NETDEV_EGRESS, dev));
+        out.push(chain_msg(&in_chain, NF_NETDEV_INGRESS, dev));
+        let ip6 = || [Expr::Meta(NFT_META_PROTOCOL), Expr::Cmp(vec![0x86, 0xdd])];
+        let icmpv6_type = |t: u8| {
+            [
+                Expr::Meta(NFT_META_L4PROTO),
+                Expr::Cmp(vec![58]),
+                Expr::Payload(NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1),
+                Expr::Cmp(vec![t]),
+            ]
+        };
+        let rules: Vec<(&str, Vec<Expr>)> = vec![
+            (
+                &out_chain,
+                vec![
+                    Expr::Meta(NFT_META_OIFNAME),
+                    Expr::Lookup(LIVE),
+                    Expr::Verdict(NF_ACCEPT),
+                ],
+            ),
+            (
+                &out_chain,
+                vec![
+                    Expr::Meta(NFT_META_PROTOCOL),
+                    Expr::Cmp(vec![0x08, 0x06]),
+                    Expr::Payload(NFT_PAYLOAD_NETWORK_HEADER, 14, 4),
+                    Expr::Lookup(VIPS4),
+                    Expr::Verdict(NF_DROP),
+                ],
+            ),
+            (
+                &out_chain,
+                [
+                    &ip6()[..],
+                    &[
+                        Expr::Payload(NFT_PAYLOAD_NETWORK_HEADER, 8, 16),
+                        Expr::Lookup(VIPS6),
+                    ],
+                    &icmpv6_type(ND_NEIGHBOR_SOLICIT),
+                    &[Expr::Verdict(NF_DROP)],
+                ]
+                .concat(),
+            ),
+            (
+                &out_chain,
+                [
+                    &ip6()[..],
+                    &[
+                        Expr::Payload(NFT_PAYLOAD_NETWORK_HEADER, 8, 16),
+                        Expr::Lookup(VIPS6),
+                    ],
+                    &icmpv6_type(ND_NEIGHBOR_ADVERT),
+                    &[Expr::Verdict(NF_DROP)],
+                ]
+                .concat(),
+            ),
+            (
+                &out_chain,
+                [
+                    &ip6()[..],
+                    &icmpv6_type(ND_NEIGHBOR_ADVERT),
+                    &[
+                        Expr::Payload(NFT_PAYLOAD_TRANSPORT_HEADER, 8, 16),
+                        Expr::Lookup(TARGETS6),
+                        Expr::Verdict(NF_DROP),
+                    ],
+                ]
+                .concat(),
+            ),
+            (
+                &in_chain,
+                vec![
+                    Expr::Meta(NFT_META_IIFNAME),
+                    Expr::Lookup(LIVE),
+                    Expr::Verdict(NF_ACCEPT),
+                ],
+            ),
+            (
+                &in_chain,
+                vec![
+                    Expr::Meta(NFT_META_PROTOCOL),
+                    Expr::Cmp(vec![0x08, 0x00]),
+                    Expr::Payload(NFT_PAYLOAD_NETWORK_HEADER, 16, 4),
+                    Expr::Lookup(VIPS4),
+                    Expr::Verdict(NF_DROP),
+                ],
+            ),
+            (
+                &in_chain,
+                [
+                    &ip6()[..],
+                    &[
+                        Expr::Payload(NFT_PAYLOAD_NETWORK_HEADER, 24, 16),
+                        Expr::Lookup(VIPS6),
+                        Expr::Verdict(NF_DROP),
+                    ],
+                ]
+                .concat(),
+            ),
+        ];
+        for (chain, exprs) in rules {
+            out.push(rule_msg(chain, &exprs));
+        }
+    }
+    out
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap_or(0))
+        .collect()
+}
+
+/// The messages that remove the gate's table, if there is one.
+pub fn remove_msgs() -> Vec<Msg> {
+    let mut table = Vec::new();
+    attr(&mut table, NFTA_TABLE_NAME, &cstr(TABLE));
+    vec![Msg {
+        ty: NFT_MSG_DESTROYTABLE,
+        flags: 0,
+        body: table,
+    }]
+}
+
+/// One expression of a rule (register 1 is the only data register the gate needs).
+#[derive(Clone)]
+enum Expr {
+    Meta(u32),
+    Cmp(Vec<u8>),
+    /// Base, offset, length.
+    Payload(u32, u32, u32),
+    Lookup(&'static str),
+    Verdict(u32),
+}
+
+impl Expr {
+    fn encode(&self, out: &mut Vec<u8>) {
+        let reg = NFT_REG_1.to_be_bytes();
+        let (name, data): (&str, Vec<u8>) = match self {
+            Expr::Meta(key) => {
+                let mut d = Vec::new();
+                attr(&mut d, NFTA_META_DREG, &reg);
+                attr(&mut d, NFTA_META_KEY, &key.to_be_bytes());
+                ("meta", d)
+            }
+            Expr::Cmp(value) => {
+                let mut d = Vec::new();
+                attr(&mut d, NFTA_CMP_SREG, &reg);
+                attr(&mut d, NFTA_CMP_OP, &NFT_CMP_EQ.to_be_bytes());
+                nested(&mut d, NFTA_CMP_DATA, |v| attr(v, NFTA_DATA_VALUE, value));
+                ("cmp", d)
+            }
+            Expr::Payload(base, offset, len) => {
+                let mut d = Vec::new();
+                attr(&mut d, NFTA_PAYLOAD_DREG, &reg);
+                attr(&mut d, NFTA_PAYLOAD_BASE, &base.to_be_bytes());
+                attr(&mut d, NFTA_PAYLOAD_OFFSET, &offset.to_be_bytes());
+                attr(&mut d, NFTA_PAYLOAD_LEN, &len.to_be_bytes());
+                ("payload", d)
+            }
+            Expr::Lookup(set) => {
+                let mut d = Vec::new();
+                attr(&mut d, NFTA_LOOKUP_SET, &cstr(set));
+                attr(&mut d, NFTA_LOOKUP_SREG, &reg);
+                ("lookup", d)
+            }
+            Expr::Verdict(code) => {
+                let mut d = Vec::new();
+                attr(&mut d, NFTA_IMMEDIATE_DREG, &NFT_REG_VERDICT.to_be_bytes());
+                nested(&mut d, NFTA_IMMEDIATE_DATA, |v| {
+                    nested(v, NFTA_DATA_VERDICT, |c| {
+                        attr(c, NFTA_VERDICT_CODE, &code.to_be_bytes())
+                    })
+                });
+                ("immediate", d)
+            }
+        };
+        nested(out, NFTA_LIST_ELEM, |e| {
+            attr(e, NFTA_EXPR_NAME, &cstr(name));
+            nested(e, NFTA_EXPR_DATA, |d| d.extend_from_slice(&data));
+        });
+    }
+}
+
+fn elements_msg(set: &str, keys: &[&Vec<u8>]) -> Msg {
+    let mut b = Vec::new();
+    attr(&mut b, NFTA_SET_ELEM_LIST_TABLE, &cstr(TABLE));
+    attr(&mut b, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+    nested(&mut b, NFTA_SET_ELEM_LIST_ELEMENTS, |l| {
+        for key in keys {
+            nested(l, NFTA_LIST_ELEM, |e| {
+                nested(e, NFTA_SET_ELEM_KEY, |k| attr(k, NFTA_DATA_VALUE, key));
+            });
+        }
+    });
+    Msg {
+        ty: NFT_MSG_NEWSETELEM,
+        flags: NLM_F_CREATE,
+        body: b,
+    }
+}
+
+fn chain_msg(name: &str, hook: u32, dev: &str) -> Msg {
+    let mut b = Vec::new();
+    attr(&mut b, NFTA_CHAIN_TABLE, &cstr(TABLE));
+    attr(&mut b, NFTA_CHAIN_NAME, &cstr(name));
+    nested(&mut b, NFTA_CHAIN_HOOK, |h| {
+        attr(h, NFTA_HOOK_HOOKNUM, &hook.to_be_bytes());
+        attr(h, NFTA_HOOK_PRIORITY, &0u32.to_be_bytes());
+        attr(h, NFTA_HOOK_DEV, &cstr(dev));
+    });
+    attr(&mut b, NFTA_CHAIN_POLICY, &NF_ACCEPT.to_be_bytes());
+    attr(&mut b, NFTA_CHAIN_TYPE, &cstr("filter"));
+    Msg {
+        ty: NFT_MSG_NEWCHAIN,
+        flags: NLM_F_CREATE,
+        body: b,
+    }
+}
+
+fn rule_msg(chain: &str, exprs: &[Expr]) -> Msg {
+    let mut b = Vec::new();
+    attr(&mut b, NFTA_RULE_TABLE, &cstr(TABLE));
+    attr(&mut b, NFTA_RULE_CHAIN, &cstr(chain));
+    nested(&mut b, NFTA_RULE_EXPRESSIONS, |l| {
+        for e in exprs {
+            e.encode(l);
+        }
+    });
+    Msg {
+        ty: NFT_MSG_NEWRULE,
+        flags: NLM_F_CREATE | NLM_F_APPEND,
+        body: b,
+    }
 }
 
 // ---- netlink ----------------------------------------------------------------------------
@@ -104,11 +383,78 @@ const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_DESTROYTABLE: u16 = 26;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DESTROYSETELEM: u16 = 30;
 const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_GETTABLE: u16 = 1;
 const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_TABLE_FLAGS: u16 = 2;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_USERDATA: u16 = 13;
+/// What nft 1.0.6 stores with a set declared `typeof @th,64,128` (big-endian keys; the
+/// key is a 128-bit payload at transport header + 8), so that `nft list` prints it so.
+const TARGETS6_USERDATA: &str =
+    "0004020000000326000407000000011e000400000000010400000000020403000000030440000000040480000000";
+const NFT_SET_TIMEOUT: u32 = 0x10;
+/// nft's datatype numbers, which `nft list` reads back from the set's key type.
+const TYPE_INTEGER: u32 = 4;
+const TYPE_IPADDR: u32 = 7;
+const TYPE_IP6ADDR: u32 = 8;
+const TYPE_IFNAME: u32 = 41;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_HOOK_DEV: u16 = 3;
+const NF_NETDEV_INGRESS: u32 = 0;
+const NF_NETDEV_EGRESS: u32 = 1;
+const NF_DROP: u32 = 0;
+const NF_ACCEPT: u32 = 1;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFT_REG_VERDICT: u32 = 0;
+const NFT_REG_1: u32 = 1;
+const NFTA_META_DREG: u16 = 1;
+const NFTA_META_KEY: u16 = 2;
+const NFT_META_PROTOCOL: u32 = 1;
+const NFT_META_IIFNAME: u32 = 6;
+const NFT_META_OIFNAME: u32 = 7;
+const NFT_META_L4PROTO: u32 = 16;
+const NFTA_CMP_SREG: u16 = 1;
+const NFTA_CMP_OP: u16 = 2;
+const NFTA_CMP_DATA: u16 = 3;
+const NFT_CMP_EQ: u32 = 0;
+const NFTA_PAYLOAD_DREG: u16 = 1;
+const NFTA_PAYLOAD_BASE: u16 = 2;
+const NFTA_PAYLOAD_OFFSET: u16 = 3;
+const NFTA_PAYLOAD_LEN: u16 = 4;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFTA_LOOKUP_SET: u16 = 1;
+const NFTA_LOOKUP_SREG: u16 = 2;
+const NFTA_IMMEDIATE_DREG: u16 = 1;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const ND_NEIGHBOR_SOLICIT: u8 = 135;
+const ND_NEIGHBOR_ADVERT: u8 = 136;
+const NLM_F_APPEND: u16 = 0x800;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_DONE: u16 = 0x3;
@@ -252,8 +598,43 @@ fn message(out: &mut Vec<u8>, ty: u16, flags: u16, seq: u32, family: u8, res_id:
     }
 }
 
-/// The batch for `ops` (pure; the last message asks for an ack).
+/// The message of one element operation.
+fn op_msg(op: &Op) -> Msg {
+    let (ty, set, key, timeout, create) = match op {
+        Op::Add { set, key, timeout } => (NFT_MSG_NEWSETELEM, set, key, *timeout, true),
+        Op::Destroy { set, key } => (NFT_MSG_DESTROYSETELEM, set, key, None, false),
+        Op::Delete { set, key } => (NFT_MSG_DELSETELEM, set, key, None, false),
+    };
+    let mut body = Vec::new();
+    attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &cstr(TABLE));
+    attr(&mut body, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+    nested(&mut body, NFTA_SET_ELEM_LIST_ELEMENTS, |l| {
+        nested(l, NFTA_LIST_ELEM, |e| {
+            nested(e, NFTA_SET_ELEM_KEY, |k| attr(k, NFTA_DATA_VALUE, key));
+            if let Some(t) = timeout {
+                attr(
+                    e,
+                    NFTA_SET_ELEM_TIMEOUT,
+                    &(t.as_millis() as u64).to_be_bytes(),
+                );
+            }
+        });
+    });
+    Msg {
+        ty,
+        flags: if create { NLM_F_CREATE } else { 0 },
+        body,
+    }
+}
+
+/// The batch for element operations `ops` (pure; the last message asks for an ack).
 pub fn batch(ops: &[Op], first_seq: u32) -> Vec<u8> {
+    encode(&ops.iter().map(op_msg).collect::<Vec<_>>(), first_seq)
+}
+
+/// One transaction of `msgs`, numbered from `first_seq` (pure; the last message asks for
+/// an ack).
+pub fn encode(msgs: &[Msg], first_seq: u32) -> Vec<u8> {
     let mut out = Vec::new();
     message(
         &mut out,
@@ -264,46 +645,26 @@ pub fn batch(ops: &[Op], first_seq: u32) -> Vec<u8> {
         NFNL_SUBSYS_NFTABLES,
         &[],
     );
-    for (n, op) in ops.iter().enumerate() {
-        let (ty, set, key, timeout, create) = match op {
-            Op::Add { set, key, timeout } => (NFT_MSG_NEWSETELEM, set, key, *timeout, true),
-            Op::Destroy { set, key } => (NFT_MSG_DESTROYSETELEM, set, key, None, false),
-            Op::Delete { set, key } => (NFT_MSG_DELSETELEM, set, key, None, false),
-        };
-        let mut body = Vec::new();
-        attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &cstr(TABLE));
-        attr(&mut body, NFTA_SET_ELEM_LIST_SET, &cstr(set));
-        nested(&mut body, NFTA_SET_ELEM_LIST_ELEMENTS, |l| {
-            nested(l, NFTA_LIST_ELEM, |e| {
-                nested(e, NFTA_SET_ELEM_KEY, |k| attr(k, NFTA_DATA_VALUE, key));
-                if let Some(t) = timeout {
-                    attr(
-                        e,
-                        NFTA_SET_ELEM_TIMEOUT,
-                        &(t.as_millis() as u64).to_be_bytes(),
-                    );
-                }
-            });
-        });
-        let mut flags = NLM_F_REQUEST | if create { NLM_F_CREATE } else { 0 };
-        if n + 1 == ops.len() {
+    for (n, m) in msgs.iter().enumerate() {
+        let mut flags = NLM_F_REQUEST | m.flags;
+        if n + 1 == msgs.len() {
             flags |= NLM_F_ACK;
         }
         message(
             &mut out,
-            (NFNL_SUBSYS_NFTABLES << 8) | ty,
+            (NFNL_SUBSYS_NFTABLES << 8) | m.ty,
             flags,
             first_seq + 1 + n as u32,
             NFPROTO_NETDEV,
             0,
-            &body,
+            &m.body,
         );
     }
     message(
         &mut out,
         NFNL_MSG_BATCH_END,
         NLM_F_REQUEST,
-        first_seq + 1 + ops.len() as u32,
+        first_seq + 1 + msgs.len() as u32,
         0,
         NFNL_SUBSYS_NFTABLES,
         &[],
@@ -476,19 +837,28 @@ impl Netlink {
         }
     }
 
-    /// Sends `ops` as one transaction and waits for the kernel's verdict (at most 1 s).
+    /// Sends element operations `ops` as one transaction and waits for the kernel's verdict
+    /// (at most 1 s).
     pub fn apply(&mut self, ops: &[Op]) -> io::Result<()> {
-        if ops.is_empty() {
+        self.transact(&ops.iter().map(op_msg).collect::<Vec<_>>())
+    }
+
+    /// Sends `msgs` as one transaction and waits for the kernel's verdict (at most 1 s).
+    /// Replies to an earlier transaction that were still queued are told apart by their
+    /// sequence numbers.
+    pub fn transact(&mut self, msgs: &[Msg]) -> io::Result<()> {
+        if msgs.is_empty() {
             return Ok(());
         }
         let first = self.seq;
-        self.seq = self.seq.wrapping_add(ops.len() as u32 + 2);
-        self.send(&batch(ops, first))?;
-        let last = first + ops.len() as u32;
+        self.seq = self.seq.wrapping_add(msgs.len() as u32 + 2);
+        self.send(&encode(msgs, first))?;
+        let last = first.wrapping_add(msgs.len() as u32);
+        let ours = |seq: u32| seq.wrapping_sub(first) <= msgs.len() as u32 + 1;
         let mut rx = vec![0u8; 8192];
         loop {
             for m in self.receive(&mut rx)? {
-                if m.ty != NLMSG_ERROR {
+                if m.ty != NLMSG_ERROR || !ours(m.seq) {
                     continue;
                 }
                 match m.errno() {
@@ -555,16 +925,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_table_gates_every_way_out_on_each_interface() {
-        let t = render(&["eth0".into(), "bond\"0".into()], &[]);
-        assert!(t.starts_with("table netdev l2speaker_gate\ndelete table netdev l2speaker_gate\n"));
-        assert!(t.contains("hook egress device \"eth0\""));
-        assert!(
-            t.contains("hook ingress device \"bond0\""),
-            "quotes cannot be injected"
+    fn the_table_is_replaced_in_one_transaction_with_its_vips_and_a_chain_pair_per_interface() {
+        let vips: Vec<IpAddr> = vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+        let m = table_msgs(
+            &["eth0".into(), "bond0".into()],
+            &vips,
+            TABLE_F_OWNER | TABLE_F_PERSIST,
         );
-        assert!(t.contains("arp saddr ip @vips4 drop"));
-        assert!(t.contains("ip daddr @vips4 drop"));
+        let kinds: Vec<u16> = m.iter().map(|m| m.ty).collect();
+        // destroy the old, create the new (owned, persistent), 5 sets, 3 element lists,
+        // then per interface 2 chains and 8 rules.
+        assert_eq!(kinds[..2], [NFT_MSG_DESTROYTABLE, NFT_MSG_NEWTABLE]);
+        assert!(
+            m[1].body.windows(4).any(|w| w == 6u32.to_be_bytes()),
+            "owner|persist"
+        );
+        assert_eq!(kinds.iter().filter(|k| **k == NFT_MSG_NEWSET).count(), 5);
+        assert_eq!(
+            kinds.iter().filter(|k| **k == NFT_MSG_NEWSETELEM).count(),
+            3
+        );
+        assert_eq!(kinds.iter().filter(|k| **k == NFT_MSG_NEWCHAIN).count(), 4);
+        assert_eq!(kinds.iter().filter(|k| **k == NFT_MSG_NEWRULE).count(), 16);
+        let first_chain = kinds.iter().position(|k| *k == NFT_MSG_NEWCHAIN).unwrap();
+        let last_element = kinds
+            .iter()
+            .rposition(|k| *k == NFT_MSG_NEWSETELEM)
+            .unwrap();
+        assert!(
+            last_element < first_chain,
+            "the VIPs are in their sets before any hook runs"
+        );
+        let devs: Vec<bool> = ["eth0", "bond0"]
+            .iter()
+            .map(|d| {
+                m.iter().any(|m| {
+                    m.ty == NFT_MSG_NEWCHAIN && m.body.windows(d.len() + 1).any(|w| w == cstr(d))
+                })
+            })
+            .collect();
+        assert_eq!(devs, [true, true]);
+        // With no VIPs no element list is sent (an empty list is an error).
+        let empty = table_msgs(&["eth0".into()], &[], 0);
+        assert!(empty.iter().all(|m| m.ty != NFT_MSG_NEWSETELEM));
+    }
+
+    #[test]
+    fn a_thousand_vips_fit_in_element_lists_under_the_attribute_limit() {
+        let vips: Vec<IpAddr> = (0..1000u32)
+            .map(|i| IpAddr::V6(std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | i as u128)))
+            .collect();
+        let m = table_msgs(&["eth0".into()], &vips, 0);
+        let lists: Vec<&Msg> = m.iter().filter(|m| m.ty == NFT_MSG_NEWSETELEM).collect();
+        assert_eq!(lists.len(), 4, "two sets of 1,000 keys in chunks of 512");
+        assert!(lists.iter().all(|m| m.body.len() < u16::MAX as usize));
     }
 
     #[test]
