@@ -725,3 +725,35 @@ async fn lan_a_vip_address_removed_by_someone_else_is_bound_again() {
     );
     assert_eq!(tb.host_of(&tb.holder(ip).await.unwrap()), owner);
 }
+
+/// `nft flush ruleset; kill -9` of the owner's speaker, as one command would: another node
+/// serves the VIP within the failover bound, and at no sample do two nodes answer (the
+/// dead speaker's gate is an owned, persistent table: the flush passed it by, and its
+/// timeout closed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_a_flush_then_kill_9_of_the_owner_fails_over_and_never_two_answer() {
+    let (tb, ip, owner) = settled(Timing::LAN).await;
+    let sampler = tb.sample(&[ip]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fault = sampler.now();
+    flush_ruleset(&tb, std::slice::from_ref(&owner));
+    tb.speaker(&owner).kill();
+    let new = lan_owner(&tb, ip, Some(&owner)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = sampler.stop().unwrap();
+    let what = format!("flush ruleset; kill -9 of the owner {owner}, {new} took over");
+    assert_never_two(&what, &s);
+    let worst = outage(&s, ip, fault);
+    println!("{what}: outage {} ms", worst.as_millis());
+    assert!(
+        worst < Duration::from_secs(2),
+        "{what}: silent for {worst:?}"
+    );
+    let client = tb.lab.client().ns.clone();
+    let served = l2speaker_e2e::lab::connect_from(
+        &client,
+        SocketAddr::new(ip, 80),
+        Duration::from_millis(500),
+    );
+    assert!(served.is_ok(), "served after the take-over: {served:?}");
+}
