@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::context::Shared;
+use crate::dataplane::addr::{AddrOps, KernelAddr, LifetimeRefresher};
 use crate::dataplane::gate::{self, Netlink, Op};
 use crate::dataplane::nft_watch;
 use crate::node_lease::{self, NodeWriteError};
@@ -26,6 +27,16 @@ use crate::ownership::machine::HolderNode;
 use crate::ownership::node::{NodeAction, NodeInput, NodeKeeper, NodeReply, NodeTiming};
 use crate::ownership::quorum;
 use kube::runtime::events::EventType;
+
+/// The valid lifetime of a LAN-mode VIP address: the keeper extends it every
+/// [`LAN_ADDRESS_REFRESH`], so a speaker that died leaves its addresses for at most this
+/// plus the kernel's second of lateness. The gate silences that node much sooner; this is
+/// what still holds when the gate is gone too (a `flush ruleset` after the speaker died
+/// removes the orphaned table).
+pub const LAN_ADDRESS_LIFETIME: Duration = Duration::from_secs(3);
+/// How often the keeper extends LAN-mode VIP address lifetimes: two refreshes may be lost
+/// (a speaker starved of CPU) before an address expires.
+pub const LAN_ADDRESS_REFRESH: Duration = Duration::from_secs(1);
 
 /// What the keeper tells the coordinator (and through it every VIP holder).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,6 +62,11 @@ pub struct Gate {
     netlink: Option<Netlink>,
     interfaces: Vec<String>,
     vips: BTreeSet<IpAddr>,
+    /// The VIP addresses bound here (by interface index) whose lifetimes the keeper extends:
+    /// marked by a holder after its bind, unmarked before its unbind, under this lock, so a
+    /// refresh never puts back an address being removed.
+    bound: BTreeMap<IpAddr, u32>,
+    refresher: Option<LifetimeRefresher>,
     /// The flags the table is created with: owned and persistent, or none on kernels
     /// without them (older than 6.9; found out once, then logged).
     table_flags: u32,
@@ -62,6 +78,8 @@ impl Gate {
             netlink: None,
             interfaces: Vec::new(),
             vips: BTreeSet::new(),
+            bound: BTreeMap::new(),
+            refresher: None,
             table_flags: gate::TABLE_F_OWNER | gate::TABLE_F_PERSIST,
         }
     }
@@ -108,6 +126,41 @@ impl Gate {
     pub fn remove_table(&mut self) -> std::io::Result<()> {
         self.interfaces.clear();
         self.netlink()?.transact(&gate::remove_msgs())
+    }
+
+    /// A holder bound `ip` on interface `index`: its lifetime is extended from now on.
+    pub fn bound(&mut self, index: u32, ip: IpAddr) {
+        self.bound.insert(ip, index);
+    }
+
+    /// A holder is about to unbind `ip`: its lifetime is no longer extended.
+    pub fn unbinding(&mut self, ip: IpAddr) {
+        self.bound.remove(&ip);
+    }
+
+    /// Extends to [`LAN_ADDRESS_LIFETIME`] the lifetime of every bound VIP address that
+    /// `present` (a dump read just before) shows still there, on its interface and ours.
+    /// A refresh is a replace, which would create a missing address: one removed by someone
+    /// else is left to its holder, which binds it again gate first. What stays is the
+    /// moment between the dump and this send. Returns how many it extended.
+    fn extend_lifetimes(&mut self, present: &[KernelAddr]) -> std::io::Result<usize> {
+        let want: Vec<(u32, IpAddr)> = present
+            .iter()
+            .filter(|a| a.ours && self.bound.get(&a.ip) == Some(&a.index))
+            .map(|a| (a.index, a.ip))
+            .collect();
+        if want.is_empty() {
+            return Ok(0);
+        }
+        if self.refresher.is_none() {
+            self.refresher = Some(LifetimeRefresher::open()?);
+        }
+        let refresher = self.refresher.as_mut().expect("opened");
+        let refused = refresher.refresh(&want, LAN_ADDRESS_LIFETIME)?;
+        for (ip, e) in &refused {
+            warn!(ip = %ip, error = %e, "cannot extend the VIP address's lifetime");
+        }
+        Ok(want.len() - refused.len())
     }
 
     /// Puts `ip` under the gate (before it is bound).
@@ -674,6 +727,41 @@ async fn sleep_until_some(t: Option<Instant>) {
 
 /// Shared handle to the gate.
 pub type SharedGate = Mutex<Gate>;
+
+/// Extends LAN-mode VIP address lifetimes every [`LAN_ADDRESS_REFRESH`] until `stop`: a
+/// task of its own, so a slow address dump never delays a heartbeat or a gate refresh.
+pub async fn extend_address_lifetimes(s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(LAN_ADDRESS_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let outcome = match s.dataplane.addrs.addresses().await {
+            Ok(present) => s
+                .gate
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_lifetimes(&present)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        // One line per change of state, not one per second.
+        match outcome {
+            Err(e) if !failing => {
+                error!(error = %e, "cannot extend the VIP addresses' lifetimes: they expire within {} s unless this recovers", LAN_ADDRESS_LIFETIME.as_secs());
+                failing = true;
+            }
+            Ok(_) if failing => {
+                info!("extending the VIP addresses' lifetimes again");
+                failing = false;
+            }
+            _ => {}
+        }
+    }
+}
 
 /// Removes the gate's table (at start, before anything is bound; and at the end).
 pub fn remove_table(s: &Shared) {

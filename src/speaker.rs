@@ -236,6 +236,12 @@ pub async fn run(
     // The keeper runs until every holder has withdrawn (it keeps the gate open meanwhile:
     // unbinding is what stops a graceful owner answering).
     let (stop_keeper, keeper_rx) = watch::channel(false);
+    let lifetimes = lan_mode.then(|| {
+        tokio::spawn(crate::keeper::extend_address_lifetimes(
+            shared.clone(),
+            keeper_rx.clone(),
+        ))
+    });
     let keeper = lan_mode.then(|| tokio::spawn(crate::keeper::run(shared.clone(), keeper_rx)));
     let mut lan_changed = shared.lan_state.subscribe();
     let s = shared.clone();
@@ -294,6 +300,9 @@ pub async fn run(
     }
     dnat.abort();
     let _ = stop_keeper.send(true);
+    if let Some(l) = lifetimes {
+        l.abort();
+    }
     if let Some(k) = keeper {
         let _ = tokio::time::timeout(Duration::from_millis(500), k).await;
         crate::keeper::remove_table(&shared);

@@ -757,3 +757,88 @@ async fn lan_a_flush_then_kill_9_of_the_owner_fails_over_and_never_two_answer() 
     );
     assert!(served.is_ok(), "served after the take-over: {served:?}");
 }
+
+/// `kill -9` of the owner's speaker, the VIP taken over, then `nft flush ruleset` on the
+/// dead node, right away. The flush removes the dead speaker's gate (an orphaned table is an
+/// ordinary one), so its node may answer beside the new owner — but only until its VIP
+/// address expires: the lifetime the keeper kept short, plus the kernel's second, plus the
+/// one refresh interval it may have been extended just before the kill. After that the dead
+/// node answers nothing, and the address is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_a_flush_on_a_dead_node_reopens_it_only_until_its_address_expires() {
+    let (tb, ip, owner) = settled(Timing::LAN).await;
+    // A live owner keeps its short-lived address: longer than a lifetime and the kernel's
+    // second later, it is still there, with a lifetime of at most LAN_ADDRESS_LIFETIME.
+    tokio::time::sleep(l2speaker::keeper::LAN_ADDRESS_LIFETIME + Duration::from_secs(1)).await;
+    let ns = tb.lab.host(&owner).unwrap().ns.clone();
+    let shown = l2speaker_e2e::lab::netns::ip(&ns, &["-o", "addr", "show", "dev", "eth0"]).unwrap();
+    let line = shown
+        .lines()
+        .find(|l| l.contains(&format!(" {ip}/")))
+        .unwrap_or_else(|| panic!("a live owner lost its VIP address: {shown}"));
+    let valid: u64 = line
+        .split_whitespace()
+        .skip_while(|w| *w != "valid_lft")
+        .nth(1)
+        .and_then(|w| w.strip_suffix("sec"))
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no finite lifetime on the VIP address: {line}"));
+    assert!(
+        valid <= l2speaker::keeper::LAN_ADDRESS_LIFETIME.as_secs(),
+        "the VIP address lives {valid} s: {line}"
+    );
+    let sampler = tb.sample(&[ip]);
+    let killed = sampler.now();
+    tb.speaker(&owner).kill();
+    let new = lan_owner(&tb, ip, Some(&owner)).await;
+    flush_ruleset(&tb, std::slice::from_ref(&owner));
+    let flushed = sampler.now();
+    let bound = l2speaker::keeper::LAN_ADDRESS_LIFETIME
+        + l2speaker::keeper::LAN_ADDRESS_REFRESH
+        + Duration::from_secs(1);
+    eventually(
+        Duration::from_secs(10),
+        "the dead node's address expired",
+        async || (!tb.bound_on(ip).contains(&owner)).then_some(()),
+    )
+    .await;
+    let expired = sampler.now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = sampler.stop().unwrap();
+    let old_mac = tb.lab.mac(&owner).unwrap();
+    let dead_answers: Vec<Duration> = s
+        .of(ip)
+        .rounds
+        .iter()
+        .filter(|r| r.macs.contains(&old_mac))
+        .map(|r| r.at)
+        .collect();
+    let last = dead_answers.iter().max().copied();
+    println!(
+        "flush ruleset on {owner} {} ms after its speaker died ({new} took over): its address \
+         expired {} ms after the kill; it answered in {} rounds, the last {} ms after the kill \
+         (bound {} ms)",
+        (flushed - killed).as_millis(),
+        (expired - killed).as_millis(),
+        dead_answers.len(),
+        last.map_or(0, |l| l.saturating_sub(killed).as_millis()),
+        bound.as_millis()
+    );
+    assert!(
+        expired - killed <= bound + Duration::from_millis(500),
+        "the dead node's VIP address outlived the bound: {:?} after the kill",
+        expired - killed
+    );
+    assert!(
+        last.is_none_or(|l| l <= killed + bound + Duration::from_millis(500)),
+        "the dead node answered {:?} after the kill",
+        last.map(|l| l.saturating_sub(killed))
+    );
+    let client = tb.lab.client().ns.clone();
+    let served = l2speaker_e2e::lab::connect_from(
+        &client,
+        SocketAddr::new(ip, 80),
+        Duration::from_millis(500),
+    );
+    assert!(served.is_ok(), "served by {new}: {served:?}");
+}

@@ -1,7 +1,8 @@
 //! Interfaces and addresses through rtnetlink: a thin adapter behind [`AddrOps`].
 //!
-//! VIPs are bound as /32 or /128 with a valid lifetime, refreshed on every renewal, so the
-//! kernel drops the address by itself when the speaker dies; IPv6 ones with no DAD (or they
+//! VIPs are bound as /32 or /128 with a valid lifetime, refreshed on every renewal (lease
+//! mode) or every second ([`LifetimeRefresher`], LAN mode), so the kernel drops the address
+//! by itself when the speaker dies; IPv6 ones with no DAD (or they
 //! stay tentative for a second or two) and preferred lifetime 0 (or the kernel picks the VIP
 //! as the node's source address). Each carries IFA_PROTO [`PROTO`] so a restarted speaker can
 //! find and remove exactly its own leftovers.
@@ -125,7 +126,10 @@ pub fn watch_changes() -> Result<tokio::sync::watch::Receiver<u64>, AddrError> {
     let (tx, rx) = tokio::sync::watch::channel(0);
     tokio::spawn(async move {
         let _handle = handle; // the connection lives as long as a handle does
-        while messages.next().await.is_some() {
+        while let Some((m, _)) = messages.next().await {
+            if is_own_refresh(&m) {
+                continue;
+            }
             tx.send_modify(|n| *n += 1);
             if tx.is_closed() {
                 break;
@@ -133,6 +137,17 @@ pub fn watch_changes() -> Result<tokio::sync::watch::Receiver<u64>, AddrError> {
         }
     });
     Ok(rx)
+}
+
+/// A new or refreshed address of l2speaker's own: nothing to re-read for (the keeper
+/// extends hundreds of lifetimes a second, each announced).
+fn is_own_refresh(
+    m: &rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
+) -> bool {
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    matches!(&m.payload, NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(a))
+        if a.attributes.iter().any(|x| matches!(x, AddressAttribute::Protocol(AddressProtocol::Other(p)) if *p == PROTO)))
 }
 
 fn host_prefix(ip: IpAddr) -> u8 {
@@ -361,20 +376,7 @@ impl AddrOps for Netlink {
             .address()
             .add(index, ip, host_prefix(ip))
             .replace();
-        let msg = req.message_mut();
-        let secs = valid.as_secs().max(1) as u32;
-        let preferred = if ip.is_ipv6() { 0 } else { secs };
-        let mut lifetimes = CacheInfo::default();
-        lifetimes.ifa_preferred = preferred;
-        lifetimes.ifa_valid = secs;
-        msg.attributes.push(AddressAttribute::CacheInfo(lifetimes));
-        msg.attributes
-            .push(AddressAttribute::Protocol(AddressProtocol::Other(PROTO)));
-        if ip.is_ipv6() {
-            msg.header.flags |= AddressHeaderFlags::Nodad;
-            msg.attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        }
+        lifetime_attributes(req.message_mut(), ip, valid);
         req.execute().await.map_err(|source| AddrError::Netlink {
             what: format!("binding {ip}/{} to interface {index}", host_prefix(ip)),
             source,
@@ -398,5 +400,129 @@ impl AddrOps for Netlink {
                 source,
             }),
         }
+    }
+}
+
+/// How many requests one send carries: their acknowledgements must fit the socket's
+/// receive buffer (each takes about 1 KiB of it in the kernel's accounting).
+const REFRESH_CHUNK: usize = 64;
+
+/// Extends the valid lifetime of addresses l2speaker bound, many per system call and with
+/// no dump (a refresh is a `RTM_NEWADDR` replace of an address already bound): what keeps
+/// LAN-mode VIP addresses' lifetimes short at a few hundred refreshes a second.
+///
+/// A replace creates the address when it is missing, so the caller sends only addresses it
+/// has just seen bound (see [`crate::keeper`]).
+pub struct LifetimeRefresher {
+    socket: rtnetlink::sys::Socket,
+    seq: u32,
+}
+
+impl LifetimeRefresher {
+    pub fn open() -> std::io::Result<Self> {
+        let mut socket = rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.connect(&rtnetlink::sys::SocketAddr::new(0, 0))?;
+        Ok(LifetimeRefresher { socket, seq: 0 })
+    }
+
+    /// Gives each `(interface index, ip)` the valid lifetime `valid`; returns the ones the
+    /// kernel refused, with why.
+    pub fn refresh(
+        &mut self,
+        addrs: &[(u32, IpAddr)],
+        valid: Duration,
+    ) -> std::io::Result<Vec<(IpAddr, std::io::Error)>> {
+        use rtnetlink::packet_core::{
+            NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+        };
+        use rtnetlink::packet_route::RouteNetlinkMessage;
+        let mut refused = Vec::new();
+        for chunk in addrs.chunks(REFRESH_CHUNK) {
+            let first = self.seq.wrapping_add(1);
+            let mut buf = Vec::new();
+            for (index, ip) in chunk {
+                self.seq = self.seq.wrapping_add(1);
+                let mut m = NetlinkMessage::from(RouteNetlinkMessage::NewAddress(address_message(
+                    *index, *ip, valid,
+                )));
+                m.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE;
+                m.header.sequence_number = self.seq;
+                m.finalize();
+                let at = buf.len();
+                buf.resize(at + m.buffer_len(), 0);
+                m.serialize(&mut buf[at..]);
+            }
+            self.socket.send(&buf, 0)?;
+            // The kernel handled every request inside the send; their answers are queued.
+            let mut answered = 0;
+            let mut rx = vec![0u8; 64 * 1024];
+            while answered < chunk.len() {
+                let n = self.socket.recv(&mut &mut rx[..], 0)?;
+                let mut at = 0;
+                while at < n {
+                    let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[at..n])
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    let len = msg.header.length as usize;
+                    let seq = msg.header.sequence_number;
+                    if let NetlinkPayload::Error(e) = msg.payload {
+                        let i = seq.wrapping_sub(first) as usize;
+                        if i < chunk.len() {
+                            answered += 1;
+                            if e.code.is_some() {
+                                refused.push((chunk[i].1, e.to_io()));
+                            }
+                        }
+                    }
+                    if len == 0 {
+                        break;
+                    }
+                    at += (len + 3) & !3;
+                }
+            }
+        }
+        Ok(refused)
+    }
+}
+
+/// The `RTM_NEWADDR` body that binds `ip` as l2speaker's host address on `index`.
+fn address_message(
+    index: u32,
+    ip: IpAddr,
+    valid: Duration,
+) -> rtnetlink::packet_route::address::AddressMessage {
+    let mut msg = rtnetlink::packet_route::address::AddressMessage::default();
+    msg.header.index = index;
+    msg.header.prefix_len = host_prefix(ip);
+    msg.header.family = if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    if ip.is_ipv4() {
+        msg.attributes.push(AddressAttribute::Local(ip));
+    }
+    msg.attributes.push(AddressAttribute::Address(ip));
+    lifetime_attributes(&mut msg, ip, valid);
+    msg
+}
+
+/// Lifetimes, l2speaker's IFA_PROTO and, for IPv6, no DAD: what every bind and refresh sets.
+fn lifetime_attributes(
+    msg: &mut rtnetlink::packet_route::address::AddressMessage,
+    ip: IpAddr,
+    valid: Duration,
+) {
+    let secs = valid.as_secs().max(1) as u32;
+    let mut lifetimes = CacheInfo::default();
+    lifetimes.ifa_preferred = if ip.is_ipv6() { 0 } else { secs };
+    lifetimes.ifa_valid = secs;
+    msg.attributes.push(AddressAttribute::CacheInfo(lifetimes));
+    msg.attributes
+        .push(AddressAttribute::Protocol(AddressProtocol::Other(PROTO)));
+    if ip.is_ipv6() {
+        msg.header.flags |= AddressHeaderFlags::Nodad;
+        msg.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
     }
 }

@@ -89,12 +89,12 @@ pub enum Mode {
     Lan,
 }
 
-/// How long an address bound in [`Mode::Lan`] lives if nobody refreshes it: a backstop
-/// only (the gate silences a dead speaker's node within milliseconds). The holder extends it
-/// every [`LAN_ADDRESS_REFRESH`] on its own, with no API request: in this mode the Lease is
-/// written on change only, and nothing else ends an ownership.
+/// A [`Mode::Lan`] holder's own horizon: in this mode the Lease is written on change only and
+/// nothing else ends an ownership, so the holder moves it on every [`LAN_ADDRESS_REFRESH`]
+/// with no API request, binding again as it does. The kernel's lifetime of the address is
+/// much shorter and extended by the node keeper (`keeper::LAN_ADDRESS_LIFETIME`).
 pub const LAN_ADDRESS_BACKSTOP: Duration = Duration::from_secs(24 * 3600);
-/// How often a [`Mode::Lan`] holder extends its address's lifetime.
+/// How often a [`Mode::Lan`] holder moves its horizon on (and binds again).
 pub const LAN_ADDRESS_REFRESH: Duration = Duration::from_secs(3600);
 
 /// Why the holder should end.

@@ -392,8 +392,14 @@ impl Shell {
                     warn!(ip = %ip, "dropped a bind decided too long ago");
                     return;
                 }
-                // The lifetime is computed at the last moment, from the absolute bound.
-                let Some(valid) = timing::lifetime(now, until, Duration::ZERO) else {
+                // The lifetime is computed at the last moment, from the absolute bound; in LAN
+                // mode it is short and the keeper extends it (see keeper::LAN_ADDRESS_LIFETIME).
+                let valid = if lan {
+                    Some(crate::keeper::LAN_ADDRESS_LIFETIME)
+                } else {
+                    timing::lifetime(now, until, Duration::ZERO)
+                };
+                let Some(valid) = valid else {
                     s.metrics.late_action("bind");
                     warn!(ip = %ip, "no safe address lifetime left: not refreshing");
                     return;
@@ -416,7 +422,15 @@ impl Shell {
                         match tokio::time::timeout_at(not_after, s.dataplane.bind(&i, ip, valid))
                             .await
                         {
-                            Ok(Ok(())) => break,
+                            Ok(Ok(())) => {
+                                if lan {
+                                    s.gate
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .bound(i.index, ip);
+                                }
+                                break;
+                            }
                             Ok(Err(e)) => {
                                 s.metrics.dataplane_error(&e);
                                 warn!(ip = %ip, interface = %i.name, error = %e, attempt, "could not bind");
@@ -458,6 +472,13 @@ impl Shell {
                     return;
                 };
                 let mut unbound = false;
+                if lan {
+                    // No lifetime refresh from here on: it could put the address back.
+                    s.gate
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .unbinding(ip);
+                }
                 for attempt in 1..=BIND_ATTEMPTS {
                     let unbind =
                         tokio::time::timeout(Duration::from_secs(1), s.dataplane.unbind(&i, ip));
