@@ -121,6 +121,8 @@ pub struct Coordinator {
     ports_wanted: Option<(u64, BTreeSet<node_ips::Port>)>,
     /// (Service, IP) pairs already told that this node refuses the IP.
     reported: HashSet<(String, IpAddr)>,
+    /// Service IPs reported once as also on a no-ARP link (see [`plan::other_agents_copies`]).
+    copies_reported: HashSet<(String, IpAddr)>,
     /// What the last full pass was computed from: a pass with the same inputs would feed
     /// every holder the same view again, so it stops early (the periodic pass of an idle
     /// speaker with a thousand VIPs costs an interface listing, not a thousand views).
@@ -167,6 +169,7 @@ impl Coordinator {
             ports_failed: false,
             ports_wanted: None,
             reported: HashSet::new(),
+            copies_reported: HashSet::new(),
             last_inputs: None,
             kernel_changes: None,
             bound: BTreeSet::new(),
@@ -246,6 +249,8 @@ impl Coordinator {
                 .entry(a)
                 .or_insert_with(|| "the API server's address".to_string());
         }
+        let copies = plan::other_agents_copies(&self.interfaces);
+        let mut on_noarp = 0usize;
         let published: BTreeMap<IpAddr, String> = refusals
             .iter()
             .filter(|(ip, _)| pool::assignable(**ip))
@@ -340,6 +345,21 @@ impl Coordinator {
                     .zip(&each_slices)
                     .try_for_each(|(x, sl)| plan::node_may_announce(node, labels, pool, x, sl))
             };
+            if let Some(link) = copies.get(ip) {
+                on_noarp += 1;
+                if self.copies_reported.insert((svc.key.clone(), *ip)) {
+                    warn!(ip = %ip, service = %svc.key, link = %link, "the Service IP is also on a no-ARP link of this node (another agent's copy, such as kube-proxy's in IPVS mode): announcing it anyway");
+                    if let Some(r) = s.events.service_ref(&svc.key) {
+                        s.events.post(
+                            r,
+                            EventType::Warning,
+                            "IPOnNoArpLink",
+                            format!("{ip} is also on {me}'s {link}, a no-ARP link (kube-proxy in IPVS mode puts every LoadBalancer IP on kube-ipvs0): l2speaker still announces it, but unless kube-proxy's strictARP is set every node answers ARP for it"),
+                            "Bind",
+                        );
+                    }
+                }
+            }
             let refused = refusals.get(ip).map(|why| format!("{ip} is {why}"));
             if let Some(why) = &refused
                 && self.reported.insert((svc.key.clone(), *ip))
@@ -475,6 +495,7 @@ impl Coordinator {
                 }
             }
         }
+        s.metrics.set_vips_on_noarp_links(on_noarp);
         let gone: Vec<IpAddr> = self
             .tasks
             .keys()

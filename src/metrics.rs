@@ -48,6 +48,7 @@ pub struct Metrics {
     watch_events: Family<KindLabel, Counter>,
     kernel_repairs: Family<KindLabel, Counter>,
     gate_healthy: Gauge<i64, AtomicI64>,
+    vips_on_noarp_links: Gauge<i64, AtomicI64>,
     failover: Histogram,
     heartbeats_sent: Counter,
     heartbeat_bytes_sent: Counter,
@@ -205,6 +206,14 @@ impl Metrics {
              cannot be (the node then gives up its VIPs and takes none)",
             gate_healthy.clone(),
         );
+        let vips_on_noarp_links = Gauge::default();
+        registry.register(
+            "vips_on_noarp_links",
+            "Service IPs this node also has on a no-ARP link, put there by another agent \
+             (kube-proxy in IPVS mode on kube-ipvs0): not refused, but every node answers ARP \
+             for them unless kube-proxy's strictARP is set",
+            vips_on_noarp_links.clone(),
+        );
         let peers_alive = Gauge::default();
         registry.register(
             "peers_alive",
@@ -242,6 +251,7 @@ impl Metrics {
             watch_events,
             kernel_repairs,
             gate_healthy,
+            vips_on_noarp_links,
             failover,
             takeovers: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
@@ -336,6 +346,10 @@ impl Metrics {
         self.kernel_repairs
             .get_or_create(&KindLabel { kind: kind.into() })
             .inc();
+    }
+
+    pub fn set_vips_on_noarp_links(&self, n: usize) {
+        self.vips_on_noarp_links.set(n as i64);
     }
 
     pub fn set_gate_healthy(&self, healthy: bool) {

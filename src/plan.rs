@@ -64,7 +64,8 @@ pub fn interface_for(ip: IpAddr, pool: &Pool, ifaces: &[Interface]) -> Result<In
 }
 
 /// Addresses this node must never bind, with what they are: every address on its interfaces
-/// that l2speaker did not add (`ifaces` list only those), and its gateways.
+/// that l2speaker did not add (`ifaces` list only those), and its gateways — except a host
+/// address on a no-ARP link ([`other_agents_copies`]).
 pub fn local_refusals(
     node: &str,
     ifaces: &[Interface],
@@ -76,6 +77,9 @@ pub fn local_refusals(
     }
     for i in ifaces {
         for n in &i.nets {
+            if is_other_agents_copy(i, n) {
+                continue;
+            }
             out.entry(n.addr()).or_insert_with(|| {
                 format!(
                     "an address on {node}'s {} that l2speaker did not add",
@@ -89,6 +93,27 @@ pub fn local_refusals(
         }
     }
     out
+}
+
+/// A host address (/32, /128) on a link that answers no ARP: what kube-proxy in IPVS mode puts
+/// on `kube-ipvs0` for every LoadBalancer IP on every node. Not a node address: refusing it
+/// would make every node refuse every Service IP.
+fn is_other_agents_copy(i: &Interface, n: &ipnet::IpNet) -> bool {
+    i.noarp && n.prefix_len() == n.max_prefix_len()
+}
+
+/// The host addresses another agent put on a no-ARP link of this node, with the link's name:
+/// reported (kube-proxy needs strict ARP beside l2speaker), never refused.
+pub fn other_agents_copies(ifaces: &[Interface]) -> BTreeMap<IpAddr, String> {
+    ifaces
+        .iter()
+        .flat_map(|i| {
+            i.nets
+                .iter()
+                .filter(|n| is_other_agents_copy(i, n))
+                .map(|n| (n.addr(), i.name.clone()))
+        })
+        .collect()
 }
 
 /// Whether a node may announce the IPs of `pool` for `svc` (its labels; for
@@ -294,6 +319,7 @@ mod tests {
             up,
             nets: vec![net.parse().unwrap()],
             link_local: None,
+            noarp: false,
         }
     }
 
@@ -406,6 +432,29 @@ mod tests {
             .is_empty(),
             "no IPv6 slice"
         );
+    }
+
+    #[test]
+    fn a_service_ip_on_a_no_arp_link_is_another_agents_copy_not_a_node_address() {
+        let mut ipvs = iface("kube-ipvs0", "192.0.2.200/32", false);
+        ipvs.noarp = true;
+        ipvs.nets.push("10.9.0.1/24".parse().unwrap());
+        let ifaces = [iface("eth0", "192.0.2.11/24", true), ipvs];
+        let r = local_refusals("node-1", &ifaces, &[]);
+        let vip: IpAddr = "192.0.2.200".parse().unwrap();
+        assert!(!r.contains_key(&vip), "{r:?}");
+        assert!(
+            r.contains_key(&"10.9.0.1".parse::<IpAddr>().unwrap()),
+            "a subnet address on a dummy link is still the node's"
+        );
+        assert_eq!(
+            other_agents_copies(&ifaces),
+            BTreeMap::from([(vip, "kube-ipvs0".to_string())])
+        );
+        // The same host address on an ARP link is refused as before.
+        let arp = [iface("eth1", "192.0.2.200/32", true)];
+        assert!(local_refusals("node-1", &arp, &[]).contains_key(&vip));
+        assert!(other_agents_copies(&arp).is_empty());
     }
 
     #[test]

@@ -842,3 +842,67 @@ async fn lan_a_flush_on_a_dead_node_reopens_it_only_until_its_address_expires() 
     );
     assert!(served.is_ok(), "served by {new}: {served:?}");
 }
+
+/// kube-proxy in IPVS mode binds every LoadBalancer IP to `kube-ipvs0` (a dummy, no-ARP link)
+/// on every node, and with its `strictARP` sets `arp_ignore=1` and `arp_announce=2`. The
+/// Service's IP found there is reported (a Warning Event), not refused: the owner keeps it,
+/// and when the owner's speaker is killed another node takes it over; never two answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_service_ips_on_kube_ipvs0_of_every_node_are_reported_not_refused() {
+    use l2speaker_e2e::lab::netns;
+    let (tb, ip, owner) = settled(Timing::LAN).await;
+    for h in tb.lab.nodes() {
+        netns::sysctl(&h.ns, "net/ipv4/conf/all/arp_ignore", "1").unwrap();
+        netns::sysctl(&h.ns, "net/ipv4/conf/all/arp_announce", "2").unwrap();
+        // A dummy link where the kernel has the module; else a veth end (its peer in the
+        // same namespace) with ARP off: what matters is IFF_NOARP. Left down, as kube-proxy
+        // leaves kube-ipvs0: the kernel treats its addresses as local all the same.
+        let dummy = netns::ip(&h.ns, &["link", "add", "kube-ipvs0", "type", "dummy"]);
+        if dummy.is_err() {
+            netns::ip(
+                &h.ns,
+                &[
+                    "link",
+                    "add",
+                    "kube-ipvs0",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "l2s-ipvs-peer",
+                ],
+            )
+            .unwrap();
+            netns::ip(&h.ns, &["link", "set", "kube-ipvs0", "arp", "off"]).unwrap();
+        }
+        netns::ip(
+            &h.ns,
+            &["addr", "add", &format!("{ip}/32"), "dev", "kube-ipvs0"],
+        )
+        .unwrap();
+    }
+    let sampler = tb.sample(&[ip]);
+    let said = tb.wait_describe_svc("web", "IPOnNoArpLink").await;
+    assert!(said.contains("kube-ipvs0"), "{said}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        tb.host_of(&tb.holder(ip).await.unwrap()),
+        owner,
+        "the owner kept the VIP"
+    );
+    let fault = sampler.now();
+    tb.speaker(&owner).kill();
+    let new = lan_owner(&tb, ip, Some(&owner)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = sampler.stop().unwrap();
+    let what = format!("kube-ipvs0 holding {ip} on every node; {owner} killed, {new} took over");
+    assert_never_two(&what, &s);
+    println!("{what}: outage {} ms", outage(&s, ip, fault).as_millis());
+    let client = tb.lab.client().ns.clone();
+    let served = l2speaker_e2e::lab::connect_from(
+        &client,
+        SocketAddr::new(ip, 80),
+        Duration::from_millis(500),
+    );
+    assert!(served.is_ok(), "served by {new}: {served:?}");
+}

@@ -49,6 +49,9 @@ pub struct Interface {
     /// Its addresses with their prefixes (the subnets it is on), VIPs excluded.
     pub nets: Vec<IpNet>,
     pub link_local: Option<Ipv6Addr>,
+    /// The link answers no ARP itself (IFF_NOARP: a dummy such as kube-proxy's `kube-ipvs0`).
+    /// An address there is another agent's copy of a Service IP, not a node address.
+    pub noarp: bool,
 }
 
 impl Interface {
@@ -183,6 +186,10 @@ impl Netlink {
                 up: false,
                 nets: vec![],
                 link_local: None,
+                noarp: l
+                    .header
+                    .flags
+                    .contains(rtnetlink::packet_route::link::LinkFlags::Noarp),
             };
             for a in &l.attributes {
                 match a {
@@ -363,13 +370,24 @@ impl AddrOps for Netlink {
     }
 
     async fn bind(&self, index: u32, ip: IpAddr, valid: Duration) -> Result<(), AddrError> {
-        if let Some(a) = self
+        let foreign: Vec<KernelAddr> = self
             .addresses()
             .await?
             .into_iter()
-            .find(|a| a.ip == ip && !a.ours)
-        {
-            return Err(AddrError::NotOurs { ip, index: a.index });
+            .filter(|a| a.ip == ip && !a.ours)
+            .collect();
+        if !foreign.is_empty() {
+            // Another agent's host copy on a no-ARP link (kube-proxy's kube-ipvs0) is no
+            // node address; anything else is.
+            let links = dump(|| self.links()).await?;
+            let copy = |a: &KernelAddr| {
+                a.index != index
+                    && a.prefix_len == host_prefix(ip)
+                    && links.iter().any(|l| l.index == a.index && l.noarp)
+            };
+            if let Some(a) = foreign.iter().find(|a| !copy(a)) {
+                return Err(AddrError::NotOurs { ip, index: a.index });
+            }
         }
         let mut req = self
             .handle

@@ -320,6 +320,7 @@ mod tests {
             up: true,
             nets: vec![],
             link_local: Some("fe80::11".parse().unwrap()),
+            noarp: false,
         }
     }
 

@@ -384,7 +384,7 @@ fn kernel_reads(
                 for (k, ip) in ips.iter().enumerate() {
                     reads[k].push(Read {
                         at,
-                        bound: addrs.iter().any(|a| a.ip == *ip),
+                        bound: addrs.iter().any(|a| a.ip == *ip && a.ours),
                         open,
                     });
                 }
