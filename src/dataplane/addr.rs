@@ -142,15 +142,25 @@ pub fn watch_changes() -> Result<tokio::sync::watch::Receiver<u64>, AddrError> {
     Ok(rx)
 }
 
-/// A new or refreshed address of l2speaker's own: nothing to re-read for (the keeper
-/// extends hundreds of lifetimes a second, each announced).
+/// A new or refreshed address of l2speaker's own, or a change of a local route (which the
+/// kernel makes for every local address, alongside an address notification of its own):
+/// nothing to re-read for. The keeper extends hundreds of lifetimes a second, each
+/// announced, and an IPv6 one with its local route too.
 fn is_own_refresh(
     m: &rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
 ) -> bool {
     use rtnetlink::packet_core::NetlinkPayload;
     use rtnetlink::packet_route::RouteNetlinkMessage;
-    matches!(&m.payload, NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(a))
-        if a.attributes.iter().any(|x| matches!(x, AddressAttribute::Protocol(AddressProtocol::Other(p)) if *p == PROTO)))
+    use rtnetlink::packet_route::route::RouteType;
+    match &m.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(a)) => {
+            a.attributes.iter().any(|x| matches!(x, AddressAttribute::Protocol(AddressProtocol::Other(p)) if *p == PROTO))
+        }
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r),
+        ) => r.header.kind == RouteType::Local,
+        _ => false,
+    }
 }
 
 fn host_prefix(ip: IpAddr) -> u8 {
