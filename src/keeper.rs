@@ -26,17 +26,8 @@ use crate::ownership::gate_health::{self, Change, GateHealth};
 use crate::ownership::machine::HolderNode;
 use crate::ownership::node::{NodeAction, NodeInput, NodeKeeper, NodeReply, NodeTiming};
 use crate::ownership::quorum;
+use crate::ownership::timing::{LAN_ADDRESS_LIFETIME, LAN_ADDRESS_REFRESH};
 use kube::runtime::events::EventType;
-
-/// The valid lifetime of a LAN-mode VIP address: the keeper extends it every
-/// [`LAN_ADDRESS_REFRESH`], so a speaker that died leaves its addresses for at most this
-/// plus the kernel's second of lateness. The gate silences that node much sooner; this is
-/// what still holds when the gate is gone too (a `flush ruleset` after the speaker died
-/// removes the orphaned table).
-pub const LAN_ADDRESS_LIFETIME: Duration = Duration::from_secs(3);
-/// How often the keeper extends LAN-mode VIP address lifetimes: two refreshes may be lost
-/// (a speaker starved of CPU) before an address expires.
-pub const LAN_ADDRESS_REFRESH: Duration = Duration::from_secs(1);
 
 /// What the keeper tells the coordinator (and through it every VIP holder).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

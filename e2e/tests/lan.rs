@@ -96,6 +96,17 @@ fn assert_never_two(what: &str, s: &AllSamples) {
     }
 }
 
+/// The client reaches the VIP's port 80 now (one connection, 500 ms).
+fn assert_served(tb: &Testbed, ip: IpAddr, when: &str) {
+    let client = tb.lab.client().ns.clone();
+    let answer = l2speaker_e2e::lab::connect_from(
+        &client,
+        SocketAddr::new(ip, 80),
+        Duration::from_millis(500),
+    );
+    assert!(answer.is_ok(), "{when}: {answer:?}");
+}
+
 /// The longest run of unanswered rounds after `from` (the outage a client sees).
 fn outage(s: &AllSamples, ip: IpAddr, from: Duration) -> Duration {
     s.of(ip).longest_silence_after(from)
@@ -674,13 +685,7 @@ async fn lan_a_firewall_reload_on_every_node_at_once_moves_nothing() {
     tables_back(&tb, &owner, ip).await;
     assert_eq!(after, before, "the VIP moved");
     assert_eq!(tb.host_of(&tb.holder(ip).await.unwrap()), owner);
-    let client = tb.lab.client().ns.clone();
-    let answer = l2speaker_e2e::lab::connect_from(
-        &client,
-        SocketAddr::new(ip, 80),
-        Duration::from_millis(500),
-    );
-    assert!(answer.is_ok(), "served after the flush: {answer:?}");
+    assert_served(&tb, ip, "served after the flush");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -749,13 +754,7 @@ async fn lan_a_flush_then_kill_9_of_the_owner_fails_over_and_never_two_answer() 
         worst < Duration::from_secs(2),
         "{what}: silent for {worst:?}"
     );
-    let client = tb.lab.client().ns.clone();
-    let served = l2speaker_e2e::lab::connect_from(
-        &client,
-        SocketAddr::new(ip, 80),
-        Duration::from_millis(500),
-    );
-    assert!(served.is_ok(), "served after the take-over: {served:?}");
+    assert_served(&tb, ip, "served after the take-over");
 }
 
 /// `kill -9` of the owner's speaker, the VIP taken over, then `nft flush ruleset` on the
@@ -769,7 +768,8 @@ async fn lan_a_flush_on_a_dead_node_reopens_it_only_until_its_address_expires() 
     let (tb, ip, owner) = settled(Timing::LAN).await;
     // A live owner keeps its short-lived address: longer than a lifetime and the kernel's
     // second later, it is still there, with a lifetime of at most LAN_ADDRESS_LIFETIME.
-    tokio::time::sleep(l2speaker::keeper::LAN_ADDRESS_LIFETIME + Duration::from_secs(1)).await;
+    tokio::time::sleep(l2speaker::ownership::timing::LAN_ADDRESS_LIFETIME + Duration::from_secs(1))
+        .await;
     let ns = tb.lab.host(&owner).unwrap().ns.clone();
     let shown = l2speaker_e2e::lab::netns::ip(&ns, &["-o", "addr", "show", "dev", "eth0"]).unwrap();
     let line = shown
@@ -784,7 +784,7 @@ async fn lan_a_flush_on_a_dead_node_reopens_it_only_until_its_address_expires() 
         .and_then(|w| w.parse().ok())
         .unwrap_or_else(|| panic!("no finite lifetime on the VIP address: {line}"));
     assert!(
-        valid <= l2speaker::keeper::LAN_ADDRESS_LIFETIME.as_secs(),
+        valid <= l2speaker::ownership::timing::LAN_ADDRESS_LIFETIME.as_secs(),
         "the VIP address lives {valid} s: {line}"
     );
     let sampler = tb.sample(&[ip]);
@@ -793,8 +793,8 @@ async fn lan_a_flush_on_a_dead_node_reopens_it_only_until_its_address_expires() 
     let new = lan_owner(&tb, ip, Some(&owner)).await;
     flush_ruleset(&tb, std::slice::from_ref(&owner));
     let flushed = sampler.now();
-    let bound = l2speaker::keeper::LAN_ADDRESS_LIFETIME
-        + l2speaker::keeper::LAN_ADDRESS_REFRESH
+    let bound = l2speaker::ownership::timing::LAN_ADDRESS_LIFETIME
+        + l2speaker::ownership::timing::LAN_ADDRESS_REFRESH
         + Duration::from_secs(1);
     eventually(
         Duration::from_secs(10),
@@ -834,13 +834,7 @@ async fn lan_a_flush_on_a_dead_node_reopens_it_only_until_its_address_expires() 
         "the dead node answered {:?} after the kill",
         last.map(|l| l.saturating_sub(killed))
     );
-    let client = tb.lab.client().ns.clone();
-    let served = l2speaker_e2e::lab::connect_from(
-        &client,
-        SocketAddr::new(ip, 80),
-        Duration::from_millis(500),
-    );
-    assert!(served.is_ok(), "served by {new}: {served:?}");
+    assert_served(&tb, ip, &format!("served by {new}"));
 }
 
 /// kube-proxy in IPVS mode binds every LoadBalancer IP to `kube-ipvs0` (a dummy, no-ARP link)
@@ -898,11 +892,5 @@ async fn lan_service_ips_on_kube_ipvs0_of_every_node_are_reported_not_refused() 
     let what = format!("kube-ipvs0 holding {ip} on every node; {owner} killed, {new} took over");
     assert_never_two(&what, &s);
     println!("{what}: outage {} ms", outage(&s, ip, fault).as_millis());
-    let client = tb.lab.client().ns.clone();
-    let served = l2speaker_e2e::lab::connect_from(
-        &client,
-        SocketAddr::new(ip, 80),
-        Duration::from_millis(500),
-    );
-    assert!(served.is_ok(), "served by {new}: {served:?}");
+    assert_served(&tb, ip, &format!("served by {new}"));
 }

@@ -114,16 +114,20 @@ async fn a_pool_over_the_gateway_the_api_server_and_a_node_binds_none_of_them() 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let s = sampler.stop().unwrap();
     for addr in &watched {
+        // `bound` counts only addresses the speaker added (IFA_PROTO): n1's own address is
+        // on n1 from the start, and the speaker must never have added it or taken it over.
         for (node, reads) in &s.of(*addr).kernels {
-            // n1's own address is on n1 from the start: l2speaker never touched it.
-            let own = *addr == IpAddr::V4(n1.ipv4) && *node == "n1";
             assert!(
-                reads.iter().all(|r| r.bound == own),
-                "{addr} on {node}: bound {}",
-                !own
+                reads.iter().all(|r| !r.bound),
+                "{addr} on {node}: bound by l2speaker"
             );
         }
     }
+    let kept = netns::ip(&n1.ns, &["-o", "addr", "show"]).unwrap();
+    assert!(
+        kept.contains(&format!("inet {}/", n1.ipv4)),
+        "n1 keeps its own address: {kept}"
+    );
     let t = prober.stop();
     println!(
         "prober: {} answers, outages {:?}, failures at {:?}",

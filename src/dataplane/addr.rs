@@ -440,7 +440,7 @@ const REFRESH_CHUNK: usize = 64;
 /// LAN-mode VIP addresses' lifetimes short at a few hundred refreshes a second.
 ///
 /// A replace creates the address when it is missing, so the caller sends only addresses it
-/// has just seen bound (see [`crate::keeper`]).
+/// has just seen bound (the node keeper, under the gate's lock).
 pub struct LifetimeRefresher {
     socket: rtnetlink::sys::Socket,
     seq: u32,

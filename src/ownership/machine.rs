@@ -92,7 +92,7 @@ pub enum Mode {
 /// A [`Mode::Lan`] holder's own horizon: in this mode the Lease is written on change only and
 /// nothing else ends an ownership, so the holder moves it on every [`LAN_ADDRESS_REFRESH`]
 /// with no API request, binding again as it does. The kernel's lifetime of the address is
-/// much shorter and extended by the node keeper (`keeper::LAN_ADDRESS_LIFETIME`).
+/// much shorter and extended by the node keeper ([`super::timing::LAN_ADDRESS_LIFETIME`]).
 pub const LAN_ADDRESS_BACKSTOP: Duration = Duration::from_secs(24 * 3600);
 /// How often a [`Mode::Lan`] holder moves its horizon on (and binds again).
 pub const LAN_ADDRESS_REFRESH: Duration = Duration::from_secs(3600);

@@ -393,9 +393,9 @@ impl Shell {
                     return;
                 }
                 // The lifetime is computed at the last moment, from the absolute bound; in LAN
-                // mode it is short and the keeper extends it (see keeper::LAN_ADDRESS_LIFETIME).
+                // mode it is short and the keeper extends it (see timing::LAN_ADDRESS_LIFETIME).
                 let valid = if lan {
-                    Some(crate::keeper::LAN_ADDRESS_LIFETIME)
+                    Some(timing::LAN_ADDRESS_LIFETIME)
                 } else {
                     timing::lifetime(now, until, Duration::ZERO)
                 };

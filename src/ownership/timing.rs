@@ -88,6 +88,16 @@ impl Timing {
     }
 }
 
+/// The valid lifetime of a LAN-mode VIP address: the node keeper extends it every
+/// [`LAN_ADDRESS_REFRESH`], so a speaker that died leaves its addresses for at most this
+/// plus the kernel's second of lateness. The gate silences that node much sooner; this is
+/// what still holds when the gate is gone too (a `flush ruleset` after the speaker died
+/// removes the orphaned table).
+pub const LAN_ADDRESS_LIFETIME: Duration = Duration::from_secs(3);
+/// How often the keeper extends LAN-mode VIP address lifetimes: two refreshes may be lost
+/// (a speaker starved of CPU) before an address expires.
+pub const LAN_ADDRESS_REFRESH: Duration = Duration::from_secs(1);
+
 /// The valid lifetime to give an address at `now` (after `latency` more to reach the
 /// kernel) so that it is surely gone by `until`; None when not even one second is safe.
 pub fn lifetime(now: Instant, until: Instant, latency: Duration) -> Option<Duration> {
