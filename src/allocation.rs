@@ -174,7 +174,8 @@ async fn allocate_once(
             }
         }
     }
-    write_pool_statuses(shared, &pool_objs, &pools, holds).await;
+    let reach = reach(&shared.cluster.leases.state());
+    write_pool_statuses(shared, &pool_objs, &pools, &reach, holds).await;
     let services = shared.services();
     // Never assigned: the Nodes' addresses, and what each node's speaker refuses locally.
     let mut reserved: BTreeMap<IpAddr, String> = BTreeMap::new();
@@ -209,6 +210,7 @@ async fn allocate_once(
         |s| s.is_ours(&class, unclassed) && !node_mode.contains_key(s.key.as_str()),
         &pools,
         &reserved,
+        &reach,
     );
     // An unreadable annotation counts as none; the Service is told.
     for s in services.iter().filter(|s| s.is_ours(&class, unclassed)) {
@@ -399,6 +401,25 @@ fn conditions(shared: &Shared, s: &crate::service::ServiceInfo, mark: bool) -> s
     }
 }
 
+/// Where IPs can be announced: the union of the subnets the speakers publish on their node
+/// Leases; unknown while there are none or any speaker publishes none.
+fn reach(leases: &[Arc<k8s_openapi::api::coordination::v1::Lease>]) -> allocator::Reach {
+    let mut all: BTreeSet<ipnet::IpNet> = BTreeSet::new();
+    let mut nodes = 0;
+    for l in leases {
+        if l.name_any().starts_with(node_lease::PREFIX) {
+            let Some(nets) = node_lease::subnets(l) else {
+                return allocator::Reach::anywhere();
+            };
+            all.extend(nets);
+            nodes += 1;
+        }
+    }
+    allocator::Reach {
+        subnets: (nodes > 0).then(|| all.into_iter().collect()),
+    }
+}
+
 /// Each pool's status: the addresses and interface in effect, and the `Valid` condition,
 /// written when they change (merge patch of `/status`, only while holding the allocator's
 /// Lease and before its fence time).
@@ -406,6 +427,7 @@ async fn write_pool_statuses(
     shared: &Arc<Shared>,
     objects: &[Arc<IPPool>],
     pools: &Pools,
+    reach: &allocator::Reach,
     holds: &watch::Receiver<Option<Instant>>,
 ) {
     let api: Api<IPPool> = Api::all(shared.client.clone());
@@ -422,6 +444,7 @@ async fn write_pool_statuses(
             &old,
             p.metadata.generation,
             problem.map(|r| r.reason.as_str()),
+            pools.get(&name).map(|p| announceable(p, reach)),
             &k8s_openapi::jiff::Timestamp::now().to_string(),
         );
         if want == old {
@@ -445,6 +468,7 @@ pub fn pool_status(
     old: &IPPoolStatus,
     generation: Option<i64>,
     problem: Option<&str>,
+    announceable: Option<Announceable>,
     now: &str,
 ) -> IPPoolStatus {
     let (addresses, interface, status, reason, message) = match problem {
@@ -470,23 +494,126 @@ pub fn pool_status(
             format!("{why}; no address of this pool is in effect"),
         ),
     };
-    let previous = old.conditions.iter().find(|c| c.type_ == "Valid");
-    let since = previous
-        .filter(|c| c.status == status)
-        .and_then(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| now.to_string());
-    IPPoolStatus {
-        observed_generation: generation,
-        addresses,
-        interface,
-        conditions: vec![PoolCondition {
-            type_: "Valid".into(),
+    let condition = |type_: &str, status: &str, reason: &str, message: String| {
+        let since = old
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .and_then(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| now.to_string());
+        PoolCondition {
+            type_: type_.into(),
             status: status.into(),
             reason: reason.into(),
             message,
             observed_generation: generation,
             last_transition_time: Some(since),
-        }],
+        }
+    };
+    let mut conditions = vec![condition("Valid", status, reason, message)];
+    if let Some(a) = announceable {
+        conditions.push(condition("Announceable", a.status, a.reason, a.message));
+    }
+    IPPoolStatus {
+        observed_generation: generation,
+        addresses,
+        interface,
+        conditions,
+    }
+}
+
+/// The pool's `Announceable` condition: whether some node could announce its addresses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Announceable {
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Whether the addresses of `pool` can be announced, given where the speakers can.
+pub fn announceable(pool: &crate::pool::Pool, reach: &allocator::Reach) -> Announceable {
+    // A range that is one CIDR is shown as that CIDR.
+    let show = |r: &crate::pool::Range| {
+        let nets: Vec<ipnet::IpNet> = match (r.first, r.last) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                ipnet::Ipv4Subnets::new(a, b, 0).map(Into::into).collect()
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                ipnet::Ipv6Subnets::new(a, b, 0).map(Into::into).collect()
+            }
+            _ => vec![],
+        };
+        match nets.as_slice() {
+            [one] if r.first != r.last => one.to_string(),
+            _ if r.first == r.last => r.first.to_string(),
+            _ => format!("{}-{}", r.first, r.last),
+        }
+    };
+    if let Some(i) = &pool.interface {
+        return Announceable {
+            status: "True",
+            reason: "Interface",
+            message: format!("announced on {i} of the nodes the pool selects"),
+        };
+    }
+    if reach.subnets.is_none() {
+        return Announceable {
+            status: "Unknown",
+            reason: "SubnetsUnknown",
+            message: "not every speaker publishes the subnets it can announce on yet".into(),
+        };
+    }
+    let off: Vec<String> = pool
+        .ranges
+        .iter()
+        .filter(|r| !covers(&reach.parts(r, pool), r))
+        .map(show)
+        .collect();
+    let on = pool.ranges.iter().any(|r| !reach.parts(r, pool).is_empty());
+    match (off.is_empty(), on) {
+        (true, _) => Announceable {
+            status: "True",
+            reason: "OnNodeSubnets",
+            message: "every address is on a subnet of some node".into(),
+        },
+        (false, false) => Announceable {
+            status: "False",
+            reason: "NoNodeSubnet",
+            message: format!(
+                "{} on no node's subnet and the pool names no spec.interface: no node could announce its addresses, so none is assigned",
+                off.join(", ")
+            ),
+        },
+        (false, true) => Announceable {
+            status: "False",
+            reason: "PartlyOffNodeSubnets",
+            message: format!(
+                "not all on a node's subnet: {}; only addresses on some node's subnet are assigned",
+                off.join(", ")
+            ),
+        },
+    }
+}
+
+/// Whether sorted `parts` cover all of `r`.
+fn covers(parts: &[crate::pool::Range], r: &crate::pool::Range) -> bool {
+    let mut next = Some(r.first);
+    for p in parts {
+        match next {
+            Some(n) if p.contains(n) => next = successor(p.last),
+            _ => {}
+        }
+        if next.is_none_or(|n| !r.contains(n)) {
+            return true;
+        }
+    }
+    false
+}
+
+fn successor(ip: IpAddr) -> Option<IpAddr> {
+    match ip {
+        IpAddr::V4(v4) => u32::from(v4).checked_add(1).map(|n| IpAddr::V4(n.into())),
+        IpAddr::V6(v6) => u128::from(v6).checked_add(1).map(|n| IpAddr::V6(n.into())),
     }
 }
 
@@ -495,17 +622,87 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_pool_says_whether_some_node_could_announce_its_addresses() {
+        let pool = |addresses: &[&str], interface: Option<&str>| crate::pool::Pool {
+            name: "p".into(),
+            ranges: addresses
+                .iter()
+                .map(|a| crate::pool::parse_range(a).unwrap())
+                .collect(),
+            interface: interface.map(String::from),
+            node_selector: Default::default(),
+            auto_assign: true,
+        };
+        let reach = allocator::Reach {
+            subnets: Some(vec![
+                "192.0.2.0/25".parse().unwrap(),
+                "192.0.2.128/25".parse().unwrap(),
+                "2001:db8::/64".parse().unwrap(),
+            ]),
+        };
+        let on = announceable(
+            &pool(&["192.0.2.100-192.0.2.200", "2001:db8::/120"], None),
+            &reach,
+        );
+        assert_eq!(
+            (on.status, on.reason),
+            ("True", "OnNodeSubnets"),
+            "two adjacent subnets cover it"
+        );
+        let off = announceable(&pool(&["2001:db8:5::/64"], None), &reach);
+        assert_eq!((off.status, off.reason), ("False", "NoNodeSubnet"));
+        assert!(
+            off.message.contains("2001:db8:5::/64 on no node's subnet"),
+            "{}",
+            off.message
+        );
+        let part = announceable(&pool(&["192.0.2.250-192.0.3.5"], None), &reach);
+        assert_eq!(
+            (part.status, part.reason),
+            ("False", "PartlyOffNodeSubnets")
+        );
+        let wired = announceable(&pool(&["2001:db8:5::/64"], Some("eth1")), &reach);
+        assert_eq!((wired.status, wired.reason), ("True", "Interface"));
+        let unknown = announceable(
+            &pool(&["2001:db8:5::/64"], None),
+            &allocator::Reach::anywhere(),
+        );
+        assert_eq!(unknown.status, "Unknown");
+
+        // Written beside Valid; its transition time kept while its status stays.
+        let spec = IPPoolSpec {
+            addresses: vec!["2001:db8:5::/64".into()],
+            ..Default::default()
+        };
+        let s1 = pool_status(
+            &spec,
+            &IPPoolStatus::default(),
+            Some(1),
+            None,
+            Some(off.clone()),
+            "t1",
+        );
+        assert_eq!(s1.conditions[1].type_, "Announceable");
+        assert_eq!(s1.conditions[1].status, "False");
+        let s2 = pool_status(&spec, &s1, Some(1), None, Some(off), "t2");
+        assert_eq!(s2, s1);
+        let s3 = pool_status(&spec, &s1, Some(1), None, Some(wired), "t3");
+        assert_eq!(s3.conditions[1].last_transition_time.as_deref(), Some("t3"));
+        assert_eq!(s3.conditions[0].last_transition_time.as_deref(), Some("t1"));
+    }
+
+    #[test]
     fn a_valid_spec_is_recorded_and_an_invalid_edit_keeps_the_last_valid_addresses() {
         let good = IPPoolSpec {
             addresses: vec!["192.0.2.200-192.0.2.209".into()],
             ..Default::default()
         };
-        let s1 = pool_status(&good, &IPPoolStatus::default(), Some(1), None, "t1");
+        let s1 = pool_status(&good, &IPPoolStatus::default(), Some(1), None, None, "t1");
         assert_eq!(s1.addresses, good.addresses);
         assert_eq!(s1.conditions[0].status, "True");
         assert_eq!(s1.conditions[0].last_transition_time.as_deref(), Some("t1"));
         // Unchanged: the same status (nothing to write), transition time kept.
-        assert_eq!(pool_status(&good, &s1, Some(1), None, "t2"), s1);
+        assert_eq!(pool_status(&good, &s1, Some(1), None, None, "t2"), s1);
         let bad = IPPoolSpec {
             addresses: vec!["192.0.2.300".into()],
             ..Default::default()
@@ -515,6 +712,7 @@ mod tests {
             &s1,
             Some(2),
             Some("\"192.0.2.300\" is neither a CIDR nor a range"),
+            None,
             "t3",
         );
         assert_eq!(s2.addresses, good.addresses, "still in effect");

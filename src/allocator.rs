@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use crate::pool::Pools;
+use crate::pool::{Pool, Pools, Range};
 use crate::service::ServiceInfo;
 
 /// Why a Service did not get (all) the IPs it wanted.
@@ -14,10 +14,53 @@ use crate::service::ServiceInfo;
 pub struct Refusal {
     pub service: String,
     /// An Event reason: `IPNotInPool`, `IPInUse`, `IPSharingRefused`, `IPIsNodeAddress`,
-    /// `InvalidIP`, `PoolExhausted`, `NoPool`, `UnknownPool`, `IPLeftPool`; in node-IP mode
+    /// `InvalidIP`, `PoolExhausted`, `NoPool`, `UnknownPool`, `IPLeftPool`, `IPNotAnnounceable`;
+    /// in node-IP mode
     /// `PortInUse`, `PortConflict`, `NoNode`, `InvalidNodeIPs`.
     pub reason: &'static str,
     pub message: String,
+}
+
+/// Where pool IPs can be announced. An IP of a pool that names `spec.interface` can be
+/// (the speakers put it on that interface); any other only on a subnet some node's speaker
+/// publishes. Decided before an IP is first assigned; an IP a Service has is never taken
+/// away for it (no node being eligible for a while is not this).
+#[derive(Debug, Clone, Default)]
+pub struct Reach {
+    /// The subnets the speakers publish; None while some speaker publishes none (an older
+    /// release, or one starting up): then every IP counts as announceable, as it did before.
+    pub subnets: Option<Vec<ipnet::IpNet>>,
+}
+
+impl Reach {
+    /// Every IP counts as announceable.
+    pub fn anywhere() -> Reach {
+        Reach { subnets: None }
+    }
+
+    /// Why no node can announce `ip` of `pool`, if none can.
+    pub fn why_not(&self, ip: IpAddr, pool: &Pool) -> Option<String> {
+        let nets = self.subnets.as_ref().filter(|_| pool.interface.is_none())?;
+        (!nets.iter().any(|n| n.contains(&ip))).then(|| {
+            format!(
+                "{ip} is on no node's subnet and IPPool {} names no spec.interface, so no node could announce it",
+                pool.name
+            )
+        })
+    }
+
+    /// The parts of `r` (a range of `pool`) that some node can announce, in order.
+    pub fn parts(&self, r: &Range, pool: &Pool) -> Vec<Range> {
+        match self.subnets.as_ref().filter(|_| pool.interface.is_none()) {
+            None => vec![*r],
+            Some(nets) => {
+                let mut parts: Vec<Range> = nets.iter().filter_map(|n| r.within(n)).collect();
+                parts.sort();
+                parts.dedup();
+                parts
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -28,12 +71,14 @@ pub struct Allocation {
 }
 
 /// Computes the assignment. `ours` filters the Services this allocator handles; `reserved`
-/// maps addresses that are never assigned to what they are (`node-1's own address`).
+/// maps addresses that are never assigned to what they are (`node-1's own address`); `reach`
+/// says which IPs a node could announce (no other is newly assigned).
 pub fn allocate(
     services: &[ServiceInfo],
     ours: impl Fn(&ServiceInfo) -> bool,
     pools: &Pools,
     reserved: &BTreeMap<IpAddr, String>,
+    reach: &Reach,
 ) -> Allocation {
     let mut out = Allocation::default();
     let mut svcs: Vec<&ServiceInfo> = services.iter().collect();
@@ -123,6 +168,18 @@ pub fn allocate(
                 s,
                 "IPIsNodeAddress",
                 format!("{ip} is {why}; it will not be assigned"),
+            );
+            failed.insert(*i);
+        } else if let Some(why) = pools
+            .pool_of(*ip)
+            .filter(|_| requested && !s.assigned.contains(ip))
+            .and_then(|p| reach.why_not(*ip, p))
+        {
+            refuse(
+                &mut out,
+                s,
+                "IPNotAnnounceable",
+                format!("{why}; it will not be assigned"),
             );
             failed.insert(*i);
         } else if let Some(others) = owner.get_mut(ip) {
@@ -223,6 +280,15 @@ pub fn allocate(
                 let offered = candidates()
                     .flat_map(|p| p.ranges.iter())
                     .any(|r| r.first.is_ipv4() == v4);
+                // The parts of the candidate ranges some node can announce.
+                let reachable: Vec<Range> = candidates()
+                    .flat_map(|p| {
+                        p.ranges
+                            .iter()
+                            .filter(|r| r.first.is_ipv4() == v4)
+                            .flat_map(|r| reach.parts(r, p))
+                    })
+                    .collect();
                 // A sharing key: the IP of the Services with the same key, if this one may
                 // join them; if it may not, no IP (a Warning says why).
                 if s.sharing.is_some() {
@@ -251,10 +317,7 @@ pub fn allocate(
                 // Within one pass addresses are only taken, never freed, so each range is
                 // scanned from where the last search in it stopped: linear, not quadratic.
                 let mut free = None;
-                for r in candidates()
-                    .flat_map(|p| p.ranges.iter())
-                    .filter(|r| r.first.is_ipv4() == v4)
-                {
+                for r in &reachable {
                     let from = scanned.get(r).copied().unwrap_or(r.first);
                     let found = r
                         .iter_from(from)
@@ -277,12 +340,23 @@ pub fn allocate(
                     }
                     None if s.pool.as_ref().is_none_or(|p| pools.get(p).is_some()) => {
                         let fam = if v4 { "IPv4" } else { "IPv6" };
-                        if offered {
+                        if offered && reachable.is_empty() {
+                            refuse(
+                                &mut out,
+                                s,
+                                "IPNotAnnounceable",
+                                format!(
+                                    "the pools' {fam} addresses are on no node's subnet and the pools name no spec.interface, so no node could announce them; none is assigned"
+                                ),
+                            );
+                        } else if offered {
                             refuse(
                                 &mut out,
                                 s,
                                 "PoolExhausted",
-                                format!("no free {fam} address in the pools"),
+                                format!(
+                                    "no free {fam} address in the pools that a node can announce"
+                                ),
                             );
                         } else {
                             let ignored: Vec<String> = pools
@@ -425,7 +499,95 @@ mod tests {
             .iter()
             .map(|s| (ip(s), "node-1's own address".to_string()))
             .collect();
-        allocate(svcs, |_| true, p, &reserved)
+        allocate(svcs, |_| true, p, &reserved, &Reach::anywhere())
+    }
+
+    #[test]
+    fn an_ip_no_node_can_announce_is_never_newly_assigned_and_the_service_is_told() {
+        let reach = Reach {
+            subnets: Some(vec!["192.0.2.0/24".parse().unwrap()]),
+        };
+        let none = BTreeMap::new();
+        // A pool off every node's subnet, one partly on it, one off it with an interface.
+        let mut p = pools(&[
+            ("off", &["198.51.100.0/28"], false),
+            (
+                "part",
+                &["198.51.100.16/28", "192.0.2.200-192.0.2.201"],
+                false,
+            ),
+            ("wired", &["203.0.113.0/28"], false),
+        ]);
+        p.pools
+            .iter_mut()
+            .find(|p| p.name == "wired")
+            .unwrap()
+            .interface = Some("eth1".into());
+        let in_pool = |name: &str, pool: &str| {
+            let mut s = svc(name, name);
+            s.pool = Some(pool.into());
+            s
+        };
+        let a = allocate(
+            &[
+                in_pool("a", "off"),
+                in_pool("b", "part"),
+                in_pool("c", "wired"),
+            ],
+            |_| true,
+            &p,
+            &none,
+            &reach,
+        );
+        assert!(a.desired["default/a"].is_empty());
+        assert_eq!(
+            a.desired["default/b"],
+            vec![ip("192.0.2.200")],
+            "the part on a subnet"
+        );
+        assert_eq!(
+            a.desired["default/c"],
+            vec![ip("203.0.113.1")],
+            "the pool's interface"
+        );
+        let told: Vec<(&str, &str)> = a
+            .refusals
+            .iter()
+            .map(|r| (r.service.as_str(), r.reason))
+            .collect();
+        assert_eq!(told, [("default/a", "IPNotAnnounceable")]);
+        assert!(
+            a.refusals[0].message.contains("no node's subnet"),
+            "{:?}",
+            a.refusals
+        );
+
+        // Asked for by name: refused, and said why; an IP the Service has is kept.
+        let mut asks = svc("d", "d");
+        asks.requested = vec![ip("198.51.100.3")];
+        let mut has = svc("e", "e");
+        has.assigned = vec![ip("198.51.100.4")];
+        let a = allocate(&[asks, has], |_| true, &p, &none, &reach);
+        assert!(a.desired["default/d"].is_empty());
+        assert_eq!(
+            a.desired["default/e"],
+            vec![ip("198.51.100.4")],
+            "never withdrawn"
+        );
+        assert_eq!(a.refusals.len(), 1, "{:?}", a.refusals);
+        assert_eq!(a.refusals[0].reason, "IPNotAnnounceable");
+        assert!(a.refusals[0].message.contains("198.51.100.3"));
+
+        // While some speaker publishes no subnets, every IP counts as announceable.
+        let a = allocate(
+            &[in_pool("a", "off")],
+            |_| true,
+            &p,
+            &none,
+            &Reach::anywhere(),
+        );
+        assert_eq!(a.desired["default/a"], vec![ip("198.51.100.1")]);
+        assert!(a.refusals.is_empty());
     }
 
     #[test]
@@ -523,7 +685,13 @@ mod tests {
         let mut s = svc("was", "1");
         s.load_balancer = false;
         s.assigned = vec![ip("192.0.2.200")];
-        let a = allocate(&[s], |s| s.load_balancer, &p, &BTreeMap::new());
+        let a = allocate(
+            &[s],
+            |s| s.load_balancer,
+            &p,
+            &BTreeMap::new(),
+            &Reach::anywhere(),
+        );
         assert_eq!(a.desired["default/was"], Vec::<IpAddr>::new());
     }
 

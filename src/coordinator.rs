@@ -99,9 +99,6 @@ struct Task {
     handle: JoinHandle<()>,
 }
 
-/// What this node's Lease publishes: refused addresses, MACs, busy ports.
-type Published = (BTreeMap<IpAddr, String>, Vec<String>, Vec<String>);
-
 pub struct Coordinator {
     shared: Arc<Shared>,
     tasks: HashMap<IpAddr, Task>,
@@ -111,7 +108,10 @@ pub struct Coordinator {
     gateways: Vec<IpAddr>,
     interfaces_read: Option<Instant>,
     /// What this node's Lease publishes now (None: not yet, or the last write failed).
-    published: Option<Published>,
+    published: Option<node_lease::Published>,
+    /// The interfaces were read once: before that, nothing is published (an empty list of
+    /// subnets would say this node can announce nothing).
+    interfaces_known: bool,
     publishing: Option<JoinHandle<bool>>,
     /// When this node's listening sockets were last read (node-IP Services' ports), and
     /// whether that read failed.
@@ -164,6 +164,7 @@ impl Coordinator {
             gateways: Vec::new(),
             interfaces_read: None,
             published: None,
+            interfaces_known: false,
             publishing: None,
             ports_read: None,
             ports_failed: false,
@@ -221,6 +222,7 @@ impl Coordinator {
                     self.interfaces = i;
                     self.gateways = g;
                     self.interfaces_read = Some(now);
+                    self.interfaces_known = true;
                     self.bound = a
                         .into_iter()
                         .filter(|a| a.ours)
@@ -264,7 +266,14 @@ impl Coordinator {
             .map(|m| format_mac(&m))
             .collect();
         let busy = self.busy_ports(now);
-        self.publish(&published, &my_macs, &busy);
+        if self.interfaces_known {
+            self.publish(node_lease::Published {
+                refused: published,
+                macs: my_macs.clone(),
+                busy,
+                subnets: plan::announce_subnets(&self.interfaces),
+            });
+        }
         let inputs = PassInputs {
             cluster: *s.cluster.changed.borrow(),
             lan: s.lan_state.borrow().clone(),
@@ -642,7 +651,7 @@ impl Coordinator {
         busy.iter().map(node_ips::format_port).collect()
     }
 
-    fn publish(&mut self, refused: &BTreeMap<IpAddr, String>, macs: &[String], busy: &[String]) {
+    fn publish(&mut self, want: node_lease::Published) {
         if let Some(h) = &self.publishing {
             if !h.is_finished() {
                 return;
@@ -653,26 +662,22 @@ impl Coordinator {
                 self.published = None;
             }
         }
-        let want = (refused.clone(), macs.to_vec(), busy.to_vec());
         if self.published.as_ref() == Some(&want) {
             return;
         }
-        self.published = Some(want);
+        self.published = Some(want.clone());
         let s = self.shared.clone();
-        let refused = refused.clone();
-        let macs = macs.to_vec();
-        let busy = busy.to_vec();
         self.publishing = Some(tokio::spawn(async move {
             let api: Api<Lease> = Api::namespaced(s.client.clone(), &s.config.namespace);
-            let write = node_lease::publish(&api, &s.config.node_name, &refused, &macs, &busy);
+            let write = node_lease::publish(&api, &s.config.node_name, &want);
             match tokio::time::timeout(Duration::from_secs(5), write).await {
                 Ok(Ok(())) => true,
                 Ok(Err(e)) => {
-                    warn!(error = %e, "could not publish this node's refused addresses");
+                    warn!(error = %e, "could not publish this node's refused addresses and subnets");
                     false
                 }
                 Err(_) => {
-                    warn!("publishing this node's refused addresses timed out");
+                    warn!("publishing this node's refused addresses and subnets timed out");
                     false
                 }
             }

@@ -94,8 +94,16 @@ async fn status(client: kube::Client, namespace: &str, output: Output) -> ExitCo
     match l2speaker::status::fetch(client.clone(), namespace).await {
         Ok(leases) => {
             let mut rows = l2speaker::status::rows(&leases, k8s_openapi::jiff::Timestamp::now());
-            match l2speaker::status::fetch_node_ips(client).await {
+            match l2speaker::status::fetch_node_ips(client.clone()).await {
                 Ok((services, nodes)) => {
+                    match l2speaker::status::fetch_pools(client).await {
+                        Ok(pools) => {
+                            let silent =
+                                l2speaker::status::unannounced_rows(&rows, &services, &pools);
+                            rows.extend(silent);
+                        }
+                        Err(e) => eprintln!("unannounced IPs not shown (listing IPPools: {e})"),
+                    }
                     rows.extend(l2speaker::status::node_ip_rows(&services, &nodes));
                 }
                 Err(e) => eprintln!("node-IP Services not shown (listing Services and Nodes: {e})"),

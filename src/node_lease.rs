@@ -1,7 +1,8 @@
 //! The per-node Lease `node-<node name>`: what a node's speaker publishes about the node.
 //! The pool addresses it refuses to bind — addresses on its interfaces that l2speaker did not
 //! add, and its gateways — so the allocator never assigns them; its MACs; the ports of
-//! node-IP Services something on the node listens on. Written only when those change.
+//! node-IP Services something on the node listens on; the subnets it can announce on.
+//! Written only when those change.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -20,6 +21,10 @@ pub const ANNOTATION_MACS: &str = "l2speaker.io/macs";
 /// JSON list: the ports of node-IP Services something on the node listens on (`tcp/22`):
 /// the node does not serve those Services.
 pub const ANNOTATION_BUSY_PORTS: &str = "l2speaker.io/busy-ports";
+/// JSON list: the subnets of the node's ARP-capable interfaces (`192.0.2.0/24`), where its
+/// speaker can announce a pool IP without a `spec.interface`. The allocator assigns no IP
+/// that no node can announce.
+pub const ANNOTATION_SUBNETS: &str = "l2speaker.io/subnets";
 /// The speaker's generation (see `ownership::quorum`): changed only by compare-and-swap.
 pub const ANNOTATION_GENERATION: &str = "l2speaker.io/generation";
 /// The generation a candidate fenced (it then takes the node's VIPs), and who fenced it.
@@ -56,6 +61,18 @@ fn strings(lease: &Lease, key: &str) -> Vec<String> {
         .and_then(|a| a.get(key))
         .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
         .unwrap_or_default()
+}
+
+/// The subnets a node Lease publishes; None when it publishes none (a speaker of an older
+/// release, or one that has not read its interfaces yet).
+pub fn subnets(lease: &Lease) -> Option<Vec<ipnet::IpNet>> {
+    let v = lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_SUBNETS)?;
+    let list: Vec<String> = serde_json::from_str(v).ok()?;
+    Some(list.iter().filter_map(|n| n.parse().ok()).collect())
 }
 
 /// The MACs a node Lease publishes.
@@ -198,32 +215,38 @@ fn encode(refused: &BTreeMap<IpAddr, String>) -> String {
     serde_json::to_string(&capped).expect("a map of strings")
 }
 
-/// Makes the node's Lease publish `refused`: created if missing, replaced (CAS) if different.
-pub async fn publish(
-    api: &Api<Lease>,
-    node: &str,
-    refused: &BTreeMap<IpAddr, String>,
-    macs: &[String],
-    busy: &[String],
-) -> Result<(), kube::Error> {
+/// What a node's speaker publishes on its Lease besides its liveness.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Published {
+    pub refused: BTreeMap<IpAddr, String>,
+    pub macs: Vec<String>,
+    pub busy: Vec<String>,
+    pub subnets: Vec<String>,
+}
+
+impl Published {
+    fn annotations(&self) -> [(String, String); 4] {
+        let json = |v: &[String]| serde_json::to_string(v).expect("strings");
+        [
+            (ANNOTATION_REFUSED.to_string(), encode(&self.refused)),
+            (ANNOTATION_MACS.to_string(), json(&self.macs)),
+            (ANNOTATION_BUSY_PORTS.to_string(), json(&self.busy)),
+            (ANNOTATION_SUBNETS.to_string(), json(&self.subnets)),
+        ]
+    }
+}
+
+/// Makes the node's Lease publish `what`: created if missing, replaced (CAS) if different.
+pub async fn publish(api: &Api<Lease>, node: &str, what: &Published) -> Result<(), kube::Error> {
     let name = name(node);
-    let value = encode(refused);
-    let macs = serde_json::to_string(macs).expect("strings");
-    let busy = serde_json::to_string(busy).expect("strings");
+    let want = what.annotations();
     match api.get_opt(&name).await? {
         None => {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(name),
                     labels: Some([(LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string())].into()),
-                    annotations: Some(
-                        [
-                            (ANNOTATION_REFUSED.to_string(), value),
-                            (ANNOTATION_MACS.to_string(), macs),
-                            (ANNOTATION_BUSY_PORTS.to_string(), busy),
-                        ]
-                        .into(),
-                    ),
+                    annotations: Some(want.into()),
                     ..Default::default()
                 },
                 spec: Some(LeaseSpec {
@@ -235,15 +258,10 @@ pub async fn publish(
         }
         Some(mut l) => {
             let a = l.metadata.annotations.get_or_insert_default();
-            if a.get(ANNOTATION_REFUSED) == Some(&value)
-                && a.get(ANNOTATION_MACS) == Some(&macs)
-                && a.get(ANNOTATION_BUSY_PORTS) == Some(&busy)
-            {
+            if want.iter().all(|(k, v)| a.get(k) == Some(v)) {
                 return Ok(());
             }
-            a.insert(ANNOTATION_REFUSED.to_string(), value);
-            a.insert(ANNOTATION_MACS.to_string(), macs);
-            a.insert(ANNOTATION_BUSY_PORTS.to_string(), busy);
+            a.extend(want);
             api.replace(&name, &PostParams::default(), &l)
                 .await
                 .map(drop)

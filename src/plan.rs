@@ -116,6 +116,21 @@ pub fn other_agents_copies(ifaces: &[Interface]) -> BTreeMap<IpAddr, String> {
         .collect()
 }
 
+/// The subnets this node can announce a pool IP on when the pool names no interface: the
+/// networks of its interfaces with a MAC that answer ARP (host routes, link-local and no-ARP
+/// links carry none), as CIDRs, for its node Lease.
+pub fn announce_subnets(ifaces: &[Interface]) -> Vec<String> {
+    let nets: BTreeSet<ipnet::IpNet> = ifaces
+        .iter()
+        .filter(|i| !i.noarp && i.mac.is_some_and(|m| m != [0; 6]))
+        .flat_map(|i| i.nets.iter())
+        .filter(|n| n.prefix_len() < n.max_prefix_len())
+        .filter(|n| !matches!(n.addr(), IpAddr::V6(v6) if v6.is_unicast_link_local()))
+        .map(|n| n.trunc())
+        .collect();
+    nets.iter().map(ToString::to_string).collect()
+}
+
 /// Whether a node may announce the IPs of `pool` for `svc` (its labels; for
 /// `externalTrafficPolicy: Local`, a ready endpoint on it).
 pub fn node_may_announce(

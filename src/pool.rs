@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
     shortname = "ipp",
     status = "IPPoolStatus",
     printcolumn = r#"{"name":"Valid","type":"string","jsonPath":".status.conditions[?(@.type==\"Valid\")].status"}"#,
+    printcolumn = r#"{"name":"Announceable","type":"string","jsonPath":".status.conditions[?(@.type==\"Announceable\")].status"}"#,
     printcolumn = r#"{"name":"In effect","type":"string","jsonPath":".status.addresses"}"#,
     doc = "A pool of floating IPs that l2speaker assigns to LoadBalancer Services and announces on L2"
 )]
@@ -167,6 +168,19 @@ impl Range {
         self.first.is_ipv4() == other.first.is_ipv4()
             && to_u128(self.first) <= to_u128(other.last)
             && to_u128(other.first) <= to_u128(self.last)
+    }
+
+    /// The part of the range inside `net`, if any.
+    pub fn within(&self, net: &IpNet) -> Option<Range> {
+        if net.addr().is_ipv4() != self.first.is_ipv4() {
+            return None;
+        }
+        let first = to_u128(self.first).max(to_u128(net.network()));
+        let last = to_u128(self.last).min(to_u128(net.broadcast()));
+        (first <= last).then(|| Range {
+            first: from_u128(self.first, first),
+            last: from_u128(self.first, last),
+        })
     }
 
     /// The addresses of the range, in order.

@@ -589,3 +589,121 @@ async fn the_allocator_keeps_its_lease_while_it_assigns_two_thousand_services() 
         "the same allocator held its Lease throughout"
     );
 }
+
+/// A pool's condition `type_` as kubectl shows it: `status/reason`.
+async fn pool_condition_of(tb: &Testbed, pool: &str, type_: &str) -> String {
+    let path = format!(
+        "jsonpath={{.status.conditions[?(@.type==\"{type_}\")].status}}/{{.status.conditions[?(@.type==\"{type_}\")].reason}}"
+    );
+    tb.kubectl
+        .run(&["get", "ippool", pool, "-o", &path])
+        .await
+        .stdout
+}
+
+/// A pool outside every node's subnets (`203.0.113.0/28` and `2001:db8:5::/64` while the nodes
+/// are on 192.0.2.0/24 and 2001:db8::/64): no node could announce its IPs, so none is
+/// assigned; each Service is told why, the pool's `Announceable` condition says so, and
+/// `l2speaker status` names an assigned IP that no node is eligible for. With
+/// `spec.interface` the same pool is announced there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_no_node_can_announce_assigns_nothing_and_says_why() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    eventually(
+        Duration::from_secs(20),
+        "every speaker publishes its subnets",
+        async || {
+            let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+                kube::Api::namespaced(tb.client.clone(), "l2speaker-system");
+            let mut all = Vec::new();
+            for n in tb.lab.nodes() {
+                let l = api
+                    .get_opt(&l2speaker::node_lease::name(&n.node_name()))
+                    .await
+                    .ok()??;
+                all.extend(l2speaker::node_lease::subnets(&l)?);
+            }
+            all.contains(&"192.0.2.0/24".parse().unwrap()).then_some(())
+        },
+    )
+    .await;
+    tb.apply(
+        "apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: far\nspec:\n  addresses: [203.0.113.0/28, 2001:db8:5::/64]\n  autoAssign: false\n---\napiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: nobody\nspec:\n  addresses: [192.0.2.160/29]\n  autoAssign: false\n  nodeSelector: {l2speaker-test: nobody}\n",
+    )
+    .await;
+    for name in ["far", "far6", "idle"] {
+        tb.apply(&endpoints(name, &pods(&tb))).await;
+    }
+    tb.apply(&service("far", "", "l2speaker.io/pool: far"))
+        .await;
+    tb.apply(&service(
+        "far6",
+        "  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n",
+        "l2speaker.io/pool: far",
+    ))
+    .await;
+    tb.apply(&service(
+        "wish",
+        "",
+        "l2speaker.io/load-balancer-ips: \"203.0.113.5\"",
+    ))
+    .await;
+    tb.apply(&service("idle", "", "l2speaker.io/pool: nobody"))
+        .await;
+    for name in ["far", "far6", "wish"] {
+        let events = tb.wait_describe_svc(name, "IPNotAnnounceable").await;
+        assert!(
+            events.contains("subnet"),
+            "{name} is told no node's subnet holds the pool: {events}"
+        );
+        assert!(status_ips(&tb, name).await.is_empty(), "{name} got no IP");
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the pool says it cannot be announced",
+        async || {
+            (pool_condition_of(&tb, "far", "Announceable").await == "False/NoNodeSubnet")
+                .then_some(())
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "a pool on the nodes' subnet says it can be announced",
+        async || {
+            (pool_condition_of(&tb, "nobody", "Announceable").await == "True/OnNodeSubnets")
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Assigned, but no node may announce it (the pool selects no node): status says so.
+    let idle = tb.wait_ips("default", "idle", 1).await[0];
+    let (ok, out) = tb.l2speaker("n1", &["status"], Duration::from_secs(20));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&idle.to_string()))
+        .unwrap_or_else(|| panic!("status lists {idle}: {out}"));
+    assert!(ok && line.contains("no node is eligible"), "{out}");
+
+    // Named on the pool, the interface carries it: assigned and announced by one node.
+    tb.apply(
+        "apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: far\nspec:\n  addresses: [203.0.113.0/28, 2001:db8:5::/64]\n  autoAssign: false\n  interface: eth0\n",
+    )
+    .await;
+    let far = tb.wait_ips("default", "far", 1).await[0];
+    assert!(far.to_string().starts_with("203.0.113."), "far got {far}");
+    tb.wait_owner(far).await;
+    eventually(Duration::from_secs(10), "one node binds it", async || {
+        (tb.bound_on(far).len() == 1).then_some(())
+    })
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "the pool says its interface announces it",
+        async || {
+            (pool_condition_of(&tb, "far", "Announceable").await == "True/Interface").then_some(())
+        },
+    )
+    .await;
+}
