@@ -581,10 +581,19 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     (true, _) => Some(now),
                     (false, _) => None,
                 };
-                match since {
+                let was = match since {
                     Some(t) => dead_since.insert(n.clone(), (st.generation, t)),
                     None => dead_since.remove(n),
                 };
+                match (was, since) {
+                    (None, Some(_)) => {
+                        info!(node = %n, generation = st.generation, declarers = d, "a majority declares this node dead")
+                    }
+                    (Some((g, _)), None) => {
+                        info!(node = %n, generation = st.generation, was = g, "this node counts as alive again")
+                    }
+                    _ => {}
+                }
                 nodes.insert(
                     n.clone(),
                     HolderNode {

@@ -263,6 +263,8 @@ impl Testbed {
             t.deadline_ms.to_string(),
         );
         let kubeconfig = self.lab_kubeconfig.to_string_lossy().to_string();
+        // The speakers' log filter: `info`, or L2S_SPEAKER_LOG (`l2speaker=debug`) to debug a test.
+        let log_filter = std::env::var("L2S_SPEAKER_LOG").unwrap_or_else(|_| "info".into());
         let n = self.speakers.lock().unwrap().len();
         let lan: Vec<String> = match t.lan.filter(|_| heartbeat_flags) {
             Some((interval, dead)) => vec![
@@ -298,7 +300,7 @@ impl Testbed {
                     ("NODE_NAME", &h.node_name()),
                     ("KUBECONFIG", &kubeconfig),
                     ("L2SPEAKER_NAMESPACE", NAMESPACE),
-                    ("RUST_LOG", "info"),
+                    ("RUST_LOG", &log_filter),
                     // An environment variable, not a flag: a build of the previous release
                     // (L2S_SPEAKER_BIN) ignores it.
                     (

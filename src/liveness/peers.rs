@@ -69,6 +69,8 @@ pub struct Peers {
     last_any: BTreeMap<String, Instant>,
     /// A peer appeared or changed its declarations since [`Peers::take_news`] was last asked.
     news: bool,
+    /// Each member's generation as its node Lease shows it, and since when we have seen it.
+    lease_generation: BTreeMap<String, (u32, Instant)>,
 }
 
 impl Peers {
@@ -84,6 +86,7 @@ impl Peers {
             declared: BTreeMap::new(),
             last_any: BTreeMap::new(),
             news: false,
+            lease_generation: BTreeMap::new(),
         }
     }
 
@@ -140,7 +143,11 @@ impl Peers {
 
     /// Declares every silent peer dead (see [`Peers::declare_silent`]) and every silent
     /// `member` (name, the generation its node Lease shows) dead in that generation too; a
-    /// member never heard only once we have `listened` for dead_after.
+    /// member never heard only once we have `listened` for dead_after, and a member in a
+    /// generation only once its Lease has shown it for dead_after. A node that comes back
+    /// writes its new generation before its first frames of it reach us: declared at once,
+    /// those frames would be ignored, so it would never hear that we count it dead in that
+    /// generation too, nor we the declarations it made while it was away.
     pub fn declare_silent_members(
         &mut self,
         members: &[(&str, u32)],
@@ -148,8 +155,22 @@ impl Peers {
         now: Instant,
     ) {
         self.declare_silent(now);
+        self.lease_generation
+            .retain(|n, _| members.iter().any(|(m, _)| m == n));
         for (m, generation) in members {
-            if *m != self.me && (self.knows(m) || listened) && self.silent(m, now) {
+            let (g, since) = self
+                .lease_generation
+                .entry(m.to_string())
+                .or_insert((*generation, now));
+            if *g != *generation {
+                (*g, *since) = (*generation, now);
+            }
+            let shown_long_enough = now.saturating_duration_since(*since) >= self.dead_after;
+            if *m != self.me
+                && (self.knows(m) || listened)
+                && self.silent(m, now)
+                && shown_long_enough
+            {
                 self.declare(m, *generation);
             }
         }
@@ -501,6 +522,40 @@ mod tests {
         let last = before.next_seq(t0, WALL + 1000);
         let mut after = Peers::new("b", ms(400));
         assert!(after.next_seq(t0, WALL + 2000) > last);
+    }
+
+    /// The lab's case: b was away and declared dead in generation 0; it comes back, writes
+    /// generation 1 to its Lease, and its first frame of generation 1 arrives 80 ms later.
+    /// Declared in generation 1 at once, that frame would be ignored and neither side would
+    /// ever move on.
+    #[test]
+    fn a_member_in_a_new_generation_is_declared_only_once_silent_in_it_for_dead_after() {
+        let t0 = Instant::now();
+        let mut p = Peers::new("a", ms(400));
+        p.receive(1, &hb("b", WALL + 1, &[]), t0, WALL);
+        p.declare_silent_members(&[("a", 0), ("b", 0)], true, t0 + ms(400));
+        assert_eq!(p.declared("b"), Some(0));
+        // Its Lease shows generation 1 while it is still silent: not declared in it yet.
+        let back = t0 + ms(1000);
+        p.declare_silent_members(&[("a", 0), ("b", 1)], true, back);
+        p.declare_silent_members(&[("a", 0), ("b", 1)], true, back + ms(50));
+        assert_eq!(p.declared("b"), Some(0));
+        let mut frame = hb("b", WALL + 2, &[]);
+        frame.generation = 1;
+        assert_eq!(
+            p.receive(1, &frame, back + ms(80), WALL),
+            Received::Accepted
+        );
+        assert_eq!(p.declared("b"), None, "heard in its new generation");
+        // Silent in generation 1 for dead_after after its Lease showed it: declared.
+        p.declare_silent_members(&[("a", 0), ("b", 1)], true, back + ms(480));
+        assert_eq!(p.declared("b"), Some(1));
+        // Never heard in a generation its Lease shows: declared dead_after after it appeared.
+        let mut q = Peers::new("a", ms(400));
+        q.declare_silent_members(&[("a", 0), ("c", 3)], true, t0);
+        assert_eq!(q.declared("c"), None);
+        q.declare_silent_members(&[("a", 0), ("c", 3)], true, t0 + ms(400));
+        assert_eq!(q.declared("c"), Some(3));
     }
 
     #[test]
