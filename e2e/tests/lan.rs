@@ -894,3 +894,109 @@ async fn lan_service_ips_on_kube_ipvs0_of_every_node_are_reported_not_refused() 
     println!("{what}: outage {} ms", outage(&s, ip, fault).as_millis());
     assert_served(&tb, ip, &format!("served by {new}"));
 }
+
+/// `ip addr flush dev eth0` on the owner, as a network manager reconfiguring the link does:
+/// the node's own addresses are gone, so it must not answer for the VIP (the VIP would become
+/// its only source address, for its API and heartbeat traffic too). Another node serves the
+/// VIP, at no sample do two answer, and at no read does the flushed node hold the VIP without
+/// its own address. With its addresses back it takes part again, and nothing moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_ip_addr_flush_on_the_owner_moves_the_vip_and_never_binds_it_alone() {
+    use l2speaker_e2e::lab::netns;
+    let (tb, ip, owner) = settled(Timing::LAN).await;
+    let h = tb.lab.host(&owner).unwrap().clone();
+    let sampler = tb.sample(&[ip]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Reads the flushed node's eth0 every 10 ms until told to stop: the VIP alone is a failure.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (ns, stop, own) = (h.ns.clone(), stop.clone(), h.ipv4.to_string());
+        let vip = format!("inet {ip}/");
+        std::thread::spawn(move || {
+            let mut alone = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let shown =
+                    netns::ip(&ns, &["-o", "addr", "show", "dev", "eth0"]).unwrap_or_default();
+                if shown.contains(&vip) && !shown.contains(&format!("inet {own}/")) {
+                    alone.push(shown);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            alone
+        })
+    };
+    let fault = sampler.now();
+    netns::ip(&h.ns, &["addr", "flush", "dev", "eth0"]).unwrap();
+    let new = lan_owner(&tb, ip, Some(&owner)).await;
+    let moved = sampler.now() - fault;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The addresses back, and the routes to the other nodes' pods that went with them.
+    netns::ip(
+        &h.ns,
+        &["addr", "add", &format!("{}/24", h.ipv4), "dev", "eth0"],
+    )
+    .unwrap();
+    netns::ip(
+        &h.ns,
+        &[
+            "addr",
+            "add",
+            &format!("{}/64", h.ipv6),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )
+    .unwrap();
+    for pod in tb.lab.pods().filter(|p| p.node != owner) {
+        let via = tb.lab.host(&pod.node).unwrap();
+        netns::ip(
+            &h.ns,
+            &[
+                "route",
+                "replace",
+                &format!("{}/32", pod.ipv4),
+                "via",
+                &via.ipv4.to_string(),
+            ],
+        )
+        .unwrap();
+        netns::ip(
+            &h.ns,
+            &[
+                "-6",
+                "route",
+                "replace",
+                &format!("{}/128", pod.ipv6),
+                "via",
+                &via.ipv6.to_string(),
+            ],
+        )
+        .unwrap();
+    }
+    ready(&tb).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let alone = watcher.join().unwrap();
+    let s = sampler.stop().unwrap();
+    let what = format!("ip addr flush dev eth0 on the owner {owner}, {new} took over");
+    assert_never_two(&what, &s);
+    println!(
+        "{what}: outage {} ms, moved after {} ms",
+        outage(&s, ip, fault).as_millis(),
+        moved.as_millis()
+    );
+    assert!(
+        alone.is_empty(),
+        "{owner} held the VIP without its own address {} times, first: {:?}",
+        alone.len(),
+        alone.first()
+    );
+    assert_eq!(
+        tb.host_of(&tb.holder(ip).await.unwrap()),
+        new,
+        "nothing moved back when {owner}'s addresses returned"
+    );
+    assert_served(&tb, ip, &format!("served by {new}"));
+}
