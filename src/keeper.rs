@@ -26,7 +26,9 @@ use crate::ownership::gate_health::{self, Change, GateHealth};
 use crate::ownership::machine::HolderNode;
 use crate::ownership::node::{NodeAction, NodeInput, NodeKeeper, NodeReply, NodeTiming};
 use crate::ownership::quorum;
-use crate::ownership::timing::{LAN_ADDRESS_LIFETIME, LAN_ADDRESS_REFRESH};
+use crate::ownership::timing::{
+    LAN_ADDRESS_LIFETIME, LAN_ADDRESS_LIFETIME_V6, LAN_ADDRESS_REFRESH, LAN_ADDRESS_REFRESH_V6,
+};
 use kube::runtime::events::EventType;
 
 /// What the keeper tells the coordinator (and through it every VIP holder).
@@ -129,15 +131,17 @@ impl Gate {
         self.bound.remove(&ip);
     }
 
-    /// Extends to [`LAN_ADDRESS_LIFETIME`] the lifetime of every bound VIP address that
-    /// `present` (a dump read just before) shows still there, on its interface and ours.
+    /// Extends to its family's LAN lifetime ([`LAN_ADDRESS_LIFETIME`], and with `v6`
+    /// [`LAN_ADDRESS_LIFETIME_V6`] for IPv6 too) the lifetime of every bound VIP address
+    /// that `present` (a dump read just before) shows still there, on its interface and ours.
     /// A refresh is a replace, which would create a missing address: one removed by someone
     /// else is left to its holder, which binds it again gate first. What stays is the
     /// moment between the dump and this send. Returns how many it extended.
-    fn extend_lifetimes(&mut self, present: &[KernelAddr]) -> std::io::Result<usize> {
+    fn extend_lifetimes(&mut self, present: &[KernelAddr], v6: bool) -> std::io::Result<usize> {
         let want: Vec<(u32, IpAddr)> = present
             .iter()
             .filter(|a| a.ours && self.bound.get(&a.ip) == Some(&a.index))
+            .filter(|a| v6 || a.ip.is_ipv4())
             .map(|a| (a.index, a.ip))
             .collect();
         if want.is_empty() {
@@ -147,7 +151,18 @@ impl Gate {
             self.refresher = Some(LifetimeRefresher::open()?);
         }
         let refresher = self.refresher.as_mut().expect("opened");
-        let refused = refresher.refresh(&want, LAN_ADDRESS_LIFETIME)?;
+        let v4s: Vec<(u32, IpAddr)> = want
+            .iter()
+            .copied()
+            .filter(|(_, ip)| ip.is_ipv4())
+            .collect();
+        let v6s: Vec<(u32, IpAddr)> = want
+            .iter()
+            .copied()
+            .filter(|(_, ip)| ip.is_ipv6())
+            .collect();
+        let mut refused = refresher.refresh(&v4s, LAN_ADDRESS_LIFETIME)?;
+        refused.extend(refresher.refresh(&v6s, LAN_ADDRESS_LIFETIME_V6)?);
         for (ip, e) in &refused {
             warn!(ip = %ip, error = %e, "cannot extend the VIP address's lifetime");
         }
@@ -734,24 +749,29 @@ pub async fn extend_address_lifetimes(s: Arc<Shared>, mut stop: watch::Receiver<
     let mut tick = tokio::time::interval(LAN_ADDRESS_REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    // IPv6 addresses every LAN_ADDRESS_REFRESH_V6, on every so many ticks.
+    let every_v6 = (LAN_ADDRESS_REFRESH_V6.as_millis() / LAN_ADDRESS_REFRESH.as_millis()).max(1);
+    let mut ticks: u128 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
+        let v6 = ticks.is_multiple_of(every_v6);
+        ticks += 1;
         let outcome = match s.dataplane.addrs.addresses().await {
             Ok(present) => s
                 .gate
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .extend_lifetimes(&present)
+                .extend_lifetimes(&present, v6)
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         // One line per change of state, not one per second.
         match outcome {
             Err(e) if !failing => {
-                error!(error = %e, "cannot extend the VIP addresses' lifetimes: they expire within {} s unless this recovers", LAN_ADDRESS_LIFETIME.as_secs());
+                error!(error = %e, "cannot extend the VIP addresses' lifetimes: they expire within {} s (IPv6: {} s) unless this recovers", LAN_ADDRESS_LIFETIME.as_secs(), LAN_ADDRESS_LIFETIME_V6.as_secs());
                 failing = true;
             }
             Ok(_) if failing => {

@@ -395,7 +395,7 @@ impl Shell {
                 // The lifetime is computed at the last moment, from the absolute bound; in LAN
                 // mode it is short and the keeper extends it (see timing::LAN_ADDRESS_LIFETIME).
                 let valid = if lan {
-                    Some(timing::LAN_ADDRESS_LIFETIME)
+                    Some(timing::lan_address_lifetime(ip))
                 } else {
                     timing::lifetime(now, until, Duration::ZERO)
                 };

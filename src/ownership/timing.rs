@@ -97,6 +97,32 @@ pub const LAN_ADDRESS_LIFETIME: Duration = Duration::from_secs(3);
 /// How often the keeper extends LAN-mode VIP address lifetimes: two refreshes may be lost
 /// (a speaker starved of CPU) before an address expires.
 pub const LAN_ADDRESS_REFRESH: Duration = Duration::from_secs(1);
+/// The same for an IPv6 VIP address. Linux runs every RTM_NEWADDR for IPv6, a lifetime
+/// refresh too, through `ipv6_mc_up`, which re-adds every multicast group of the interface
+/// (each VIP's solicited-node group among them) and schedules MLD reports for all: the cost
+/// of one refresh grows with the number of IPv6 VIPs on the link, and a refresh of all of
+/// them every second took ~6 % of a core at 333 IPv6 VIPs. So IPv6 addresses live longer
+/// and are extended a fifth as often (two refreshes may still be lost).
+pub const LAN_ADDRESS_LIFETIME_V6: Duration = Duration::from_secs(15);
+pub const LAN_ADDRESS_REFRESH_V6: Duration = Duration::from_secs(5);
+
+/// [`LAN_ADDRESS_LIFETIME`] or [`LAN_ADDRESS_LIFETIME_V6`], by the family of `ip`.
+pub fn lan_address_lifetime(ip: std::net::IpAddr) -> Duration {
+    if ip.is_ipv4() {
+        LAN_ADDRESS_LIFETIME
+    } else {
+        LAN_ADDRESS_LIFETIME_V6
+    }
+}
+
+/// [`LAN_ADDRESS_REFRESH`] or [`LAN_ADDRESS_REFRESH_V6`], by the family of `ip`.
+pub fn lan_address_refresh(ip: std::net::IpAddr) -> Duration {
+    if ip.is_ipv4() {
+        LAN_ADDRESS_REFRESH
+    } else {
+        LAN_ADDRESS_REFRESH_V6
+    }
+}
 
 /// The valid lifetime to give an address at `now` (after `latency` more to reach the
 /// kernel) so that it is surely gone by `until`; None when not even one second is safe.
