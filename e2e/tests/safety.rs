@@ -482,9 +482,10 @@ async fn the_allocator_keeps_its_lease_while_it_assigns_two_thousand_services() 
     use k8s_openapi::api::coordination::v1::Lease;
     use k8s_openapi::api::core::v1::Service;
     let tb = Testbed::new(vec![0, 0, 0], Timing::DEFAULT).await;
-    // A pool on no node's subnet: nobody binds these, the allocator only assigns them.
+    // A pool on the nodes' subnet that selects no node: nobody binds these, the allocator
+    // only assigns them.
     tb.apply(
-        "apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: many\nspec:\n  addresses: [2001:db8:1::/112]\n",
+        "apiVersion: l2speaker.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: many\nspec:\n  addresses: [2001:db8::1:0/112]\n  nodeSelector: {l2speaker-test: nobody}\n",
     )
     .await;
     let leases: kube::Api<Lease> = kube::Api::namespaced(tb.client.clone(), "l2speaker-system");
