@@ -176,7 +176,7 @@ impl<A: AddrOps, N: NftApply, S: FrameSink> Dataplane<A, N, S> {
             .ok_or_else(|| DataplaneError::NoMac(iface.name.clone()))?;
         let send = |frame: Vec<u8>| {
             self.sink
-                .send(&iface.name, &frame)
+                .send(&iface.name, iface.index, &frame)
                 .map_err(|source| DataplaneError::Announce {
                     ip,
                     interface: iface.name.clone(),
@@ -297,7 +297,7 @@ pub mod fake {
     }
 
     impl FrameSink for Sink {
-        fn send(&self, interface: &str, frame: &[u8]) -> std::io::Result<()> {
+        fn send(&self, interface: &str, _index: u32, frame: &[u8]) -> std::io::Result<()> {
             self.frames
                 .lock()
                 .unwrap()

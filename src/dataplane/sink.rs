@@ -4,28 +4,37 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use pnet_datalink::{Channel, DataLinkSender};
+use pnet_datalink::DataLinkSender;
 
 pub trait FrameSink: Send + Sync {
-    fn send(&self, interface: &str, frame: &[u8]) -> std::io::Result<()>;
+    /// Sends `frame` on the interface `interface` with index `index`.
+    fn send(&self, interface: &str, index: u32, frame: &[u8]) -> std::io::Result<()>;
 }
 
+/// Channels are cached by interface name and index: an interface deleted and made again
+/// (a VLAN or a bridge rebuilt) has a new index, and a channel bound to the old one fails
+/// with ENXIO, so a new index opens a new channel. A send error drops the channel too; the
+/// next round opens it again.
 #[derive(Default)]
 pub struct Pnet {
-    senders: Mutex<HashMap<String, Box<dyn DataLinkSender>>>,
+    senders: Mutex<HashMap<String, Channel>>,
 }
 
+/// A cached sender and the interface index it is bound to.
+type Channel = (u32, Box<dyn DataLinkSender>);
+
 impl FrameSink for Pnet {
-    fn send(&self, interface: &str, frame: &[u8]) -> std::io::Result<()> {
+    fn send(&self, interface: &str, index: u32, frame: &[u8]) -> std::io::Result<()> {
         let mut senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
-        if !senders.contains_key(interface) {
+        if senders.get(interface).is_none_or(|(i, _)| *i != index) {
+            senders.remove(interface);
             let iface = pnet_datalink::interfaces()
                 .into_iter()
-                .find(|i| i.name == interface)
+                .find(|i| i.name == interface && i.index == index)
                 .ok_or_else(|| {
                     std::io::Error::new(
                         std::io::ErrorKind::NotFound,
-                        format!("no interface {interface}"),
+                        format!("no interface {interface} with index {index}"),
                     )
                 })?;
             // A small receive buffer: this channel only sends.
@@ -34,28 +43,22 @@ impl FrameSink for Pnet {
                 ..Default::default()
             };
             match pnet_datalink::channel(&iface, config)? {
-                Channel::Ethernet(tx, _rx) => {
-                    senders.insert(interface.to_string(), tx);
+                pnet_datalink::Channel::Ethernet(tx, _rx) => {
+                    senders.insert(interface.to_string(), (index, tx));
                 }
                 _ => return Err(std::io::Error::other("not an Ethernet channel")),
             }
         }
-        let tx = senders.get_mut(interface).expect("inserted above");
-        match tx.send_to(frame, None) {
+        let (_, tx) = senders.get_mut(interface).expect("inserted above");
+        let sent = match tx.send_to(frame, None) {
             Some(r) => r,
             None => Err(std::io::Error::other(
                 "the frame did not fit the send buffer",
             )),
+        };
+        if sent.is_err() {
+            senders.remove(interface);
         }
-    }
-}
-
-impl Pnet {
-    /// Forgets an interface's channel (after an error: the interface may have changed).
-    pub fn forget(&self, interface: &str) {
-        self.senders
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(interface);
+        sent
     }
 }
