@@ -620,7 +620,10 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         }
         let state = LanState {
-            may_take: keeper.may_take(Instant::now()),
+            // Not while addresses of a fenced generation are still bound (their unbind is
+            // being retried): the gate stays closed until they are gone, so VIPs taken
+            // meanwhile could not be answered for.
+            may_take: keeper.may_take(Instant::now()) && withdrawing.is_empty(),
             fenced_epoch: s.lan_state.borrow().fenced_epoch + u64::from(fenced),
             nodes,
             alive,
