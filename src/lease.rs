@@ -31,6 +31,9 @@ pub const ANNOTATION_INTERFACE: &str = "l2speaker.io/interface";
 pub const ANNOTATION_MAC: &str = "l2speaker.io/mac";
 /// Set (to any value) by `l2speaker drill`: the holder is asked to hand the IP over.
 pub const ANNOTATION_STEP_DOWN: &str = "l2speaker.io/step-down";
+/// Written by a holder that gave the IP up because it could not bind it (the node, the
+/// error, when); removed by the next holder.
+pub const ANNOTATION_FAILED: &str = "l2speaker.io/failed";
 /// Set by a holder that stepped down: that node lets the others take the IP first.
 pub const ANNOTATION_STEPPED_DOWN_FROM: &str = "l2speaker.io/stepped-down-from";
 /// Written with the holder's name by a speaker that keeps the VIP through node liveness
@@ -299,6 +302,7 @@ impl Leases {
                 // A new holder starts clean of hand-over marks.
                 annotations.remove(ANNOTATION_STEP_DOWN);
                 annotations.remove(ANNOTATION_STEPPED_DOWN_FROM);
+                annotations.remove(ANNOTATION_FAILED);
                 self.api.replace(name, &PostParams::default(), &lease).await
             }
         };
@@ -341,8 +345,21 @@ impl Leases {
     }
 
     /// Gives the Lease up (holder cleared, CAS): a watching standby takes it at once.
-    pub async fn release(&self, name: &str, held: &Lease) -> Result<(), LeaseError> {
-        self.release_with(name, held, false).await
+    /// `failure`: why this node could not serve it, for users ([`ANNOTATION_FAILED`]).
+    pub async fn release(
+        &self,
+        name: &str,
+        held: &Lease,
+        failure: Option<&str>,
+    ) -> Result<(), LeaseError> {
+        let mut held = held.clone();
+        if let Some(f) = failure {
+            held.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(ANNOTATION_FAILED.into(), f.to_string());
+        }
+        self.release_with(name, &held, false).await
     }
 
     /// Gives the Lease up because a drill asked (see [`ANNOTATION_STEP_DOWN`]): the Lease then

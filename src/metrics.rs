@@ -41,6 +41,7 @@ pub struct Metrics {
     fences: Counter,
     conflicts: Counter,
     conflicts_owning: Counter,
+    given_up: Counter,
     probe_seconds: Histogram,
     late_actions: Family<KindLabel, Counter>,
     announcements: Family<KindLabel, Counter>,
@@ -104,6 +105,13 @@ impl Metrics {
             "ip_conflicts",
             "Probes before a bind that another host answered (the IP was not bound)",
             conflicts.clone(),
+        );
+        let given_up = Counter::default();
+        registry.register(
+            "vips_given_up",
+            "VIPs this node gave up because it could not bind them for the give-up time (it \
+             released them for another node and holds off before trying them again)",
+            given_up.clone(),
         );
         let conflicts_owning = Counter::default();
         registry.register(
@@ -244,6 +252,7 @@ impl Metrics {
             fences,
             conflicts,
             conflicts_owning,
+            given_up,
             probe_seconds,
             late_actions,
             announcements,
@@ -286,6 +295,11 @@ impl Metrics {
     /// Another host answered a probe before a bind.
     pub fn conflict(&self) {
         self.conflicts.inc();
+    }
+
+    /// A VIP given up because binds kept failing.
+    pub fn gave_up(&self) {
+        self.given_up.inc();
     }
 
     pub fn conflict_while_owning(&self) {

@@ -80,12 +80,17 @@ pub fn rows(leases: &[Lease], now: k8s_openapi::jiff::Timestamp) -> Vec<Row> {
                 expires_in: owner.as_ref().and(expires_in).filter(|_| !lan),
                 owner_heartbeat_age: heartbeat_age,
                 kept: owner.as_ref().map(|_| if lan { "lan" } else { "lease" }),
-                owner,
                 interface: get(ANNOTATION_INTERFACE),
                 mac: get(ANNOTATION_MAC),
                 transitions: spec.lease_transitions.unwrap_or(0),
                 mode: "vip",
-                unannounced: None,
+                // Free because the last holder could not bind it.
+                unannounced: owner
+                    .is_none()
+                    .then(|| a.get(crate::lease::ANNOTATION_FAILED))
+                    .flatten()
+                    .map(|f| format!("given up by {f}")),
+                owner,
             }
         })
         .collect();
@@ -152,7 +157,7 @@ pub fn unannounced_rows(
 ) -> Vec<Row> {
     let held: std::collections::BTreeSet<&str> = vip_rows
         .iter()
-        .filter(|r| r.mode == "vip" && r.owner.is_some())
+        .filter(|r| r.mode == "vip" && (r.owner.is_some() || r.unannounced.is_some()))
         .map(|r| r.ip.as_str())
         .collect();
     let parsed = crate::pool::Pools::from_objects(
@@ -315,6 +320,40 @@ pub async fn fetch_pools(client: kube::Client) -> Result<Vec<crate::pool::IPPool
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_vip_given_up_by_a_node_that_could_not_bind_it_says_so() {
+        let lease: Lease = serde_json::from_value(json!({
+            "metadata": {"name": "vip-192-0-2-7", "annotations": {
+                ANNOTATION_IP: "192.0.2.7", ANNOTATION_SERVICE: "default/web",
+                crate::lease::ANNOTATION_FAILED: "n1: binding it to eth0: Permission denied (2026-12-07T21:00:00Z)"}},
+            "spec": {"leaseDurationSeconds": 4, "renewTime": "2026-12-07T21:00:00.000000Z"}}))
+        .unwrap();
+        let now: k8s_openapi::jiff::Timestamp = "2026-12-07T21:00:01Z".parse().unwrap();
+        let r = rows(&[lease], now);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].owner, None);
+        let why = r[0].unannounced.as_deref().unwrap_or_default();
+        assert!(
+            why.contains("given up by n1") && why.contains("Permission denied"),
+            "{why}"
+        );
+        // Not listed a second time as an assigned IP without a Lease.
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.7"}]}}}))
+        .unwrap();
+        let pool: crate::pool::IPPool = serde_json::from_value(json!({
+            "apiVersion": "l2speaker.io/v1alpha1", "kind": "IPPool",
+            "metadata": {"name": "lan"}, "spec": {"addresses": ["192.0.2.0/28"]}}))
+        .unwrap();
+        assert!(unannounced_rows(&r, &[svc], &[pool]).is_empty());
+        let t = table(&r);
+        assert!(
+            t.contains("NOT ANNOUNCED BECAUSE") && t.contains("given up by n1"),
+            "{t}"
+        );
+    }
 
     #[test]
     fn rows_show_owner_expiry_and_transitions_and_sort_by_ip() {

@@ -27,6 +27,30 @@ use crate::announce;
 /// After another host answered a probe for the VIP, how long before this node tries again.
 pub const CONFLICT_RETRY: Duration = Duration::from_secs(10);
 
+/// A failed bind is tried again after this, doubling with each failure up to
+/// [`BIND_RETRY_MAX`].
+pub const BIND_RETRY_MIN: Duration = Duration::from_millis(100);
+pub const BIND_RETRY_MAX: Duration = Duration::from_secs(1);
+/// How long an owner keeps failing to bind its VIP before it gives the VIP up, so that
+/// another node serves it.
+pub const BIND_GIVE_UP: Duration = Duration::from_secs(3);
+/// After giving a VIP up, how long before this node tries to take it again: doubled with
+/// each consecutive give-up, up to [`HOLD_DOWN_MAX`], so that a VIP no node can bind does
+/// not ping-pong between them.
+pub const HOLD_DOWN: Duration = Duration::from_secs(30);
+pub const HOLD_DOWN_MAX: Duration = Duration::from_secs(300);
+
+/// The wait before bind attempt `failures + 1`.
+pub fn bind_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (BIND_RETRY_MIN * 2u32.pow(doublings)).min(BIND_RETRY_MAX)
+}
+
+/// The hold-down after the `n`th consecutive give-up (0-based).
+pub fn hold_down(n: u32) -> Duration {
+    (HOLD_DOWN * 2u32.pow(n.min(16))).min(HOLD_DOWN_MAX)
+}
+
 /// Identifies one API request, so a late reply to an abandoned request is ignored.
 pub type ReqId = u64;
 
@@ -140,6 +164,9 @@ pub enum Input {
     /// The kernel was read without the VIP's address while we own it (someone else removed
     /// it): bind it again, if we still own it.
     AddressLost,
+    /// The outcome of the last [`Action::Bind`] the shell carried out (none for one it
+    /// dropped as too late).
+    BindDone(Result<(), String>),
 }
 
 /// What the shell does. Every action that makes this node answer for the VIP carries a
@@ -164,11 +191,13 @@ pub enum Action {
         req: ReqId,
         deadline: Instant,
     },
-    /// Clear the holder (CAS); `step_down` marks it as a drill's hand-over.
+    /// Clear the holder (CAS); `step_down` marks it as a drill's hand-over; `failure` is
+    /// written on the Lease for users to see (why this node gave the VIP up).
     Release {
         req: ReqId,
         step_down: bool,
         deadline: Instant,
+        failure: Option<String>,
     },
     /// Delete the Lease (CAS): its IP left every Service.
     Delete {
@@ -220,6 +249,23 @@ pub enum Report {
     },
     /// The address was found removed by someone else and is bound again.
     Rebinding,
+    /// A bind failed (`attempt` in a row); the VIP is given up at `gives_up_at` unless one
+    /// succeeds before.
+    BindFailed {
+        error: String,
+        attempt: u32,
+        gives_up_at: Instant,
+    },
+    /// A bind succeeded after `attempts` failures.
+    BindRecovered {
+        attempts: u32,
+    },
+    /// Binding failed for [`BIND_GIVE_UP`]: the VIP is withdrawn and its Lease released; this
+    /// node takes it again no sooner than `hold_down` from now.
+    GaveUp {
+        error: String,
+        hold_down: Duration,
+    },
     RenewFailed(String),
     AcquireFailed(String),
     ReleaseFailed(String),
@@ -261,6 +307,16 @@ struct Owned {
     /// Whom we took the Lease from, and since when it was free (for the report at bind).
     previous: Option<String>,
     waited_since: Option<Instant>,
+    /// Binds are failing: since when, how many in a row, the last error, the next attempt.
+    bind_failing: Option<BindFailing>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BindFailing {
+    since: Instant,
+    attempts: u32,
+    error: String,
+    retry_at: Instant,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -311,6 +367,10 @@ pub struct Holder {
     next_req: ReqId,
     /// After a conflict, no new attempt before this.
     conflict_until: Option<Instant>,
+    /// After giving the VIP up (binds kept failing), no new attempt before this; and how
+    /// many times in a row it was given up.
+    hold_down_until: Option<Instant>,
+    gave_up: u32,
     /// The Lease's resourceVersion when we last released or deleted it: a watch still
     /// showing that version is behind our own write, not news.
     left_on: Option<String>,
@@ -362,6 +422,8 @@ impl Holder {
             stop: None,
             next_req: 1,
             conflict_until: None,
+            hold_down_until: None,
+            gave_up: 0,
             left_on: None,
         }
     }
@@ -434,19 +496,13 @@ impl Holder {
                     && now < o.fence_at
                 {
                     out.actions.push(Action::Report(Report::Rebinding));
-                    out.actions.push(Action::Bind {
-                        iface: o.iface,
-                        until: match self.mode {
-                            Mode::Lease => self.timing.address_until(o.sent),
-                            Mode::Lan => o.fence_at,
-                        },
-                        not_after: o.fence_at,
-                    });
+                    out.actions.push(bind_action(self.mode, &self.timing, o));
                     // Announce again: clients that dropped the entry meanwhile relearn it.
                     o.burst_start = now;
                     o.burst_round = 0;
                 }
             }
+            Input::BindDone(result) => self.bind_done(result, now, &mut out),
             Input::Fenced => match self.phase {
                 Phase::Owner(_) => {
                     self.withdraw(
@@ -503,6 +559,7 @@ impl Holder {
                             probing: None,
                             previous: previous.clone(),
                             waited_since: *waited_since,
+                            bind_failing: None,
                         };
                         match self.kind {
                             // First ask the LAN whether anyone else answers for the VIP.
@@ -539,7 +596,9 @@ impl Holder {
                         o.fence_at = sent + self.timing.renew_deadline;
                         o.next_renew = (sent + self.timing.renew_interval).max(now);
                         o.sent = sent;
-                        if self.kind == Kind::Vip && o.probing.is_none() {
+                        // While binds fail they follow the backoff, renewals or not.
+                        let due = o.bind_failing.as_ref().is_none_or(|f| now >= f.retry_at);
+                        if self.kind == Kind::Vip && o.probing.is_none() && due {
                             out.actions.push(Action::Bind {
                                 iface: o.iface,
                                 until: self.timing.address_until(sent),
@@ -615,14 +674,7 @@ impl Holder {
                 // The rules first (harmless while nobody sends us the VIP's traffic), then
                 // the address (the kernel answers ARP from then on), then announcements.
                 out.actions.push(Action::Dnat(true));
-                out.actions.push(Action::Bind {
-                    iface: o.iface,
-                    until: match self.mode {
-                        Mode::Lease => self.timing.address_until(o.sent),
-                        Mode::Lan => o.fence_at,
-                    },
-                    not_after: o.fence_at,
-                });
+                out.actions.push(bind_action(self.mode, &self.timing, o));
                 o.burst_start = now;
                 o.burst_round = 0;
             }
@@ -638,7 +690,45 @@ impl Holder {
                     req,
                     step_down: false,
                     deadline,
+                    failure: None,
                 });
+            }
+        }
+    }
+
+    /// Takes a bind's outcome: a failure is tried again with backoff (see `evaluate`), and
+    /// given up after [`BIND_GIVE_UP`].
+    fn bind_done(&mut self, result: Result<(), String>, now: Instant, out: &mut Step) {
+        let Phase::Owner(o) = &mut self.phase else {
+            return;
+        };
+        if self.kind != Kind::Vip {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.gave_up = 0;
+                if let Some(f) = o.bind_failing.take() {
+                    out.actions.push(Action::Report(Report::BindRecovered {
+                        attempts: f.attempts,
+                    }));
+                }
+            }
+            Err(error) => {
+                let f = o.bind_failing.get_or_insert(BindFailing {
+                    since: now,
+                    attempts: 0,
+                    error: String::new(),
+                    retry_at: now,
+                });
+                f.attempts += 1;
+                f.error = error.clone();
+                f.retry_at = now + bind_backoff(f.attempts);
+                out.actions.push(Action::Report(Report::BindFailed {
+                    error,
+                    attempt: f.attempts,
+                    gives_up_at: f.since + BIND_GIVE_UP,
+                }));
             }
         }
     }
@@ -763,6 +853,7 @@ impl Holder {
                                     req,
                                     step_down: true,
                                     deadline,
+                                    failure: None,
                                 })
                             }
                             Stop::Gone => self
@@ -780,6 +871,7 @@ impl Holder {
                                     req,
                                     step_down: false,
                                     deadline,
+                                    failure: None,
                                 });
                             }
                             continue;
@@ -825,17 +917,64 @@ impl Holder {
                             req,
                             step_down: true,
                             deadline,
+                            failure: None,
                         });
+                        continue;
+                    }
+                    if let Some(f) = &o.bind_failing
+                        && now >= f.since + BIND_GIVE_UP
+                    {
+                        let error = f.error.clone();
+                        let hold = hold_down(self.gave_up);
+                        self.gave_up = self.gave_up.saturating_add(1);
+                        self.hold_down_until = Some(now + hold);
+                        out.actions.push(Action::Report(Report::GaveUp {
+                            error: error.clone(),
+                            hold_down: hold,
+                        }));
+                        let release = self.names_me();
+                        self.withdraw(
+                            &format!("could not bind for {} s: {error}", BIND_GIVE_UP.as_secs()),
+                            false,
+                            out,
+                        );
+                        if release {
+                            let failure = Some(error);
+                            self.leave(now, out, |req, deadline| Action::Release {
+                                req,
+                                step_down: false,
+                                deadline,
+                                failure,
+                            });
+                        }
                         continue;
                     }
                     let Phase::Owner(o) = &mut self.phase else {
                         unreachable!()
                     };
+                    let mut failing_wake = None;
+                    let mut retry = false;
+                    // A bind decided in this step already (a renewal's) is this attempt.
+                    let binding = out.actions.iter().any(|a| matches!(a, Action::Bind { .. }));
+                    if let Some(f) = &mut o.bind_failing {
+                        if binding {
+                            f.retry_at = f.retry_at.max(now + bind_backoff(f.attempts));
+                        } else if now >= f.retry_at {
+                            // Not again before the next backoff (a bind the shell drops as
+                            // too late brings no outcome back).
+                            retry = true;
+                            f.retry_at = now + bind_backoff(f.attempts);
+                        }
+                        failing_wake = Some(f.retry_at.min(f.since + BIND_GIVE_UP));
+                    }
+                    if retry {
+                        out.actions.push(bind_action(self.mode, &self.timing, o));
+                    }
                     if self.mode == Mode::Lan && now >= o.next_renew {
                         // No API request: the address's backstop lifetime moves on.
                         o.fence_at = now + LAN_ADDRESS_BACKSTOP;
                         o.next_renew = now + LAN_ADDRESS_REFRESH;
-                        if self.kind == Kind::Vip && o.probing.is_none() {
+                        if self.kind == Kind::Vip && o.probing.is_none() && !retry {
                             out.actions.push(Action::Bind {
                                 iface: o.iface,
                                 until: o.fence_at,
@@ -870,7 +1009,7 @@ impl Holder {
                             o.burst_round += 1;
                         }
                     }
-                    out.wake = Some(wake);
+                    out.wake = Some(failing_wake.map_or(wake, |f| f.min(wake)));
                     return;
                 }
                 Phase::Standby { .. } => return self.settle_standby(now, out),
@@ -960,6 +1099,12 @@ impl Holder {
             out.wake = Some(t);
             return;
         }
+        if let Some(t) = self.hold_down_until
+            && now < t
+        {
+            out.wake = Some(t);
+            return;
+        }
         if self.mode == Mode::Lan && !self.view.serving {
             // Suspended or not yet confirmed: no take-over, no adoption (the view changes
             // when that ends).
@@ -1023,12 +1168,26 @@ impl Holder {
                     req,
                     step_down: false,
                     deadline,
+                    failure: None,
                 });
                 return;
             }
             Candidate::Acquire | Candidate::Adopt => return self.acquire(now, out),
         };
         out.wake = wake;
+    }
+}
+
+/// The bind (or refresh) of an owned VIP's address: in lease mode gone when the Lease could
+/// have expired for the others, in LAN mode at the owner's backstop.
+fn bind_action(mode: Mode, timing: &Timing, o: &Owned) -> Action {
+    Action::Bind {
+        iface: o.iface,
+        until: match mode {
+            Mode::Lease => timing.address_until(o.sent),
+            Mode::Lan => o.fence_at,
+        },
+        not_after: o.fence_at,
     }
 }
 
@@ -1311,6 +1470,191 @@ mod tests {
             !s.actions.iter().any(|a| matches!(a, Action::Bind { .. })),
             "{s:?}"
         );
+    }
+
+    /// Drives an owner from `from` to `to`: wakes it when it asks, answers every renewal, and
+    /// answers every bind with `bind(at)`. Returns every action with when it was decided.
+    fn drive(
+        h: &mut Holder,
+        from: Instant,
+        to: Instant,
+        bind: impl Fn(Instant) -> Result<(), String>,
+    ) -> Vec<(Instant, Action)> {
+        let mut seen = Vec::new();
+        let mut rv = 10;
+        let mut now = from;
+        let mut queue = std::collections::VecDeque::from([Input::Tick]);
+        loop {
+            let mut wake = None;
+            while let Some(input) = queue.pop_front() {
+                let s = h.step(input, now);
+                for a in s.actions {
+                    match &a {
+                        Action::Renew { req, .. } => {
+                            rv += 1;
+                            queue.push_back(Input::Reply {
+                                req: *req,
+                                reply: written(&rv.to_string()),
+                            });
+                        }
+                        Action::Bind { .. } => queue.push_back(Input::BindDone(bind(now))),
+                        _ => {}
+                    }
+                    seen.push((now, a));
+                }
+                wake = s.wake;
+            }
+            let next = wake.unwrap_or(to).max(now + ms(1));
+            if next >= to {
+                break;
+            }
+            now = next;
+            queue.push_back(Input::Tick);
+        }
+        seen
+    }
+
+    fn mine(t0: Instant) -> View {
+        view(Some(observed(Some(ME), "1", t0)), t0)
+    }
+
+    #[test]
+    fn binds_that_keep_failing_are_retried_with_backoff_then_given_up_and_held_down() {
+        let t0 = Instant::now();
+        let mut h = owner(t0);
+        h.step(Input::View(mine(t0)), t0);
+        let failed = t0 + ms(10);
+        let s = h.step(Input::BindDone(Err("Permission denied".into())), failed);
+        assert!(
+            s.actions.iter().any(|a| matches!(
+                a,
+                Action::Report(Report::BindFailed { attempt: 1, gives_up_at, .. })
+                    if *gives_up_at == failed + BIND_GIVE_UP
+            )),
+            "{s:?}"
+        );
+        assert!(s.wake.is_some_and(|w| w <= failed + BIND_RETRY_MIN));
+        let seen = drive(&mut h, failed + BIND_RETRY_MIN, t0 + ms(5000), |_| {
+            Err("Permission denied".into())
+        });
+        let binds: Vec<Instant> = seen
+            .iter()
+            .filter(|(_, a)| matches!(a, Action::Bind { .. }))
+            .map(|(t, _)| *t)
+            .collect();
+        // 100, 200, 400, 800, 1000, ... ms apart, until the give-up.
+        assert!(binds.len() >= 5 && binds.len() <= 8, "{binds:?}");
+        for pair in binds.windows(2) {
+            assert!(pair[1] - pair[0] >= BIND_RETRY_MIN, "{binds:?}");
+            assert!(pair[1] - pair[0] <= BIND_RETRY_MAX + ms(1), "{binds:?}");
+        }
+        let gave_up = seen
+            .iter()
+            .find(|(_, a)| matches!(a, Action::Report(Report::GaveUp { .. })))
+            .map(|(t, _)| *t)
+            .expect("given up");
+        assert!(gave_up >= failed + BIND_GIVE_UP && gave_up <= failed + BIND_GIVE_UP + ms(2));
+        let after: Vec<&Action> = seen
+            .iter()
+            .filter(|(t, _)| *t == gave_up)
+            .map(|(_, a)| a)
+            .collect();
+        let unbind = after
+            .iter()
+            .position(|a| matches!(a, Action::Unbind { .. }))
+            .expect("unbinds");
+        let release = after
+            .iter()
+            .position(|a| matches!(a, Action::Release { failure: Some(f), step_down: false, .. } if f.contains("Permission denied")))
+            .expect("releases, saying why");
+        assert!(
+            unbind < release,
+            "the address goes before the Lease: {after:?}"
+        );
+        assert!(
+            !seen
+                .iter()
+                .any(|(t, a)| *t > gave_up && matches!(a, Action::Bind { .. }))
+        );
+
+        // Released; the Lease free: no new attempt for the hold-down.
+        let Some(Action::Release { req, .. }) = after.last().map(|a| (*a).clone()) else {
+            panic!("{after:?}")
+        };
+        h.step(
+            Input::Reply {
+                req,
+                reply: written("20"),
+            },
+            gave_up + ms(5),
+        );
+        let free = view(Some(observed(None, "20", gave_up + ms(10))), t0);
+        let s = h.step(Input::View(free.clone()), gave_up + ms(10));
+        assert!(
+            !s.actions
+                .iter()
+                .any(|a| matches!(a, Action::Acquire { .. })),
+            "{s:?}"
+        );
+        assert_eq!(s.wake, Some(gave_up + HOLD_DOWN));
+        let s = h.step(Input::Tick, gave_up + HOLD_DOWN - ms(1));
+        assert!(
+            !s.actions
+                .iter()
+                .any(|a| matches!(a, Action::Acquire { .. })),
+            "{s:?}"
+        );
+        let s = h.step(Input::Tick, gave_up + HOLD_DOWN);
+        assert!(
+            s.actions
+                .iter()
+                .any(|a| matches!(a, Action::Acquire { .. })),
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn a_bind_that_succeeds_within_the_give_up_time_keeps_the_vip() {
+        let t0 = Instant::now();
+        let mut h = owner(t0);
+        h.step(Input::View(mine(t0)), t0);
+        h.step(
+            Input::BindDone(Err("No buffer space available".into())),
+            t0 + ms(10),
+        );
+        // Fails until 1.5 s, then works.
+        let seen = drive(&mut h, t0 + ms(110), t0 + ms(6000), |at| {
+            if at < t0 + ms(1500) {
+                Err("No buffer space available".into())
+            } else {
+                Ok(())
+            }
+        });
+        assert!(
+            seen.iter()
+                .any(|(_, a)| matches!(a, Action::Report(Report::BindRecovered { attempts }) if *attempts >= 3)),
+            "{seen:?}"
+        );
+        assert!(
+            !seen.iter().any(|(_, a)| matches!(
+                a,
+                Action::Report(Report::GaveUp { .. })
+                    | Action::Unbind { .. }
+                    | Action::Release { .. }
+            )),
+            "{seen:?}"
+        );
+        assert!(h.holds_until(t0 + ms(6000)).is_some());
+    }
+
+    #[test]
+    fn hold_downs_double_per_consecutive_give_up_up_to_the_cap() {
+        assert_eq!(hold_down(0), HOLD_DOWN);
+        assert_eq!(hold_down(1), HOLD_DOWN * 2);
+        assert_eq!(hold_down(30), HOLD_DOWN_MAX);
+        assert_eq!(bind_backoff(1), BIND_RETRY_MIN);
+        assert_eq!(bind_backoff(2), BIND_RETRY_MIN * 2);
+        assert_eq!(bind_backoff(40), BIND_RETRY_MAX);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1664,6 +2008,7 @@ mod tests {
             req,
             step_down: true,
             deadline,
+            ..
         }) = s.actions.last().cloned()
         else {
             panic!("{s:?}")

@@ -15,7 +15,7 @@ use futures::channel::mpsc;
 use k8s_openapi::api::coordination::v1::Lease;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::machine::{Action, Holder, Input, Kind, Reply, Report, ReqId, Stop, View};
 use super::timing;
@@ -25,10 +25,10 @@ use crate::dataplane::packet::format_mac;
 use crate::dataplane::probe::PROBE_WAIT;
 use crate::lease::{Description, LeaseError};
 
-/// How often a failed bind is tried, and how far apart (the keeper installs a missing gate
-/// table within one heartbeat interval).
-const BIND_ATTEMPTS: u32 = 6;
-const BIND_RETRY: Duration = Duration::from_millis(100);
+/// A failed unbind is tried again after this, doubling up to [`UNBIND_RETRY_MAX`], until the
+/// address is gone (the holder's next step, a release, waits for it).
+const UNBIND_RETRY_MIN: Duration = Duration::from_millis(50);
+const UNBIND_RETRY_MAX: Duration = Duration::from_secs(1);
 /// What the coordinator tells a holder: the machine's view, plus what the shell needs to
 /// perform actions (the full Lease for CAS writes, the interface, the Service).
 #[derive(Debug, Clone, PartialEq)]
@@ -113,11 +113,16 @@ pub async fn run(
     loop {
         let now = Instant::now();
         let step = holder.step(input, now);
+        let mut outcomes = Vec::new();
         for action in step.actions {
             // Boxed: the actions' futures (netlink, retries) would otherwise sit inside every
             // VIP's task for its whole life, a few KiB each.
-            Box::pin(shell.perform(action)).await;
+            if let Some(outcome) = Box::pin(shell.perform(action)).await {
+                outcomes.push(outcome);
+            }
         }
+        // Taken before anything queued meanwhile (`queued` is a stack).
+        queued.extend(outcomes.into_iter().rev());
         if let Some(h) = &holds {
             h.send_if_modified(|v| {
                 let new = holder.holds_until(Instant::now());
@@ -284,7 +289,8 @@ impl Shell {
         }
     }
 
-    async fn perform(&mut self, action: Action) {
+    /// Carries out `action`; what the machine must learn of its outcome comes back (a bind's).
+    async fn perform(&mut self, action: Action) -> Option<Input> {
         let s = self.shared.clone();
         let leases = match self.target {
             Target::Vip(_) => s.vip_leases.clone(),
@@ -355,13 +361,24 @@ impl Shell {
                 req,
                 step_down,
                 deadline,
+                failure,
             } => {
                 let held = self.newest_held();
+                let failure = failure.map(|e| {
+                    format!(
+                        "{}: {e} ({})",
+                        s.config.node_name,
+                        k8s_openapi::jiff::Timestamp::now()
+                    )
+                });
                 self.request(req, deadline, async move {
                     if step_down {
                         leases.step_down(&name, &held).await.map(|_| None)
                     } else {
-                        leases.release(&name, &held).await.map(|_| None)
+                        leases
+                            .release(&name, &held, failure.as_deref())
+                            .await
+                            .map(|_| None)
                     }
                 });
             }
@@ -384,13 +401,13 @@ impl Shell {
                 not_after,
             } => {
                 let (Some(ip), Some(i)) = (self.ip(), self.interface(iface)) else {
-                    return;
+                    return None;
                 };
                 let now = Instant::now();
                 if now >= not_after {
                     s.metrics.late_action("bind");
                     warn!(ip = %ip, "dropped a bind decided too long ago");
-                    return;
+                    return None;
                 }
                 // The lifetime is computed at the last moment, from the absolute bound; in LAN
                 // mode it is short and the keeper extends it (see timing::LAN_ADDRESS_LIFETIME).
@@ -402,54 +419,44 @@ impl Shell {
                 let Some(valid) = valid else {
                     s.metrics.late_action("bind");
                     warn!(ip = %ip, "no safe address lifetime left: not refreshing");
-                    return;
+                    return None;
                 };
                 self.bound = Some(iface);
-                // A few attempts: in LAN mode nothing binds again later by itself (the Lease
-                // is not renewed), so a passing failure must not leave the VIP unbound — nor
-                // a gate table the keeper has not installed yet (a speaker that just started).
-                for attempt in 1..=BIND_ATTEMPTS {
+                // One attempt; the machine tries again with backoff and gives the VIP up
+                // when binds keep failing (see machine::BIND_GIVE_UP).
+                if lan {
                     // Under the gate before the kernel can answer for it.
-                    let gated = !lan
-                        || {
-                            let r = s.gate.lock().unwrap_or_else(|e| e.into_inner()).add_vip(ip);
-                            if let Err(e) = &r {
-                                warn!(ip = %ip, error = %e, attempt, "cannot put the VIP under the gate yet: not binding");
-                            }
-                            r.is_ok()
-                        };
-                    if gated {
-                        match tokio::time::timeout_at(not_after, s.dataplane.bind(&i, ip, valid))
-                            .await
-                        {
-                            Ok(Ok(())) => {
-                                if lan {
-                                    s.gate
-                                        .lock()
-                                        .unwrap_or_else(|e| e.into_inner())
-                                        .bound(i.index, ip);
-                                }
-                                break;
-                            }
-                            Ok(Err(e)) => {
-                                s.metrics.dataplane_error(&e);
-                                warn!(ip = %ip, interface = %i.name, error = %e, attempt, "could not bind");
-                            }
-                            Err(_) => {
-                                warn!(ip = %ip, interface = %i.name, "binding timed out");
-                                break;
-                            }
-                        }
-                    }
-                    if attempt < BIND_ATTEMPTS {
-                        tokio::time::sleep(BIND_RETRY).await;
+                    let r = s.gate.lock().unwrap_or_else(|e| e.into_inner()).add_vip(ip);
+                    if let Err(e) = r {
+                        return Some(Input::BindDone(Err(format!(
+                            "cannot put the VIP under the gate: {e}"
+                        ))));
                     }
                 }
+                let outcome =
+                    match tokio::time::timeout_at(not_after, s.dataplane.bind(&i, ip, valid)).await
+                    {
+                        Ok(Ok(())) => {
+                            if lan {
+                                s.gate
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .bound(i.index, ip);
+                            }
+                            Ok(())
+                        }
+                        Ok(Err(e)) => {
+                            s.metrics.dataplane_error(&e);
+                            Err(format!("binding it to {}: {e}", i.name))
+                        }
+                        Err(_) => Err(format!("binding it to {} timed out", i.name)),
+                    };
+                return Some(Input::BindDone(outcome));
             }
             Action::Probe { req, iface } => {
                 let (Some(ip), Some(i)) = (self.ip(), self.interface(iface)) else {
                     let _ = self.done.0.unbounded_send(Done::Probe(req, None));
-                    return;
+                    return None;
                 };
                 let tx = self.done.0.clone();
                 let metrics = s.metrics.clone();
@@ -469,7 +476,7 @@ impl Shell {
             }
             Action::Unbind { iface } => {
                 let (Some(ip), Some(i)) = (self.ip(), self.interface(iface)) else {
-                    return;
+                    return None;
                 };
                 let mut unbound = false;
                 if lan {
@@ -479,24 +486,40 @@ impl Shell {
                         .unwrap_or_else(|e| e.into_inner())
                         .unbinding(ip);
                 }
-                for attempt in 1..=BIND_ATTEMPTS {
+                // Until it is gone: what comes next (a release) lets another node bind it.
+                // Bounded by the address's own lifetime, after which the kernel has removed it.
+                let gone_by = Instant::now()
+                    + if lan {
+                        timing::lan_address_lifetime(ip) + Duration::from_secs(1)
+                    } else {
+                        s.config.lease_duration + Duration::from_secs(1)
+                    };
+                let mut wait = UNBIND_RETRY_MIN;
+                for attempt in 1u32.. {
                     let unbind =
                         tokio::time::timeout(Duration::from_secs(1), s.dataplane.unbind(&i, ip));
-                    match unbind.await {
+                    let error = match unbind.await {
                         Ok(Ok(())) => {
                             unbound = true;
                             break;
                         }
                         Ok(Err(e)) => {
                             s.metrics.dataplane_error(&e);
-                            warn!(ip = %ip, error = %e, attempt, "could not unbind");
+                            e.to_string()
                         }
-                        Err(_) => warn!(ip = %ip, attempt, "unbinding timed out"),
+                        Err(_) => "timed out".to_string(),
+                    };
+                    if attempt == 1 {
+                        warn!(ip = %ip, interface = %i.name, error = %error, "could not unbind: retrying until it is gone");
                     }
-                    if attempt < BIND_ATTEMPTS {
-                        tokio::time::sleep(BIND_RETRY).await;
+                    if Instant::now() + wait >= gone_by {
+                        error!(ip = %ip, interface = %i.name, error = %error, attempt, "could not unbind: the address's lifetime has run out by now");
+                        break;
                     }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(UNBIND_RETRY_MAX);
                 }
+
                 // Out of the gate only once unbound: an address left bound stays gated (and
                 // keeps this node's gate closed: see the keeper), never answering ungated.
                 if lan
@@ -516,11 +539,11 @@ impl Shell {
                 not_after,
             } => {
                 let (Some(ip), Some(i)) = (self.ip(), self.interface(iface)) else {
-                    return;
+                    return None;
                 };
                 if Instant::now() >= not_after {
                     s.metrics.late_action("announce");
-                    return;
+                    return None;
                 }
                 let router = crate::dataplane::forwards_v6(&i.name);
                 match s.dataplane.announce(&i, ip, router) {
@@ -532,12 +555,10 @@ impl Shell {
                 }
             }
             Action::Dnat(on) => {
-                let Some(ip) = self.ip() else { return };
+                let ip = self.ip()?;
                 if on {
                     let index = self.bound.or(self.feed.view.eligible.clone().ok());
-                    let Some(i) = index.and_then(|x| self.interface(x)) else {
-                        return;
-                    };
+                    let i = index.and_then(|x| self.interface(x))?;
                     let generation = s.own(ip, &self.feed.service, &i);
                     // DNAT, bind, then announce: wait (briefly) for the rules.
                     let until = Instant::now() + DNAT_WAIT;
@@ -548,6 +569,7 @@ impl Shell {
             }
             Action::Report(r) => self.report(r),
         }
+        None
     }
 
     fn report(&self, r: Report) {
@@ -605,6 +627,47 @@ impl Shell {
             Report::Rebinding => {
                 s.metrics.kernel_repaired("address");
                 warn!(lease = %self.name, what = %what, "someone else removed the address: binding it again");
+            }
+            Report::BindFailed {
+                error,
+                attempt,
+                gives_up_at,
+            } => {
+                // One line when it starts failing, not one per attempt.
+                if attempt == 1 {
+                    warn!(
+                        lease = %self.name, what = %what, error = %error,
+                        gives_up_in_ms = gives_up_at.saturating_duration_since(Instant::now()).as_millis() as u64,
+                        "could not bind: retrying with backoff"
+                    );
+                }
+            }
+            Report::BindRecovered { attempts } => {
+                info!(lease = %self.name, what = %what, failed = attempts, "bound after all");
+            }
+            Report::GaveUp { error, hold_down } => {
+                s.metrics.gave_up();
+                error!(
+                    lease = %self.name, what = %what, error = %error, hold_down_s = hold_down.as_secs(),
+                    "could not bind for {} s: giving the VIP up for another node",
+                    crate::ownership::machine::BIND_GIVE_UP.as_secs()
+                );
+                if let Some(ip) = self.ip()
+                    && let Some(r) = s.events.service_ref(&self.feed.service)
+                {
+                    s.events.post(
+                        r,
+                        kube::runtime::events::EventType::Warning,
+                        "BindFailed",
+                        format!(
+                            "{} could not bind {ip} for {} s ({error}): it released {ip} for another node and tries it again in {} s at the earliest",
+                            s.config.node_name,
+                            crate::ownership::machine::BIND_GIVE_UP.as_secs(),
+                            hold_down.as_secs()
+                        ),
+                        "Bind",
+                    );
+                }
             }
             Report::RenewFailed(e) => {
                 s.metrics.renew_failed();

@@ -1451,6 +1451,7 @@ impl Sim {
                 req,
                 step_down,
                 deadline,
+                ..
             } => {
                 self.trace(|| format!("{name}: release VIP {vip} (step down: {step_down})"));
                 request(
