@@ -4,6 +4,8 @@
 //! netlink just as often. At no sample may two nodes answer, and never may two nodes hold the
 //! address with their gates open over overlapping stretches of reads.
 //!
+//! The kernel-sharing tests at the end run in lease mode too.
+//!
 //! (In LAN mode an address may stay bound on a node whose gate is closed — a killed
 //! speaker's, until the speaker restarts: it answers nothing and does not count.)
 
@@ -997,6 +999,222 @@ async fn lan_ip_addr_flush_on_the_owner_moves_the_vip_and_never_binds_it_alone()
         tb.host_of(&tb.holder(ip).await.unwrap()),
         new,
         "nothing moved back when {owner}'s addresses returned"
+    );
+    assert_served(&tb, ip, &format!("served by {new}"));
+}
+
+/// `nft delete table` of each of the speaker's tables on the owner, as an admin or a
+/// configuration manager cleaning up would: the DNAT table is put back and the Service
+/// answers again within a second; the gate is an owned table, which the kernel refuses to
+/// let anyone but the speaker delete (on a kernel without owned tables it is put back).
+/// Nothing moves, and at no sample do two nodes answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_nft_delete_table_of_each_speaker_table_on_the_owner_is_healed_or_refused() {
+    use l2speaker_e2e::lab::netns;
+    let (tb, ip, owner) = settled(Timing::LAN).await;
+    let ns = tb.lab.host(&owner).unwrap().ns.clone();
+    let prober = tb.probe(ip).unwrap();
+    let before = tb.transitions(ip).await;
+    let sampler = tb.sample(&[ip]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let fault = prober.now();
+    netns::exec(
+        &ns,
+        "nft",
+        &["delete", "table", "inet", l2speaker::dataplane::nft::TABLE],
+        None,
+    )
+    .expect("an ordinary table can be deleted");
+    prober
+        .wait_for(
+            Duration::from_secs(10),
+            "answers after the DNAT table was deleted",
+            |t| t.successes_after(fault) >= 20,
+        )
+        .unwrap();
+    tables_back(&tb, &owner, ip).await;
+
+    let gate = netns::exec(
+        &ns,
+        "nft",
+        &[
+            "delete",
+            "table",
+            "netdev",
+            l2speaker::dataplane::gate::TABLE,
+        ],
+        None,
+    );
+    match &gate {
+        Err(e) => assert!(
+            e.to_string().contains("Operation not permitted"),
+            "deleting the gate failed for another reason: {e}"
+        ),
+        Ok(_) => println!("this kernel let the gate table be deleted: it must come back"),
+    }
+    tables_back(&tb, &owner, ip).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = prober.stop();
+    let s = sampler.stop().unwrap();
+    let worst = t.outage_after(fault);
+    println!(
+        "nft delete table inet {}: client outage {} ms; nft delete table netdev {}: {}",
+        l2speaker::dataplane::nft::TABLE,
+        worst.as_millis(),
+        l2speaker::dataplane::gate::TABLE,
+        match &gate {
+            Err(_) => "refused (owned table)",
+            Ok(_) => "deleted and put back",
+        }
+    );
+    assert_never_two("nft delete table of each table on the owner", &s);
+    assert!(
+        worst < Duration::from_secs(1),
+        "the Service answered again only after {worst:?}"
+    );
+    assert_eq!(tb.transitions(ip).await, before, "the VIP moved");
+    assert_eq!(tb.host_of(&tb.holder(ip).await.unwrap()), owner);
+}
+
+/// The owner's LAN interface deleted (a VLAN or a bridge being rebuilt): a withdrawal and a
+/// failover, not a repair; another node serves the VIP and at no sample do two answer. The
+/// interface made again (a new index and MAC) takes part again: the node publishes its
+/// subnet, nothing moves back, and when the new owner's link is cut the VIP moves once more
+/// with never two answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_the_owners_interface_deleted_and_made_again_fails_over_and_takes_part_again() {
+    let (tb, ip, owner) = settled(Timing::LAN).await;
+    let sampler = tb.sample(&[ip]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fault = sampler.now();
+    tb.lab.delete_link(&owner).unwrap();
+    let new = lan_owner(&tb, ip, Some(&owner)).await;
+    let moved = sampler.now() - fault;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tb.lab.recreate_link(&owner).unwrap();
+    ready(&tb).await;
+    let node = tb.lab.host(&owner).unwrap().node_name();
+    // Its node Lease names the new interface's MAC and the LAN subnet again.
+    let mac = tb.lab.mac(&owner).unwrap();
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(tb.client.clone(), l2speaker_e2e::testbed::NAMESPACE);
+    eventually(
+        Duration::from_secs(10),
+        &format!("{node} publishes its new MAC {mac} and its LAN subnet"),
+        async || {
+            let lease = leases
+                .get_opt(&l2speaker::node_lease::name(&node))
+                .await
+                .ok()??;
+            let subnets = l2speaker::node_lease::subnets(&lease)?;
+            (l2speaker::node_lease::macs(&lease).contains(&mac)
+                && subnets.iter().any(|n| n.to_string() == "192.0.2.0/24"))
+            .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        tb.host_of(&tb.holder(ip).await.unwrap()),
+        new,
+        "nothing moved back when {owner}'s interface returned"
+    );
+    assert_served(
+        &tb,
+        ip,
+        &format!("served by {new} after {owner}'s link returned"),
+    );
+    let cut = sampler.now();
+    tb.lab.cut_link(&new).unwrap();
+    let third = lan_owner(&tb, ip, Some(&new)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = sampler.stop().unwrap();
+    let what = format!(
+        "eth0 of the owner {owner} deleted ({new} took over), made again, then {new}'s link cut ({third} took over)"
+    );
+    assert_never_two(&what, &s);
+    println!(
+        "{what}: moved after {} ms, outage {} ms; after the cut, outage {} ms",
+        moved.as_millis(),
+        s.of(ip).longest_silence_between(fault, cut).as_millis(),
+        outage(&s, ip, cut).as_millis()
+    );
+    assert_served(&tb, ip, &format!("served by {third}"));
+}
+
+/// Lease mode (no gate: the Lease bounds the VIP address's lifetime). `nft flush ruleset` on
+/// the owner, then on every node at once, puts the DNAT table back within a second and moves
+/// nothing; then `nft flush ruleset; kill -9` of the owner's speaker moves the VIP within the
+/// lease plus a second. At no sample do two nodes answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_mode_firewall_reloads_move_nothing_and_a_flush_then_kill_9_fails_over() {
+    let tb = Testbed::new(vec![1, 1, 0], Timing::DEFAULT).await;
+    ready(&tb).await;
+    let (ip, owner) = web(&tb).await;
+    let dnat_back = async |host: &str| {
+        eventually(
+            Duration::from_secs(5),
+            "the DNAT table is back",
+            async || tb.rules(host).contains(&ip.to_string()).then_some(()),
+        )
+        .await
+    };
+    let prober = tb.probe(ip).unwrap();
+    let before = tb.transitions(ip).await;
+    let sampler = tb.sample(&[ip]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let fault = prober.now();
+    flush_ruleset(&tb, std::slice::from_ref(&owner));
+    prober
+        .wait_for(Duration::from_secs(10), "answers after the flush", |t| {
+            t.successes_after(fault) >= 20
+        })
+        .unwrap();
+    dnat_back(&owner).await;
+    let everywhere = prober.now();
+    let hosts: Vec<String> = tb.lab.nodes().map(|h| h.name.clone()).collect();
+    flush_ruleset(&tb, &hosts);
+    prober
+        .wait_for(
+            Duration::from_secs(10),
+            "answers after the flush everywhere",
+            |t| t.successes_after(everywhere) >= 20,
+        )
+        .unwrap();
+    dnat_back(&owner).await;
+    let t = prober.stop();
+    let (on_owner, on_all) = (t.outage_after(fault), t.outage_after(everywhere));
+    println!(
+        "lease mode: flush ruleset on the owner: client outage {} ms; on every node: {} ms",
+        on_owner.as_millis(),
+        on_all.as_millis()
+    );
+    assert!(
+        on_owner < Duration::from_secs(1) && on_all < Duration::from_secs(1),
+        "the Service answered again only after {on_owner:?} / {on_all:?}"
+    );
+    assert_eq!(tb.transitions(ip).await, before, "a flush moved the VIP");
+
+    let killed = sampler.now();
+    flush_ruleset(&tb, std::slice::from_ref(&owner));
+    tb.speaker(&owner).kill();
+    let new = lan_owner(&tb, ip, Some(&owner)).await;
+    let took = sampler.now() - killed;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = sampler.stop().unwrap();
+    let what = format!("lease mode: flush ruleset; kill -9 of the owner {owner}, {new} took over");
+    assert_never_two(&what, &s);
+    println!(
+        "{what} after {} ms, outage {} ms",
+        took.as_millis(),
+        outage(&s, ip, killed).as_millis()
+    );
+    let lease = Duration::from_secs(tb.timing.lease_seconds);
+    assert!(
+        took <= lease + Duration::from_secs(1),
+        "{what}: only after {took:?}"
     );
     assert_served(&tb, ip, &format!("served by {new}"));
 }

@@ -136,6 +136,38 @@ impl LabConfig {
     }
 }
 
+/// Host `name` (namespace `ns`) routes each other node's pod range via that node.
+fn pod_routes(name: &str, ns: &str, nodes: usize) -> Result<(), LabError> {
+    for k in 1..=nodes {
+        if name == format!("n{k}") {
+            continue;
+        }
+        let (via4, via6) = (lan_v4(node_octet(k)), lan_v6(node_octet(k)));
+        netns::ip(
+            ns,
+            &[
+                "route",
+                "add",
+                &format!("{}/28", pod_v4(k, 0)),
+                "via",
+                &via4.to_string(),
+            ],
+        )?;
+        netns::ip(
+            ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                &format!("{}/64", pod_v6(k, 0)),
+                "via",
+                &via6.to_string(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 /// LAN addresses: the control plane, node `i` (1-based), the client.
 pub fn lan_v4(host: u8) -> Ipv4Addr {
     Ipv4Addr::new(192, 0, 2, host)
@@ -411,35 +443,35 @@ impl Lab {
             .filter(|h| h.role != Role::ControlPlane)
             .map(|h| (h.name.clone(), h.ns.clone()))
             .collect();
-        for k in 1..=nodes {
-            let (via4, via6) = (lan_v4(node_octet(k)), lan_v6(node_octet(k)));
-            for (name, ns) in &routers {
-                if *name == format!("n{k}") {
-                    continue;
-                }
-                netns::ip(
-                    ns,
-                    &[
-                        "route",
-                        "add",
-                        &format!("{}/28", pod_v4(k, 0)),
-                        "via",
-                        &via4.to_string(),
-                    ],
-                )?;
-                netns::ip(
-                    ns,
-                    &[
-                        "-6",
-                        "route",
-                        "add",
-                        &format!("{}/64", pod_v6(k, 0)),
-                        "via",
-                        &via6.to_string(),
-                    ],
-                )?;
-            }
+        for (name, ns) in &routers {
+            pod_routes(name, ns, nodes)?;
         }
+        Ok(())
+    }
+
+    /// Fault: deletes the host's LAN interface, as a network manager rebuilding a VLAN or a
+    /// bridge does (the host sees its link and every address and route on it go).
+    pub fn delete_link(&self, host: &str) -> Result<(), LabError> {
+        let ns = self.host(host)?.ns.clone();
+        netns::ip(&ns, &["link", "del", "eth0"])?;
+        Ok(())
+    }
+
+    /// Makes the host's LAN interface again after [`Lab::delete_link`]: the same name, a new
+    /// index and MAC, its addresses and routes put back as the network manager would.
+    pub fn recreate_link(&self, host: &str) -> Result<(), LabError> {
+        let h = self.host(host)?;
+        let (ns, port) = (h.ns.clone(), h.switch_port.clone());
+        let (v4, v6) = (h.ipv4, h.ipv6);
+        netns::veth(&self.switch_ns, &port, &ns)?;
+        netns::ip(&self.switch_ns, &["link", "set", &port, "master", "br0"])?;
+        netns::ip(&ns, &["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        netns::ip(
+            &ns,
+            &["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"],
+        )?;
+        let nodes = self.hosts.iter().filter(|h| h.role == Role::Node).count();
+        pod_routes(host, &ns, nodes)?;
         Ok(())
     }
 

@@ -152,9 +152,19 @@ impl Samples {
 
     /// The longest stretch without an ARP answer after `from`, counting one that never ends.
     pub fn longest_silence_after(&self, from: Duration) -> Duration {
+        self.longest_silence_between(from, Duration::MAX)
+    }
+
+    /// The same, in the rounds from `from` to before `to`.
+    pub fn longest_silence_between(&self, from: Duration, to: Duration) -> Duration {
         let mut longest = Duration::ZERO;
         let mut silent_since: Option<Duration> = None;
-        for r in self.rounds.iter().filter(|r| r.at >= from) {
+        let rounds: Vec<_> = self
+            .rounds
+            .iter()
+            .filter(|r| r.at >= from && r.at < to)
+            .collect();
+        for r in &rounds {
             match (r.macs.is_empty(), silent_since) {
                 (true, None) => silent_since = Some(r.at),
                 (false, Some(s)) => {
@@ -164,7 +174,7 @@ impl Samples {
                 _ => {}
             }
         }
-        if let (Some(s), Some(last)) = (silent_since, self.rounds.last()) {
+        if let (Some(s), Some(last)) = (silent_since, rounds.last()) {
             longest = longest.max(last.at - s);
         }
         longest
