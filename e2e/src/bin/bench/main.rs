@@ -18,6 +18,8 @@ use l2speaker_e2e::lab::{Lab, LabConfig, netns};
 use l2speaker_e2e::testbed::{Testbed, Timing, endpoints, eventually, lab_bin, service};
 use serde_json::{Value, json};
 
+mod kernel;
+
 #[derive(Parser, Debug)]
 #[command(about = "Failover, API load, DNAT and footprint benchmarks in the lab")]
 struct Args {
@@ -42,8 +44,14 @@ struct Args {
     /// How long each API outage lasts (api-outage).
     #[arg(long, default_value_t = 60)]
     outage_seconds: u64,
+    /// Service counts for the kernel-repair runs.
+    #[arg(long, value_delimiter = ',', default_value = "10,1000")]
+    repair_services: Vec<usize>,
+    /// Runs per fault in the kernel-repair runs.
+    #[arg(long, default_value_t = 10)]
+    repair_runs: usize,
     /// Only these parts (failover, failover-lease, api-outage, node-ips, shutdown, api,
-    /// api-lease, heartbeat, false-declarations, dnat); all by default.
+    /// api-lease, heartbeat, false-declarations, dnat, kernel); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -950,6 +958,10 @@ async fn main() {
     }
     if want("dnat") {
         results["dnat"] = tokio::task::spawn_blocking(dnat).await.unwrap();
+    }
+    if want("kernel") {
+        results["kernel_repair"] =
+            kernel::kernel_repair(&args.repair_services, args.repair_runs, window).await;
     }
     if want("api") {
         results["api_load_lan"] = api_load(&args.ips, Timing::LAN, window).await;
