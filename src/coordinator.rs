@@ -31,10 +31,12 @@ use crate::service::ServiceInfo;
 /// How stale the interface list may get when the kernel's change announcements are not
 /// available (a lost carrier is noticed within this).
 pub const INTERFACE_REFRESH: Duration = Duration::from_millis(250);
-/// With change announcements, the interface list is read at the first pass at least
-/// [`INTERFACE_REFRESH`] after the last read that follows a change (every renewal in lease
-/// mode rewrites an address, and is one), and at least this often (announcements the kernel
-/// dropped on overflow).
+/// With change announcements (the speaker's own address refreshes are not announced as
+/// changes), the interface list is read again at least this long after the last read when
+/// something changed: an address someone else removed is noticed within it, and a storm of
+/// foreign changes costs at most one read per spacing.
+pub const CHANGE_READ_SPACING: Duration = Duration::from_millis(50);
+/// ... and at least this often (announcements the kernel dropped on overflow).
 pub const INTERFACE_BACKSTOP: Duration = Duration::from_secs(5);
 /// How often the listening sockets are read while node-IP Services exist.
 pub const PORTS_EVERY: Duration = Duration::from_secs(2);
@@ -178,10 +180,21 @@ impl Coordinator {
         }
     }
 
-    /// Reads the interfaces when the kernel announces a change (and every
-    /// [`INTERFACE_BACKSTOP`]) instead of every [`INTERFACE_REFRESH`].
+    /// Reads the interfaces when the kernel announces a change (at most every
+    /// [`CHANGE_READ_SPACING`], and at least every [`INTERFACE_BACKSTOP`]) instead of every
+    /// [`INTERFACE_REFRESH`].
     pub fn read_interfaces_on(&mut self, changes: watch::Receiver<u64>) {
         self.kernel_changes = Some(changes);
+    }
+
+    /// When a pass should next read the interfaces for a change announced since the last
+    /// read (None: nothing announced, or no announcements followed).
+    pub fn change_read_at(&self) -> Option<Instant> {
+        let c = self.kernel_changes.as_ref()?;
+        if !c.has_changed().unwrap_or(false) {
+            return None;
+        }
+        Some(self.interfaces_read? + CHANGE_READ_SPACING)
     }
 
     /// One pass over every VIP.
@@ -200,7 +213,7 @@ impl Coordinator {
             (_, None) => true,
             (Some(c), Some(t)) => {
                 let age = now - t;
-                (age >= INTERFACE_REFRESH && c.has_changed().unwrap_or(true))
+                (age >= CHANGE_READ_SPACING && c.has_changed().unwrap_or(true))
                     || age >= INTERFACE_BACKSTOP
             }
             (None, Some(t)) => now - t >= INTERFACE_REFRESH,

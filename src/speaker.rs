@@ -254,10 +254,16 @@ pub async fn run(
     let claims_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let claims = tokio::spawn(crate::claims::run(shared.clone(), claims_stop.clone()));
     let mut coord = Coordinator::new(shared.clone());
-    match crate::dataplane::addr::watch_changes() {
-        Ok(c) => coord.read_interfaces_on(c),
-        Err(e) => warn!(error = %e, "cannot follow link and address changes; polling them instead"),
-    }
+    let mut kernel = match crate::dataplane::addr::watch_changes() {
+        Ok(c) => {
+            coord.read_interfaces_on(c.clone());
+            Some(c)
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot follow link and address changes; polling them instead");
+            None
+        }
+    };
     let mut changed = shared.cluster.changed.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -268,16 +274,22 @@ pub async fn run(
             .metrics
             .ready
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        tokio::select! {
-            _ = changed.changed() => {}
-            _ = lan_changed.changed() => {}
-            _ = tick.tick() => {}
+        let kernel_changed = tokio::select! {
+            _ = changed.changed() => false,
+            _ = lan_changed.changed() => false,
+            _ = tick.tick() => false,
+            _ = kernel_change(&mut kernel) => true,
             _ = &mut shutdown => break,
-        }
+        };
         // The first change after a quiet spell is acted on at once; a burst of changes (every
-        // renewal of every Lease is one) is folded into one pass per PASS_SPACING.
+        // renewal of every Lease is one) is folded into one pass per PASS_SPACING. A kernel
+        // change is acted on when the interfaces may be read again.
+        let mut next = started + PASS_SPACING;
+        if kernel_changed && let Some(at) = coord.change_read_at() {
+            next = next.max(at);
+        }
         tokio::select! {
-            _ = tokio::time::sleep_until(started + PASS_SPACING) => {}
+            _ = tokio::time::sleep_until(next) => {}
             _ = &mut shutdown => break,
         }
     }
@@ -318,6 +330,20 @@ pub async fn run(
         error!(error = %e, "could not remove DNAT rules");
     }
     Ok(())
+}
+
+/// Resolves when the kernel announces a link, address or route change; never once the
+/// announcements have stopped (the coordinator then polls, and says so).
+async fn kernel_change(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    match changes {
+        Some(c) => {
+            if c.changed().await.is_err() {
+                *changes = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]
