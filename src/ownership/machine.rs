@@ -493,8 +493,10 @@ impl Holder {
                 if let Phase::Owner(o) = &mut self.phase
                     && self.kind == Kind::Vip
                     && o.probing.is_none()
+                    && o.bind_failing.is_none()
                     && now < o.fence_at
                 {
+                    // (While binds fail the address was never there: the retries go on.)
                     out.actions.push(Action::Report(Report::Rebinding));
                     out.actions.push(bind_action(self.mode, &self.timing, o));
                     // Announce again: clients that dropped the entry meanwhile relearn it.
@@ -1534,6 +1536,14 @@ mod tests {
             "{s:?}"
         );
         assert!(s.wake.is_some_and(|w| w <= failed + BIND_RETRY_MIN));
+        // The address was never there: seeing it missing is no reason to bind out of turn.
+        let s = h.step(Input::AddressLost, failed + ms(1));
+        assert!(
+            !s.actions
+                .iter()
+                .any(|a| matches!(a, Action::Bind { .. } | Action::Report(Report::Rebinding))),
+            "{s:?}"
+        );
         let seen = drive(&mut h, failed + BIND_RETRY_MIN, t0 + ms(5000), |_| {
             Err("Permission denied".into())
         });
