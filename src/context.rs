@@ -245,8 +245,9 @@ impl Shared {
     }
 
     /// Programs DNAT for the VIPs owned now and for this node's addresses in node-IP mode,
-    /// from the current Services and EndpointSlices.
-    pub async fn sync_dnat(&self) {
+    /// from the current Services and EndpointSlices. False when nft refused or failed (the
+    /// caller tries again).
+    pub async fn sync_dnat(&self) -> bool {
         let owned: BTreeMap<IpAddr, String> = self
             .owned
             .lock()
@@ -330,9 +331,13 @@ impl Shared {
                 });
             }
         }
-        if let Err(e) = self.dataplane.program(&entries).await {
-            self.metrics.dataplane_error(&e);
-            error!(error = %e, "could not program DNAT");
+        match self.dataplane.program(&entries).await {
+            Ok(()) => true,
+            Err(e) => {
+                self.metrics.dataplane_error(&e);
+                error!(error = %e, "could not program DNAT");
+                false
+            }
         }
     }
 }

@@ -48,18 +48,26 @@ async fn dnat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     check.tick().await;
     let mut repairing: Option<Instant> = None;
     let mut following = true;
+    // After a failed update: when to try again, and the failures in a row.
+    let mut retry: Option<(Instant, u32)> = None;
     loop {
         let generation = *wake.borrow_and_update();
-        shared.sync_dnat().await;
-        shared.dnat_done.send_replace(generation);
-        if let Some(since) = repairing.take() {
-            shared.metrics.kernel_repaired("dnat");
-            info!(
-                took_ms = since.elapsed().as_millis() as u64,
-                "the DNAT table is back"
-            );
+        if shared.sync_dnat().await {
+            retry = None;
+            if let Some(since) = repairing.take() {
+                shared.metrics.kernel_repaired("dnat");
+                info!(
+                    took_ms = since.elapsed().as_millis() as u64,
+                    "the DNAT table is back"
+                );
+            }
+        } else {
+            let failures = retry.map_or(1, |(_, n)| n + 1);
+            retry = Some((Instant::now() + dnat_retry(failures), failures));
         }
+        shared.dnat_done.send_replace(generation);
         tokio::select! {
+            _ = tokio::time::sleep_until(retry.map_or_else(Instant::now, |(at, _)| at)), if retry.is_some() => {}
             _ = wake.changed() => {}
             _ = changed.changed() => {}
             _ = lan.changed() => {}
@@ -88,6 +96,13 @@ async fn dnat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         // Fold a burst of changes into one transaction.
         tokio::time::sleep(PASS_SPACING).await;
     }
+}
+
+/// How long after the `failures`-th failed DNAT update in a row the next is tried: 100 ms,
+/// doubling up to the periodic check's period (the table is replaced whole each time).
+fn dnat_retry(failures: u32) -> Duration {
+    let d = Duration::from_millis(100).saturating_mul(1 << failures.saturating_sub(1).min(16));
+    d.min(dataplane::nft_watch::CHECK_EVERY)
 }
 
 /// How long the API server may take to start answering a request (its status and headers;
@@ -350,6 +365,16 @@ async fn kernel_change(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) 
 mod client_tests {
     use super::*;
     use k8s_openapi::api::coordination::v1::Lease;
+
+    #[test]
+    fn a_failed_dnat_update_is_tried_again_soon_then_less_often() {
+        let ms = |n| Duration::from_millis(n);
+        let waits: Vec<Duration> = (1..=8).map(dnat_retry).collect();
+        assert_eq!(&waits[..4], &[ms(100), ms(200), ms(400), ms(800)]);
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(waits[7], dataplane::nft_watch::CHECK_EVERY);
+        assert_eq!(dnat_retry(u32::MAX), dataplane::nft_watch::CHECK_EVERY);
+    }
 
     /// A black-holed API server (it accepts connections and never answers): a LIST fails by
     /// itself after the reply timeout, so a watcher retries instead of waiting forever.
