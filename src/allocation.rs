@@ -18,16 +18,15 @@ use tracing::{info, warn};
 
 use crate::allocator;
 use crate::context::Shared;
+use crate::holder::{self, Feed, Target};
 use crate::node_ips;
 use crate::node_lease;
 use crate::ownership::machine::{Stop, View};
-use crate::ownership::shell::{self, Feed, Target};
 use crate::plan;
 use crate::pool::{IPPool, IPPoolSpec, IPPoolStatus, PoolCondition, Pools};
 use crate::service::{CONDITION_POOL_WITHDRAWN, NodeIps};
 
-/// The allocator's own Lease: one speaker assigns IPs at a time.
-pub const ALLOCATOR_LEASE: &str = "l2speaker-allocator";
+pub use crate::lease::ALLOCATOR_LEASE;
 
 /// With nothing changed, the allocator still goes over everything this often.
 pub const ALLOCATE_EVERY: Duration = Duration::from_secs(10);
@@ -66,7 +65,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let (feed_tx, feed_rx) = watch::channel(feed(&mut seen));
     let (stop_tx, stop_rx) = watch::channel(None);
     let (holds_tx, mut holds) = watch::channel(None);
-    let holder = tokio::spawn(shell::run(
+    let holder = tokio::spawn(holder::run(
         shared.clone(),
         Target::Allocator,
         ALLOCATOR_LEASE.to_string(),

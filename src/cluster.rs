@@ -111,7 +111,7 @@ fn every_change<K>(_: &K) -> Option<u64> {
 fn lease_digest(l: &Lease) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     if !l.metadata.name.as_deref().is_some_and(|n| {
-        n.starts_with(crate::node_lease::PREFIX) || n == crate::allocation::ALLOCATOR_LEASE
+        n.starts_with(crate::node_lease::PREFIX) || n == crate::lease::ALLOCATOR_LEASE
     }) {
         return None;
     }

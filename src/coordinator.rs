@@ -19,11 +19,11 @@ use tracing::{info, warn};
 use crate::context::Shared;
 use crate::dataplane::addr::{AddrOps, Interface};
 use crate::dataplane::packet::format_mac;
+use crate::holder::{self, Feed, Target};
 use crate::lease;
 use crate::node_ips;
 use crate::node_lease;
 use crate::ownership::machine::{Observed, Stop, View};
-use crate::ownership::shell::{self, Feed, Target};
 use crate::plan;
 use crate::pool::{self, Pools};
 use crate::service::ServiceInfo;
@@ -498,7 +498,7 @@ impl Coordinator {
                 _ => {
                     let (feed_tx, feed_rx) = watch::channel(feed);
                     let (stop_tx, stop_rx) = watch::channel(None);
-                    let handle = tokio::spawn(shell::run(
+                    let handle = tokio::spawn(holder::run(
                         s.clone(),
                         Target::Vip(*ip),
                         name,

@@ -21,6 +21,8 @@ use tokio::time::Instant;
 
 use crate::ownership::machine::Observed;
 
+/// The allocator's own Lease: one speaker assigns IPs at a time (see `allocation`).
+pub const ALLOCATOR_LEASE: &str = "l2speaker-allocator";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "l2speaker";
 /// The IP, spelled as a label value (`192-0-2-200`, `2001-db8--200`).

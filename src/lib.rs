@@ -7,7 +7,8 @@
 //! - [`allocator`]: which Service gets which IP (pure);
 //! - [`lease`]: compare-and-swap Leases and expiry by local observation;
 //! - [`plan`]: eligibility, ranking and endpoints (pure);
-//! - [`ownership`]: the Lease holder as a pure state machine, its timing rule and its shell;
+//! - [`ownership`]: the Lease holder as a pure state machine and its timing rule;
+//! - [`holder`]: the async loop that runs one holder and carries out its actions;
 //! - [`coordinator`]: per VIP, eligibility, rank and the Lease, fed to the holders;
 //! - [`allocation`], [`lease_gc`]: the elected allocator's loop and Lease clean-up;
 //! - [`announce`]: the announcement burst's schedule;
@@ -32,6 +33,7 @@ pub mod coordinator;
 pub mod dataplane;
 pub mod drill;
 pub mod events;
+pub mod holder;
 pub mod keeper;
 pub mod lease;
 pub mod lease_gc;

@@ -17,13 +17,13 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::machine::{Action, Holder, Input, Kind, Reply, Report, ReqId, Stop, View};
-use super::timing;
 use crate::context::Shared;
 use crate::dataplane::addr::Interface;
 use crate::dataplane::packet::format_mac;
 use crate::dataplane::probe::PROBE_WAIT;
 use crate::lease::{Description, LeaseError};
+use crate::ownership::machine::{Action, Holder, Input, Kind, Reply, Report, ReqId, Stop, View};
+use crate::ownership::timing;
 
 /// A failed unbind is tried again after this, doubling up to [`UNBIND_RETRY_MAX`], until the
 /// address is gone (the holder's next step, a release, waits for it).
