@@ -572,6 +572,22 @@ impl Shell {
         None
     }
 
+    /// A Warning Event about binding this VIP on its Service (none for the allocator).
+    fn warn_service(&self, reason: &str, message: impl FnOnce(IpAddr) -> String) {
+        let s = &self.shared;
+        if let Some(ip) = self.ip()
+            && let Some(r) = s.events.service_ref(&self.feed.service)
+        {
+            s.events.post(
+                r,
+                kube::runtime::events::EventType::Warning,
+                reason,
+                message(ip),
+                "Bind",
+            );
+        }
+    }
+
     fn report(&self, r: Report) {
         let s = &self.shared;
         let what = match self.ip() {
@@ -608,21 +624,13 @@ impl Shell {
             Report::Conflict { mac } => {
                 s.metrics.conflict();
                 warn!(lease = %self.name, what = %what, mac = %mac, "another host answers for the IP: not binding it");
-                if let Some(ip) = self.ip()
-                    && let Some(r) = s.events.service_ref(&self.feed.service)
-                {
-                    s.events.post(
-                        r,
-                        kube::runtime::events::EventType::Warning,
-                        "IPConflict",
-                        format!(
-                            "{} did not bind {ip}: {mac} answers for it on the LAN; retrying in {} s",
-                            s.config.node_name,
-                            crate::ownership::machine::CONFLICT_RETRY.as_secs()
-                        ),
-                        "Bind",
-                    );
-                }
+                self.warn_service("IPConflict", |ip| {
+                    format!(
+                        "{} did not bind {ip}: {mac} answers for it on the LAN; retrying in {} s",
+                        s.config.node_name,
+                        crate::ownership::machine::CONFLICT_RETRY.as_secs()
+                    )
+                });
             }
             Report::Rebinding => {
                 s.metrics.kernel_repaired("address");
@@ -652,22 +660,14 @@ impl Shell {
                     "could not bind for {} s: giving the VIP up for another node",
                     crate::ownership::machine::BIND_GIVE_UP.as_secs()
                 );
-                if let Some(ip) = self.ip()
-                    && let Some(r) = s.events.service_ref(&self.feed.service)
-                {
-                    s.events.post(
-                        r,
-                        kube::runtime::events::EventType::Warning,
-                        "BindFailed",
-                        format!(
-                            "{} could not bind {ip} for {} s ({error}): it released {ip} for another node and tries it again in {} s at the earliest",
-                            s.config.node_name,
-                            crate::ownership::machine::BIND_GIVE_UP.as_secs(),
-                            hold_down.as_secs()
-                        ),
-                        "Bind",
-                    );
-                }
+                self.warn_service("BindFailed", |ip| {
+                    format!(
+                        "{} could not bind {ip} for {} s ({error}): it released {ip} for another node and tries it again in {} s at the earliest",
+                        s.config.node_name,
+                        crate::ownership::machine::BIND_GIVE_UP.as_secs(),
+                        hold_down.as_secs()
+                    )
+                });
             }
             Report::RenewFailed(e) => {
                 s.metrics.renew_failed();
