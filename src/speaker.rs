@@ -28,6 +28,10 @@ use crate::ownership::timing::RELEASE_DEADLINE;
 pub use crate::allocation::ALLOCATOR_LEASE;
 pub use crate::coordinator::{FAIR_SHARE_WAIT, INITIAL_RANK_STEP, INTERFACE_REFRESH, RANK_STEP};
 
+/// How long after a kernel change announcement the interfaces are read (a burst of changes
+/// made by one command is over by then).
+pub const KERNEL_SETTLE: Duration = Duration::from_millis(20);
+
 /// Passes over all VIPs are at least this far apart.
 pub const PASS_SPACING: Duration = Duration::from_millis(20);
 
@@ -301,7 +305,10 @@ pub async fn run(
         // change is acted on when the interfaces may be read again.
         let mut next = started + PASS_SPACING;
         if kernel_changed && let Some(at) = coord.change_read_at() {
-            next = next.max(at);
+            // Not in the middle of a burst (`ip addr flush` removes the link's addresses one
+            // by one): a read between two of its deletions could see the node's own address
+            // still there and bind the VIP back just before it goes too.
+            next = next.max(at).max(Instant::now() + KERNEL_SETTLE);
         }
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
